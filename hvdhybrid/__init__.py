@@ -1,0 +1,1 @@
+"""hvdhybrid: hybrid-parallel training on MPI and Horovod."""

@@ -1,0 +1,5 @@
+"""``python -m hvdhybrid`` is ``hvdtrain``."""
+
+from .cli import main
+
+main()

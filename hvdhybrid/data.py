@@ -1,0 +1,126 @@
+"""Data sets as index -> rows, and the sampler every rank computes identically."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+__all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder"]
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be used, named with what is wrong."""
+
+
+class Dataset(Protocol):
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int]) -> tuple[Any, Any]:
+        """(inputs, targets) for these rows, already collated."""
+        ...
+
+
+@dataclass
+class TensorDataset:
+    """Rows of two tensors."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+    def split(self, test_fraction: float, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+        """A fixed train/test split (independent of the training seed)."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        n_test = int(round(len(self) * test_fraction))
+        te, tr = perm[:n_test], perm[n_test:]
+        return TensorDataset(self.x[tr], self.y[tr]), TensorDataset(self.x[te], self.y[te])
+
+
+class Sampler:
+    """Global batches of indices: a seeded permutation per epoch, the same on every rank.
+
+    A partial batch at the end of an epoch is dropped so that every step has
+    exactly ``batch_size`` rows.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if batch_size > n:
+            raise DataError(f"--batch-size {batch_size} is larger than the data set ({n} rows); "
+                            f"use --batch-size {n} or less")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._make()
+
+    def _make(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[int]:
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._make()
+        out = self._perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return out
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+
+def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def digits(image_size: int = 16) -> TensorDataset:
+    """scikit-learn's 1,797 handwritten 8x8 digits (10 classes), upsampled, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return TensorDataset(_upsample(x, image_size).contiguous(), torch.tensor(d.target, dtype=torch.long))
+
+
+def image_folder(root: str, image_size: int = 32) -> tuple[TensorDataset, list[str]]:
+    """Images under ``root/<class>/*.{png,jpg,...}`` as RGB tensors; returns data and class names.
+
+    Raises:
+        DataError: missing folder, no class folders, or an unreadable image (named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root!r} does not exist; pass a folder with one "
+                        "subfolder of images per class")
+    classes = sorted(c for c in os.listdir(root) if os.path.isdir(os.path.join(root, c)))
+    if not classes:
+        raise DataError(f"image folder {root!r} has no class subfolders (expected {root}/<class>/*.png)")
+    xs, ys = [], []
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".webp")
+    for label, c in enumerate(classes):
+        for name in sorted(os.listdir(os.path.join(root, c))):
+            if not name.lower().endswith(exts):
+                continue
+            path = os.path.join(root, c, name)
+            try:
+                with Image.open(path) as im:
+                    im = im.convert("RGB").resize((image_size, image_size))
+                    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            except (OSError, UnidentifiedImageError) as e:
+                raise DataError(f"cannot read image {path}: {e}") from None
+            xs.append(data.view(image_size, image_size, 3).permute(2, 0, 1).float() / 255.0)
+            ys.append(label)
+    if not xs:
+        raise DataError(f"image folder {root!r} holds no images with extensions {exts}")
+    return TensorDataset(torch.stack(xs), torch.tensor(ys)), classes

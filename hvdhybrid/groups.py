@@ -1,0 +1,94 @@
+"""ProcessGroups: the bundle / stage / data communicators and Horovod process sets, as one object."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .topology import Layout, RankCoord
+
+__all__ = ["LaunchError", "ProcessGroups", "mpi_world", "check_launch"]
+
+
+class LaunchError(RuntimeError):
+    """The job was launched in a way hvdhybrid cannot run under (e.g. horovodrun --gloo)."""
+
+
+def mpi_world() -> Any:
+    """``MPI.COMM_WORLD``, with MPI initialised for the threads Horovod needs."""
+    import mpi4py
+
+    mpi4py.rc.thread_level = "multiple"  # Horovod's background thread + our p2p calls
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def check_launch(world: Any) -> None:
+    """Stop early when the launcher gave MPI a smaller world than the job has.
+
+    ``horovodrun --gloo`` starts every process with ``HOROVOD_SIZE=N`` but
+    without MPI, so each process sees an MPI world of 1.
+    """
+    hsize = int(os.environ.get("HOROVOD_SIZE", "0") or 0)
+    if hsize > world.Get_size():
+        raise LaunchError(
+            f"the launcher started {hsize} processes but MPI sees a world of {world.Get_size()}: "
+            "hvdhybrid needs MPI point-to-point between stages; launch with "
+            "`horovodrun --mpi -np N ...` or `mpirun -np N ...`, not `horovodrun --gloo`")
+
+
+@dataclass(frozen=True)
+class ProcessGroups:
+    """Communicators of one rank, made by ``COMM_WORLD.Split``, plus its Horovod process set.
+
+    Attributes:
+        layout: the layout the groups were made for.
+        coord: this rank's coordinates.
+        world: ``COMM_WORLD``.
+        bundle: ranks of this rank's bundle (p2p between stages runs here).
+        stage: the replicas of this rank's stage in its bundle (averaging of
+            replica gradients).
+        data: the same (stage, replica) across bundles (Horovod allreduce).
+        data_set: the Horovod process set of ``data``, or ``None`` with one bundle.
+    """
+
+    layout: Layout
+    coord: RankCoord
+    world: Any
+    bundle: Any
+    stage: Any
+    data: Any
+    data_set: Optional[Any]
+    all_sets: tuple[Any, ...] = ()
+
+    @classmethod
+    def create(cls, layout: Layout, world: Any, use_horovod: bool = True) -> ProcessGroups:
+        """Split ``world`` by ``layout`` (collective over ``world``)."""
+        if world.Get_size() != layout.world_size:
+            raise LaunchError(f"layout is for {layout.world_size} ranks, world has {world.Get_size()}")
+        c = layout.coord(world.Get_rank())
+        bundle = world.Split(c.bundle, world.Get_rank())
+        stage = world.Split(c.bundle * layout.num_stages + c.stage, world.Get_rank())
+        data = world.Split(layout.bundle_local_rank(c.stage, c.replica), world.Get_rank())
+        data_set, sets = None, []
+        if use_horovod and layout.num_bundles > 1:
+            from . import hvd
+
+            hvd.ensure_init(world)
+            # add_process_set is collective over the world: every rank registers every set
+            sets = [hvd.add_process_set(m) for m in layout.all_data_groups()]
+            data_set = sets[layout.bundle_local_rank(c.stage, c.replica)]
+        return cls(layout, c, world, bundle, stage, data, data_set, tuple(sets))
+
+    def close(self) -> None:
+        """Free the communicators and process sets (collective over the world)."""
+        self.world.Barrier()  # nobody removes a set while a peer still reduces on it
+        if self.all_sets:
+            from . import hvd
+
+            for ps in self.all_sets:
+                hvd.remove_process_set(ps)
+        for comm in (self.bundle, self.stage, self.data):
+            comm.Free()

@@ -1,0 +1,71 @@
+"""The thin wrapper around Horovod: init with dynamic process sets, reduce, broadcast, shutdown."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["ensure_init", "add_process_set", "remove_process_set", "allreduce_average",
+           "broadcast_", "shutdown"]
+
+_state = {"init": False}
+
+
+def ensure_init(world: Any) -> None:
+    """``hvd.init`` once per process, on ``world``, with dynamic process sets."""
+    import horovod.torch as hvd
+
+    if _state["init"]:
+        return
+    hvd.init(comm=world, process_sets="dynamic")
+    if hvd.size() != world.Get_size():
+        raise RuntimeError(f"Horovod sees {hvd.size()} ranks but MPI sees {world.Get_size()}")
+    if not hvd.mpi_threads_supported():
+        raise RuntimeError("Horovod's MPI lacks MPI_THREAD_MULTIPLE, which hvdhybrid's p2p needs")
+    _state["init"] = True
+
+
+def add_process_set(ranks: Sequence[int]) -> Any:
+    import horovod.torch as hvd
+
+    return hvd.add_process_set(list(ranks))
+
+
+def remove_process_set(ps: Any) -> None:
+    import horovod.torch as hvd
+
+    hvd.remove_process_set(ps)
+
+
+def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool) -> list[torch.Tensor]:
+    """Average ``tensors`` over ``process_set`` in one grouped ring all-reduce.
+
+    With ``fp16`` the tensors travel as float16 (Horovod's ``Compression.fp16``)
+    and come back in their own dtype.
+    """
+    import horovod.torch as hvd
+
+    compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
+    out: list[torch.Tensor] = hvd.grouped_allreduce(
+        tensors, op=hvd.Average, compression=compression, process_set=process_set)
+    return out
+
+
+def broadcast_(tensors: list[torch.Tensor], root_rank: int, process_set: Any) -> None:
+    """In-place broadcast from global rank ``root_rank`` within ``process_set``."""
+    import horovod.torch as hvd
+
+    handles = [hvd.broadcast_async_(t, root_rank, process_set=process_set) for t in tensors]
+    for h in handles:
+        hvd.synchronize(h)
+
+
+def shutdown(world: Any) -> None:
+    """Barrier first: shutting down while another set still reduces fails spuriously."""
+    import horovod.torch as hvd
+
+    if _state["init"]:
+        world.Barrier()
+        hvd.shutdown()
+        _state["init"] = False

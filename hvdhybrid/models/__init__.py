@@ -1,0 +1,1 @@
+"""Models: each builds its layers (or stage graph), loss and data set."""
