@@ -27,15 +27,19 @@ def ensure_init(world: Any) -> None:
 
 
 def add_process_set(ranks: Sequence[int]) -> Any:
+    """Register a process set (collective over the world); the whole world is the global set."""
     import horovod.torch as hvd
 
+    if sorted(ranks) == list(range(hvd.size())):
+        return hvd.global_process_set  # Horovod refuses a duplicate of the global set
     return hvd.add_process_set(list(ranks))
 
 
 def remove_process_set(ps: Any) -> None:
     import horovod.torch as hvd
 
-    hvd.remove_process_set(ps)
+    if ps is not hvd.global_process_set:
+        hvd.remove_process_set(ps)
 
 
 def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool) -> list[torch.Tensor]:
