@@ -114,8 +114,8 @@ def image_folder(root: str, image_size: int = 32) -> tuple[TensorDataset, list[s
                 continue
             path = os.path.join(root, c, name)
             try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB").resize((image_size, image_size))
+                with Image.open(path) as raw:
+                    im = raw.convert("RGB").resize((image_size, image_size))
                     data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
             except (OSError, UnidentifiedImageError) as e:
                 raise DataError(f"cannot read image {path}: {e}") from None

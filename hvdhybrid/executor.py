@@ -243,7 +243,7 @@ class Executor:
                 torch.autograd.backward([o for o, _ in pairs], [gr for _, gr in pairs])
         # Input gradients go back to the replicas that sent the rows.
         for ib in inbound:
-            for p, peer, tensors in ib.pieces:
+            for _piece, peer, tensors in ib.pieces:
                 grads_in = tuple(t.grad if (t is not None and t.requires_grad) else None
                                  for t in tensors)
                 self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1), grads_in)

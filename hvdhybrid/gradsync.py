@@ -62,7 +62,9 @@ class GradSync:
         if self.groups.data_set is not None:
             from . import hvd
 
-            reduced = hvd.allreduce_average(grads, self.groups.data_set, self.fp16)
+            c = self.groups.coord
+            reduced = hvd.allreduce_average(grads, self.groups.data_set, self.fp16,
+                                            name=f"grads.s{c.stage}.r{c.replica}")
             for g, r in zip(grads, reduced):
                 g.copy_(r)
 

@@ -56,6 +56,9 @@ class StageGraph:
         if not self.batch_stages:
             object.__setattr__(self, "batch_stages",
                                frozenset(s for s in range(k) if not self.upstream(s)))
+        outside = sorted(s for s in self.batch_stages if not 0 <= s < k)
+        if outside:
+            raise GraphError(f"batch stages {outside} do not exist in a graph of {k} stages")
         bad = [s for s in range(k) if not self.upstream(s) and s not in self.batch_stages]
         if bad:
             raise GraphError(f"stages {bad} have no upstream edge and no batch input")

@@ -19,7 +19,8 @@ class Host:
 
 
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.\-_]*[A-Za-z0-9])?$")
-_LINE = re.compile(r"^(?P<host>\S+)(?:\s+slots\s*=\s*(?P<slots>\S+))?(?:\s+max_slots\s*=\s*(?P<max>\S+))?\s*$")
+_LINE = re.compile(r"^(?P<host>\S+)(?:\s+slots\s*=\s*(?P<slots>\S+))?"
+                   r"(?:\s+max_slots\s*=\s*(?P<max>\S+))?\s*$")
 
 
 def parse_hostfile(text: str, path: str = "<hostfile>") -> list[Host]:
@@ -44,7 +45,7 @@ def parse_hostfile(text: str, path: str = "<hostfile>") -> list[Host]:
             raise HostfileError(f"{where}: {name!r} is not a host name; write 'HOSTNAME slots=N'")
         slots = 1
         if slots_text is not None:
-            if not slots_text.isdigit() or int(slots_text) < 1:
+            if not re.fullmatch(r"[0-9]{1,6}", slots_text) or int(slots_text) < 1:
                 raise HostfileError(f"{where}: slots={slots_text} must be a positive integer")
             slots = int(slots_text)
         if name in seen:

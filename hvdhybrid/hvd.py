@@ -42,17 +42,19 @@ def remove_process_set(ps: Any) -> None:
         hvd.remove_process_set(ps)
 
 
-def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool) -> list[torch.Tensor]:
+def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool,
+                      name: str) -> list[torch.Tensor]:
     """Average ``tensors`` over ``process_set`` in one grouped ring all-reduce.
 
     With ``fp16`` the tensors travel as float16 (Horovod's ``Compression.fp16``)
-    and come back in their own dtype.
+    and come back in their own dtype. ``name`` must be the same every step
+    (Horovod caches the negotiation by name; fresh names evict its cache).
     """
     import horovod.torch as hvd
 
     compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
     out: list[torch.Tensor] = hvd.grouped_allreduce(
-        tensors, op=hvd.Average, compression=compression, process_set=process_set)
+        tensors, name=name, op=hvd.Average, compression=compression, process_set=process_set)
     return out
 
 

@@ -110,7 +110,10 @@ def decode_header(h: np.ndarray) -> list[Optional[tuple[torch.dtype, bool, tuple
         if nd < 0:
             out.append(None)
             continue
-        out.append((_DTYPES[int(h[o])], bool(h[o + 1]), tuple(int(x) for x in h[o + 3:o + 3 + nd])))
+        code = int(h[o])
+        if not 0 <= code < len(_DTYPES) or nd > MAX_DIMS:
+            raise TransportError(f"corrupt header: dtype code {code}, {nd} dims")
+        out.append((_DTYPES[code], bool(h[o + 1]), tuple(int(x) for x in h[o + 3:o + 3 + nd])))
     return out
 
 

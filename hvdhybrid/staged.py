@@ -28,7 +28,8 @@ class Part(nn.Module):
             self.add_module(str(first + i), layer)
 
     def forward(self, x: Any) -> Any:
-        for layer in self.children():
+        for layer in self._modules.values():  # not children(): a reused module runs each time
+            assert layer is not None
             x = layer(x)
         return x
 
@@ -86,7 +87,8 @@ def split_sequential(layers: Sequence[nn.Module], sizes: Sequence[int],
     """Cut ``layers`` into a chain of parts with ``sizes`` layers each."""
     if sum(sizes) != len(layers) or any(n < 1 for n in sizes):
         raise PartitionError(f"stage sizes {list(sizes)} do not cover {len(layers)} layers")
-    parts, first = [], 0
+    parts: list[nn.Module] = []
+    first = 0
     for n in sizes:
         parts.append(Part(layers[first:first + n], first))
         first += n

@@ -80,13 +80,14 @@ class Trainer:
     """
 
     def __init__(self, groups: ProcessGroups, model: StagedModel, optimizer_fn: OptimizerFn,
-                 cfg: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
+                 cfg: TrainConfig, device: Optional[torch.device] = None) -> None:
         layout, c = groups.layout, groups.coord
-        self.groups, self.cfg, self.device, self.model = groups, cfg, device, model
+        self.groups, self.cfg, self.model = groups, cfg, model
+        self.device = device if device is not None else torch.device("cpu")
         self.per_pass = cfg.validate(layout.num_bundles, layout.widths)
         self.graph = model.graph
-        self.module = model.stages[c.stage].to(device)
-        self.p2p = P2P(groups.bundle, len(self.graph.edges), device)
+        self.module = model.stages[c.stage].to(self.device)
+        self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device)
         self.p2p.check_tags(cfg.microbatches)
         self.executor = Executor(self.graph, layout, c, self.module, self.p2p, model.loss_fn)
         self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches)[c.stage]
@@ -142,19 +143,20 @@ class Trainer:
     def evaluate(self, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
         """Forward-only pass over ``data`` in full batches; returns (metric mean, rows seen).
 
-        The last partial batch is left out so every batch splits evenly.
+        Batches are multiples of (bundles x microbatches x stage widths); only
+        the last ``len(data) mod`` that unit rows are left out.
         """
         from mpi4py import MPI
 
         layout = self.groups.layout
         unit = layout.num_bundles * self.cfg.microbatches * math.lcm(*layout.widths)
         bs = max(unit, batch_size // unit * unit)
-        bs = min(bs, len(data) // unit * unit)
+        usable = len(data) // unit * unit
         plan = sched.forward_only(self.graph, self.groups.coord.stage, self.cfg.microbatches)
         self.module.eval()
         total, count = 0.0, 0
-        for start in range(0, len(data) - bs + 1, bs) if bs > 0 else []:
-            idx = list(range(start, start + bs))
+        for start in range(0, usable, bs):
+            idx = list(range(start, min(start + bs, usable)))
             with torch.no_grad():
                 res = self.executor.run(plan, self._batch_fn(data, idx, self.cfg.microbatches),
                                         self.cfg.microbatches, train=False)
@@ -182,7 +184,7 @@ class Trainer:
         metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if (is_root and cfg.out) else None
         t_start = t_last = time.perf_counter()
         try:
-            for i in range(cfg.steps):
+            for _ in range(cfg.steps):
                 loss = self.train_step(data, sampler.next())
                 losses.append(loss)
                 now = time.perf_counter()

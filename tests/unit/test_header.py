@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from hvdhybrid.p2p import (
-    HEADER_LEN, MAX_TENSORS, MsgKey, TransportError, decode_header, encode_header, make_tag,
+    HEADER_LEN,
+    MAX_TENSORS,
+    MsgKey,
+    TransportError,
+    decode_header,
+    encode_header,
+    make_tag,
 )
 
 

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hvdhybrid.hostfile import Host, HostfileError, parse_hostfile, place_ranks, read_hostfile
+from hvdhybrid.hostfile import (
+    Host,
+    HostfileError,
+    parse_hostfile,
+    place_ranks,
+    read_hostfile,
+)
 
 
 def test_good_file():

@@ -1,6 +1,6 @@
 """Partitioning layers into stages, and split_sequential's parts and parameter names."""
 
-from itertools import combinations
+from itertools import combinations, pairwise
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ def _best_max_sum(costs, parts):
     best = None
     for cuts in combinations(range(1, n), parts - 1):
         bounds = (0, *cuts, n)
-        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        worst = max(sum(costs[a:b]) for a, b in pairwise(bounds))
         best = worst if best is None else min(best, worst)
     return best
 

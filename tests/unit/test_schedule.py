@@ -4,7 +4,13 @@ import pytest
 
 from hvdhybrid.graph import StageGraph
 from hvdhybrid.schedule import (
-    Action, ScheduleError, build, forward_only, gpipe, one_f_one_b, simulate,
+    Action,
+    ScheduleError,
+    build,
+    forward_only,
+    gpipe,
+    one_f_one_b,
+    simulate,
 )
 
 

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvdhybrid.slicing import BatchError, check_batch, peers, replica_rows, transfer_pieces
+from hvdhybrid.slicing import (
+    BatchError,
+    check_batch,
+    peers,
+    replica_rows,
+    transfer_pieces,
+)
 
 
 def test_check_batch_ok():
