@@ -28,7 +28,7 @@ def main() -> None:
         buf = np.ones(n, dtype=np.float32)
         box = {"t": torch.ones(n)}
 
-        def raw() -> None:
+        def raw(buf: np.ndarray = buf) -> None:
             # raw mpi4py: a preallocated numpy buffer, blocking Send/Recv ping-pong
             if rank == 0:
                 world.Send(buf, dest=peer, tag=1)
@@ -37,7 +37,7 @@ def main() -> None:
                 world.Recv(buf, source=peer, tag=1)
                 world.Send(buf, dest=peer, tag=1)
 
-        def ours() -> None:
+        def ours(box: dict[str, torch.Tensor] = box) -> None:
             # hvdhybrid: a tensor message (header + payload), received into pooled buffers
             if rank == 0:
                 p2p.send(peer, key, (box["t"],))

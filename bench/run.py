@@ -1,0 +1,80 @@
+"""Run every benchmark in one go and print ratios against the peers measured in the same run.
+
+    .venv/bin/python bench/run.py [--json results.json]
+
+Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{HERE}",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
+def _run(cmd: list[str]) -> list[dict]:
+    print("$", " ".join(cmd), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        print(p.stdout[-2000:], p.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"benchmark failed: {' '.join(cmd)}")
+    return [json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("BENCH ")]
+
+
+def mpirun(n: int, script: str, *args: str) -> list[str]:
+    return ["mpirun", "-np", str(n), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+            PY, os.path.join(HERE, script), *args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
+    a = ap.parse_args()
+    res: list[dict] = []
+    res += _run([PY, os.path.join(HERE, "single.py")])
+    res += _run(mpirun(2, "hvdhybrid_pipeline.py", "1f1b"))
+    res += _run(mpirun(2, "hvdhybrid_pipeline.py", "gpipe"))
+    if not a.skip_torch:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
+        res += _run([torchrun, "--nproc-per-node", "2", os.path.join(HERE, "torch_pipelining.py")])
+    res += _run(mpirun(2, "p2p_throughput.py"))
+    by = {r["name"]: r for r in res if "step_s" in r}
+    ideal = 2 * 8 / (8 + 2 - 1)
+    single, single_mb = by["single"]["step_s"], by["single-microbatched"]["step_s"]
+    print("\n| run | s/step | speedup vs 1 process (full batch) | % of ideal 1.78x "
+          "| speedup vs 1 process (8 microbatches) |")
+    print("|---|---|---|---|---|")
+    for name, r in by.items():
+        s = r["step_s"]
+        pct = "" if name.startswith("single") else f"{100 * single / s / ideal:.0f}%"
+        print(f"| {name} | {s:.3f} | {single / s:.2f}x | {pct} | {single_mb / s:.2f}x |")
+    if "torch-pipelining-1f1b" in by:
+        t = by["torch-pipelining-1f1b"]["step_s"]
+        print(f"\nhvdhybrid 1F1B vs torch.distributed.pipelining Schedule1F1B: "
+              f"{t / by['hvdhybrid-1f1b']['step_s']:.2f}x faster")
+    print("\n| message | raw mpi4py GB/s | hvdhybrid GB/s | ratio |")
+    print("|---|---|---|---|")
+    for r in res:
+        if r["name"] == "p2p":
+            print(f"| {r['mb']} MB | {r['raw_GBps']:.2f} | {r['hvdhybrid_GBps']:.2f} | {r['ratio']:.2f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
