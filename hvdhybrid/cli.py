@@ -411,5 +411,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cli.main(args=argv, prog_name="hvdtrain", standalone_mode=True)
     except USER_ERRORS as e:  # raised outside a command's own handling
-        click.echo(f"hvdtrain: error: {e}", err=True)
+        # horovodrun --gloo: every process sees an MPI world of 1; let only one speak
+        if os.environ.get("HOROVOD_RANK", "0") == "0":
+            click.echo(f"hvdtrain: error: {e}", err=True)
         sys.exit(2)

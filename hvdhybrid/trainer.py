@@ -24,6 +24,9 @@ from .staged import StagedModel
 
 __all__ = ["TrainConfig", "Trainer", "MetricFn"]
 
+# "RANK:STEP": raise in that rank at that step; for the failure tests only
+_INJECT = os.environ.get("HVDHYBRID_INJECT_FAILURE", "")
+
 # (sink output, targets) -> (sum of the metric over rows, number of rows)
 MetricFn = Callable[[Any, Any], tuple[float, int]]
 OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -114,6 +117,8 @@ class Trainer:
     def train_step(self, data: Dataset, indices: list[int]) -> float:
         """One optimizer step on the global batch ``indices``; returns the global mean loss."""
         cfg = self.cfg
+        if _INJECT == f"{self.groups.world.Get_rank()}:{self.step + 1}":
+            raise RuntimeError(f"injected failure at step {self.step + 1} (HVDHYBRID_INJECT_FAILURE)")
         if len(indices) != cfg.batch_size:
             raise BatchError(f"a step needs {cfg.batch_size} rows, got {len(indices)}")
         self.module.train()

@@ -1,0 +1,54 @@
+"""End-to-end helpers: run the real CLI under mpirun / horovodrun as a subprocess, with a timeout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HVDTRAIN = os.path.join(ROOT, "bin", "hvdtrain")
+BIN = os.path.dirname(sys.executable)
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+             PATH=f"{BIN}:{e.get('PATH', '')}", HVDHYBRID_PYTHON=sys.executable)
+    e.pop("HVDHYBRID_INJECT_FAILURE", None)
+    return e
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+    seconds: float
+
+
+def run(cmd: list[str], timeout: float = 240, extra_env: Optional[dict[str, str]] = None) -> Result:
+    import time
+
+    e = env()
+    e.update(extra_env or {})
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr, time.monotonic() - t0)
+
+
+def mpirun(np_: int, *args: str, hostfile: Optional[str] = None, **kw: object) -> Result:
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "-x", "HVDHYBRID_PYTHON", "-x", "OMP_NUM_THREADS"]
+    if "extra_env" in kw:
+        for k in kw["extra_env"]:  # type: ignore[union-attr]
+            cmd += ["-x", k]
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    return run(cmd + [HVDTRAIN, *args], **kw)  # type: ignore[arg-type]
+
+
+def horovodrun(np_: int, *args: str, gloo: bool = False, **kw: object) -> Result:
+    cmd = ["horovodrun", "-np", str(np_), "-H", f"localhost:{np_}"] + (["--gloo"] if gloo else [])
+    return run(cmd + [HVDTRAIN, *args], **kw)  # type: ignore[arg-type]
