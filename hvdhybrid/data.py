@@ -64,6 +64,20 @@ class Sampler:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def state(self) -> dict[str, int]:
+        """Where the sampler stands; :meth:`load_state` puts it back exactly there."""
+        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed,
+                "epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, s: dict[str, int]) -> None:
+        if (s["n"], s["batch_size"], s["seed"]) != (self.n, self.batch_size, self.seed):
+            raise DataError(
+                f"the checkpoint's sampler saw {s['n']} rows in batches of {s['batch_size']} with "
+                f"seed {s['seed']}; this run has {self.n}, {self.batch_size}, {self.seed}: resume "
+                "with the same data, --batch-size and --seed")
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._perm = self._make()
+
     def next(self) -> list[int]:
         if self.pos + self.batch_size > self.n:
             self.epoch, self.pos = self.epoch + 1, 0

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from .topology import Layout, RankCoord
 
-__all__ = ["LaunchError", "ProcessGroups", "mpi_world", "check_launch"]
+__all__ = ["LaunchError", "ProcessGroups", "mpi_world", "check_launch", "warm_pickle_collectives"]
 
 
 class LaunchError(RuntimeError):
@@ -37,6 +37,23 @@ def check_launch(world: Any) -> None:
             f"the launcher started {hsize} processes but MPI sees a world of {world.Get_size()}: "
             "hvdhybrid needs MPI point-to-point between stages; launch with "
             "`horovodrun --mpi -np N ...` or `mpirun -np N ...`, not `horovodrun --gloo`")
+
+
+def warm_pickle_collectives(comm: Any) -> None:
+    """Run each lowercase (pickle) collective once, before Horovod's thread starts.
+
+    The first such call on a communicator makes mpi4py duplicate it — a
+    collective ``MPI_Comm_dup`` done while holding the GIL. Once Horovod's
+    background thread runs, that thread needs the GIL to finish an allreduce,
+    so a rank blocked in that dup while its peers wait in Horovod deadlocks
+    the job (seen here about once in 15 runs). Warmed up, later calls only
+    reuse the duplicate. Idempotent and collective over ``comm``.
+    """
+    comm.allreduce(0)
+    comm.allgather(0)
+    comm.gather(0, root=0)
+    comm.bcast(0, root=0)
+    comm.barrier()
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,8 @@ class ProcessGroups:
         bundle = world.Split(c.bundle, world.Get_rank())
         stage = world.Split(c.bundle * layout.num_stages + c.stage, world.Get_rank())
         data = world.Split(layout.bundle_local_rank(c.stage, c.replica), world.Get_rank())
+        for comm in (world, bundle, stage, data):
+            warm_pickle_collectives(comm)
         data_set, sets = None, []
         if use_horovod and layout.num_bundles > 1:
             from . import hvd

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +19,9 @@ def ensure_init(world: Any) -> None:
 
     if _state["init"]:
         return
+    # A collective that waits on a dead or stuck rank: warn after 30 s, give up after 120 s.
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", "30")
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "120")
     hvd.init(comm=world, process_sets="dynamic")
     if hvd.size() != world.Get_size():
         raise RuntimeError(f"Horovod sees {hvd.size()} ranks but MPI sees {world.Get_size()}")

@@ -19,15 +19,17 @@ The one tag rule lives in :func:`make_tag`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["MsgKey", "P2P", "PendingRecv", "TransportError", "make_tag", "MAX_TENSORS"]
+__all__ = ["MsgKey", "P2P", "P2PTimeout", "PendingRecv", "TransportError", "make_tag", "MAX_TENSORS"]
 
 MAX_TENSORS = 16
+STOP_GRACE_S = 10.0  # after a stop signal, a wait that long means the peer is not coming
 MAX_DIMS = 8
 _PER_TENSOR = 3 + MAX_DIMS  # dtype code, requires_grad, ndim (-1: None), dims
 HEADER_LEN = 1 + MAX_TENSORS * _PER_TENSOR
@@ -42,6 +44,10 @@ _CODE = {dt: i for i, dt in enumerate(_DTYPES)}
 
 class TransportError(RuntimeError):
     """A message that the receiver cannot take (too many tensors, unknown dtype, ...)."""
+
+
+class P2PTimeout(TransportError):
+    """A wait that passed its deadline (or was cut short by a stop signal); says who waited for what."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,9 @@ class PendingRecv:
         self.preqs = [self.p2p.comm.Irecv(buf, source=self.peer, tag=tag)
                       for tag, buf in cached.targets]
 
+    def _what(self) -> str:
+        return f"{self.key.describe()} from {self.p2p.describe_peer(self.peer)}"
+
     def poll(self) -> None:
         """Post the payload receives if the header has arrived (never blocks)."""
         if self.preqs is None and self.hreq.Test():
@@ -169,10 +178,10 @@ class PendingRecv:
     def wait(self) -> tuple[Optional[torch.Tensor], ...]:
         """Block until the whole message is in; return tensors on the P2P's device."""
         if self.preqs is None:
-            self.hreq.Wait()
+            self.p2p._waitall([self.hreq], self._what)
             self._post_payload()
         assert self.preqs is not None and self.spec is not None
-        self.p2p._waitall(self.preqs)
+        self.p2p._waitall(self.preqs, self._what)
         out: list[Optional[torch.Tensor]] = []
         for view, s in zip(self.views, self.spec):
             if view is None or s is None:
@@ -193,9 +202,13 @@ class P2P:
         device: where received tensors should live.
     """
 
-    def __init__(self, comm: Any, num_edges: int, device: torch.device) -> None:
+    def __init__(self, comm: Any, num_edges: int, device: torch.device, timeout: float = 300.0,
+                 me: str = "", describe_peer: Optional[Callable[[int], str]] = None) -> None:
         from mpi4py import MPI
 
+        self.timeout, self.me = timeout, me or f"rank {comm.Get_rank()}"
+        self.describe_peer: Callable[[int], str] = describe_peer or (lambda p: f"peer {p}")
+        self.stop_requested = False  # set from a signal handler: waits give up after a grace period
         self.comm = comm
         self.num_edges = max(1, num_edges)
         self.device = device
@@ -261,13 +274,30 @@ class P2P:
                               tag=make_tag(key, 0, self.num_edges))
         return PendingRecv(self, peer, key, header, req)
 
-    def _waitall(self, reqs: list[Any]) -> None:
-        if reqs:
-            self._Request.Waitall(reqs)
+    def _waitall(self, reqs: list[Any], what: Callable[[], str]) -> None:
+        """Wait for ``reqs`` with a deadline; spin briefly, then yield the core between tests.
+
+        Raises:
+            P2PTimeout: after ``timeout`` seconds (or 10 s after a stop signal),
+                naming this rank and what it waited for.
+        """
+        if not reqs or self._Request.Testall(reqs):
+            return
+        t0 = time.monotonic()
+        spins = 0
+        while not self._Request.Testall(reqs):
+            spins += 1
+            if spins > 2000:  # a few ms of spinning; then leave the core to others
+                time.sleep(0.0002)
+            waited = time.monotonic() - t0
+            if waited > self.timeout or (self.stop_requested and waited > STOP_GRACE_S):
+                why = "stopped by a signal" if waited <= self.timeout else "timed out"
+                raise P2PTimeout(f"{self.me} {why} after waiting {waited:.0f} s for {what()} "
+                                 "(is that rank alive and running the same schedule?)")
 
     def wait_sends(self) -> None:
         """Complete every posted send (their buffers may then be reused)."""
-        self._waitall([r for r, _ in self._sends])
+        self._waitall([r for r, _ in self._sends], lambda: f"{len(self._sends)} sends to be received")
         self._sends.clear()
 
     def drain_sends(self) -> None:

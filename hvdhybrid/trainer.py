@@ -22,10 +22,25 @@ from .p2p import P2P
 from .slicing import BatchError, check_batch, replica_rows
 from .staged import StagedModel
 
-__all__ = ["TrainConfig", "Trainer", "MetricFn"]
+__all__ = ["TrainConfig", "Trainer", "MetricFn", "Stopped"]
 
-# "RANK:STEP": raise in that rank at that step; for the failure tests only
-_INJECT = os.environ.get("HVDHYBRID_INJECT_FAILURE", "")
+def inject_failure(rank: int, step: int, where: str) -> None:
+    """Failure tests only: ``HVDHYBRID_INJECT_FAILURE=RANK:STEP[:step|ckpt][:kill]``.
+
+    At that rank and step, in the step itself or half-way through writing the
+    checkpoint, raise an exception (or, with ``kill``, SIGKILL this process).
+    """
+    spec = os.environ.get("HVDHYBRID_INJECT_FAILURE", "").split(":")
+    if len(spec) < 2 or spec[:2] != [str(rank), str(step)]:
+        return
+    if (spec[2] if len(spec) > 2 else "step") != where:
+        return
+    if "kill" in spec[3:]:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step}, {where} (HVDHYBRID_INJECT_FAILURE)")
+
 
 # (sink output, targets) -> (sum of the metric over rows, number of rows)
 MetricFn = Callable[[Any, Any], tuple[float, int]]
@@ -46,6 +61,10 @@ class TrainConfig:
     log_every: int = 1
     progress: bool = True
     out: Optional[str] = None
+    model_name: str = "model"
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (needs out)
+    keep: int = 3  # complete checkpoints kept
+    timeout: float = 300.0  # seconds a point-to-point wait may take before it is an error
 
     def validate(self, num_bundles: int, widths: tuple[int, ...]) -> int:
         """Check the batch arithmetic; return rows per pass (batch_size / accumulate).
@@ -55,6 +74,9 @@ class TrainConfig:
         """
         if self.steps < 0:
             raise BatchError(f"--steps must be >= 0, got {self.steps}")
+        if self.checkpoint_every < 0 or self.keep < 1:
+            raise BatchError(f"--checkpoint-every must be >= 0 and --keep >= 1, got "
+                             f"{self.checkpoint_every} and {self.keep}")
         if self.accumulate < 1:
             raise BatchError(f"--accumulate must be >= 1, got {self.accumulate}")
         if self.batch_size % self.accumulate:
@@ -69,6 +91,49 @@ class TrainConfig:
             raise BatchError(f"{e} (per accumulation pass; --batch-size is "
                              f"{self.accumulate} passes)") from None
         return per_pass
+
+
+class Stopped(Exception):
+    """Training stopped by a signal after writing a checkpoint (``path``, if any)."""
+
+    def __init__(self, signum: int, step: int, path: Optional[str]) -> None:
+        super().__init__(f"stopped by signal at step {step}"
+                         + (f"; checkpoint in {path}" if path else ""))
+        self.signum, self.step, self.path = signum, step, path
+
+
+class _StopSignals:
+    """While training: SIGTERM, SIGINT and SIGUSR1 set a flag, acted on at the next step boundary.
+
+    SIGUSR1 is what `hvdtrain launch` sends: mpirun forwards it to every rank and
+    keeps forwarding their output, whereas SIGTERM/SIGINT put mpirun itself into
+    abort mode (it stops reading the ranks' output and kills them a second later).
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.trainer.stop_signal > 0:  # a second signal: stop now
+            raise KeyboardInterrupt(f"signal {signum} received twice")
+        self.trainer.stop_signal = signum
+        self.trainer.p2p.stop_requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
 
 
 class Trainer:
@@ -90,7 +155,11 @@ class Trainer:
         self.per_pass = cfg.validate(layout.num_bundles, layout.widths)
         self.graph = model.graph
         self.module = model.stages[c.stage].to(self.device)
-        self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device)
+        def describe(local: int) -> str:
+            return layout.coord(c.bundle * layout.bundle_size + local).tag()
+
+        self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.timeout,
+                       me=c.tag(), describe_peer=describe)
         self.p2p.check_tags(cfg.microbatches)
         self.executor = Executor(self.graph, layout, c, self.module, self.p2p, model.loss_fn)
         self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches)[c.stage]
@@ -100,6 +169,10 @@ class Trainer:
         self.step = 0
         self.log = get_logger()
         self.is_sink = c.stage == self.graph.sink
+        self.sampler: Optional[Sampler] = None
+        self._resume_sampler: Optional[dict[str, int]] = None
+        self.stop_signal = 0  # set by a stop signal on this rank
+        self.stop_agreed = False  # some rank had one when the last step ended: all stop
 
     # -- data ------------------------------------------------------------------
     def _batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
@@ -117,8 +190,7 @@ class Trainer:
     def train_step(self, data: Dataset, indices: list[int]) -> float:
         """One optimizer step on the global batch ``indices``; returns the global mean loss."""
         cfg = self.cfg
-        if _INJECT == f"{self.groups.world.Get_rank()}:{self.step + 1}":
-            raise RuntimeError(f"injected failure at step {self.step + 1} (HVDHYBRID_INJECT_FAILURE)")
+        inject_failure(self.groups.world.Get_rank(), self.step + 1, "step")
         if len(indices) != cfg.batch_size:
             raise BatchError(f"a step needs {cfg.batch_size} rows, got {len(indices)}")
         self.module.train()
@@ -133,16 +205,26 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return self._global_mean(loss_sum / (cfg.microbatches * cfg.accumulate))
+        return self._step_end(loss_sum / (cfg.microbatches * cfg.accumulate))
 
-    def _global_mean(self, replica_mean: float) -> float:
-        """Mean over sink replicas and bundles (non-sink ranks contribute 0)."""
+    def _step_end(self, replica_mean: float) -> float:
+        """Global mean loss (over sink replicas and bundles), and agreement on stopping.
+
+        One small allreduce over the world carries both: the loss (non-sink
+        ranks add 0) and whether any rank was asked to stop by a signal.
+        """
+        import numpy as np
         from mpi4py import MPI
 
         layout = self.groups.layout
         n = layout.num_bundles * layout.widths[self.graph.sink]
-        total = self.groups.world.allreduce(replica_mean if self.is_sink else 0.0, op=MPI.SUM)
-        return float(total) / n
+        mine = np.array([replica_mean if self.is_sink else 0.0, float(self.stop_signal)])
+        total = np.empty_like(mine)
+        self.groups.world.Allreduce(mine, total, op=MPI.SUM)
+        # Decide on the agreed sum only: a signal that lands after this allreduce
+        # counts at the next step, on every rank alike.
+        self.stop_agreed = bool(total[1])
+        return float(total[0]) / n
 
     # -- evaluation -------------------------------------------------------------
     def evaluate(self, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
@@ -168,51 +250,149 @@ class Trainer:
             for out, y in res.outputs:
                 s, n = metric_fn(out, y)
                 total, count = total + s, count + n
-        world = self.groups.world
-        total = world.allreduce(total if self.is_sink else 0.0, op=MPI.SUM)
-        count = world.allreduce(count if self.is_sink else 0, op=MPI.SUM)
-        return (total / count if count else float("nan")), int(count)
+        import numpy as np
+
+        mine = np.array([total, count] if self.is_sink else [0.0, 0.0])
+        both = np.empty_like(mine)
+        self.groups.world.Allreduce(mine, both, op=MPI.SUM)
+        total, count = float(both[0]), int(both[1])
+        return (total / count if count else float("nan")), count
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, data: Dataset, on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
-        """Run ``cfg.steps`` optimizer steps; rank 0 draws progress and writes metrics."""
+        """Train until ``cfg.steps`` optimizer steps are done (continuing after a resume).
+
+        Rank 0 draws progress and appends metrics. Checkpoints every
+        ``checkpoint_every`` steps and at the end (when ``out`` is set). SIGTERM
+        or SIGINT on any rank: every rank finishes the step, a checkpoint is
+        written, and :class:`Stopped` is raised.
+        """
         cfg, world = self.cfg, self.groups.world
-        sampler = Sampler(len(data), cfg.batch_size, cfg.seed)
-        losses = []
+        if self.sampler is None:
+            self.sampler = Sampler(len(data), cfg.batch_size, cfg.seed)
+            if self._resume_sampler is not None:
+                self.sampler.load_state(self._resume_sampler)
+        sampler = self.sampler
+        losses: list[float] = []
         is_root = world.Get_rank() == 0
         bar = None
         if is_root and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True,
-                       mininterval=0.5)
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True, mininterval=0.5)
         metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if (is_root and cfg.out) else None
         t_start = t_last = time.perf_counter()
-        try:
-            for _ in range(cfg.steps):
-                loss = self.train_step(data, sampler.next())
-                losses.append(loss)
-                now = time.perf_counter()
-                sps = cfg.batch_size / max(now - t_last, 1e-9)
-                t_last = now
+        with _StopSignals(self):
+            try:
+                while self.step < cfg.steps:
+                    loss = self.train_step(data, sampler.next())
+                    losses.append(loss)
+                    now = time.perf_counter()
+                    sps = cfg.batch_size / max(now - t_last, 1e-9)
+                    t_last = now
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}", refresh=False)
+                        bar.update(1)
+                    if metrics is not None:
+                        metrics.write(json.dumps({"step": self.step, "epoch": sampler.epoch,
+                                                  "loss": loss, "samples_per_s": sps,
+                                                  "elapsed_s": now - t_start}) + "\n")
+                        metrics.flush()
+                    if is_root and not cfg.progress and cfg.log_every and self.step % cfg.log_every == 0:
+                        self.log.info(f"step {self.step}/{cfg.steps} loss {loss:.4f} {sps:.0f} samples/s")
+                    if on_step is not None:
+                        on_step(self.step, loss)
+                    if self.stop_agreed:
+                        path = self.save_checkpoint() if cfg.out else None
+                        raise Stopped(self.stop_signal, self.step, path)
+                    if cfg.out and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                if cfg.out and self.step and not self._saved_at(self.step):
+                    self.save_checkpoint()
+            finally:
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}", refresh=False)
-                    bar.update(1)
+                    bar.close()
                 if metrics is not None:
-                    metrics.write(json.dumps({"step": self.step, "epoch": sampler.epoch,
-                                              "loss": loss, "samples_per_s": sps,
-                                              "elapsed_s": now - t_start}) + "\n")
-                    metrics.flush()
-                if is_root and not cfg.progress and cfg.log_every and self.step % cfg.log_every == 0:
-                    self.log.info(f"step {self.step}/{cfg.steps} loss {loss:.4f} {sps:.0f} samples/s")
-                if on_step is not None:
-                    on_step(self.step, loss)
-        finally:
-            if bar is not None:
-                bar.close()
-            if metrics is not None:
-                metrics.close()
+                    metrics.close()
         return losses
+
+    # -- checkpoints --------------------------------------------------------------
+    def _ckpt_root(self) -> str:
+        assert self.cfg.out is not None
+        return os.path.join(self.cfg.out, "checkpoints")
+
+    def _saved_at(self, step: int) -> bool:
+        from .checkpoint import step_dir
+
+        return os.path.exists(os.path.join(step_dir(self._ckpt_root(), step), "manifest.json"))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this rank needs to continue exactly where it is."""
+        c, layout = self.groups.coord, self.groups.layout
+        return {"model": self.cfg.model_name, "rank": c.rank, "bundle": c.bundle, "stage": c.stage,
+                "replica": c.replica, "widths": list(layout.widths), "world_size": layout.world_size,
+                "step": self.step, "params": self.module.state_dict(),
+                "full_names": list(self.model.stage_parameters(c.stage, self.module)),
+                "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                "sampler": self.sampler.state() if self.sampler else self._resume_sampler}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from this rank's shard; raises CheckpointError if it belongs to another run."""
+        from .checkpoint import CheckpointError
+
+        layout = self.groups.layout
+        if state.get("model") != self.cfg.model_name:
+            raise CheckpointError(f"the checkpoint is of model {state.get('model')!r}, "
+                                  f"this run trains {self.cfg.model_name!r}")
+        if (tuple(state["widths"]), state["world_size"]) != (layout.widths, layout.world_size):
+            raise CheckpointError(
+                f"the checkpoint was written by {state['world_size']} ranks with stage widths "
+                f"{state['widths']}; this run has {layout.world_size} ranks with widths "
+                f"{list(layout.widths)}. Resharding to another layout is not supported yet: "
+                "resume with the same -np and --stages/--bundle-shape")
+        try:
+            self.module.load_state_dict(state["params"])
+        except RuntimeError as e:
+            raise CheckpointError(f"the checkpoint does not fit this model: {str(e)[:300]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self._resume_sampler = state["sampler"]
+        self.sampler = None
+
+    def save_checkpoint(self) -> str:
+        """Collective: write this step's checkpoint (see :mod:`checkpoint`)."""
+        from .checkpoint import save_collective
+
+        path = save_collective(self.groups.world, self._ckpt_root(), self.step, self.cfg.model_name,
+                               self.groups.layout.widths, self.state_dict(), self.cfg.keep,
+                               lambda: inject_failure(self.groups.world.Get_rank(), self.step, "ckpt"))
+        if self.groups.world.Get_rank() == 0:
+            self.log.info(f"checkpoint step {self.step} written to {path}")
+        return path
+
+    def resume(self, where: str) -> Optional[str]:
+        """Collective: load the newest complete checkpoint under ``where`` (or that one directory).
+
+        Returns:
+            The directory loaded, or None when there is none yet.
+
+        Raises:
+            CheckpointError: the named checkpoint is corrupt, or belongs to another run/layout.
+        """
+        from .checkpoint import CheckpointError, load_shard, resolve_resume
+
+        path, warnings, error = resolve_resume(self.groups.world, where)
+        if self.groups.world.Get_rank() == 0:
+            for w in warnings:
+                self.log.warning(w)
+        if error:
+            raise CheckpointError(error)
+        if path is None:
+            return None
+        self.load_state_dict(load_shard(path, self.groups.world.Get_rank()))
+        return path
 
     # -- parameters --------------------------------------------------------------
     def named_parameters(self) -> dict[str, torch.Tensor]:
@@ -249,3 +429,21 @@ def _to(x: Any, device: torch.device) -> Any:
         return type(x)(_to(t, device) for t in x)
     return x
 
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])

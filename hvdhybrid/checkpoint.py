@@ -1,0 +1,220 @@
+"""Checkpoints: per-rank shards written atomically, a manifest with checksums, a `latest` pointer.
+
+On disk, under ``OUT/checkpoints/``::
+
+    step-000020/rank-00000.pt   one shard per rank: its stage's parameters (full-model
+    step-000020/rank-00001.pt   names), optimizer state, RNG states, sampler position
+    step-000020/manifest.json   written by rank 0 once every shard is on disk:
+                                step, model, layout, sha256 and size of every shard
+    latest                      the name of the newest complete checkpoint, updated last
+
+A checkpoint is *complete* when its manifest exists and every shard matches its
+checksum. Every file is written to a temporary name, fsynced, and renamed, so
+a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["CheckpointError", "Manifest", "atomic_write", "shard_name", "step_dir",
+           "write_manifest", "find_complete", "verify", "prune", "load_shard", "encode_shard",
+           "save_collective", "resolve_resume"]
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, truncated, or from another run."""
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:06d}")
+
+
+def shard_name(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def encode_shard(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    model: str
+    world_size: int
+    widths: tuple[int, ...]
+    shards: dict[str, tuple[str, int]]  # file name -> (sha256, size)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "step": self.step, "model": self.model,
+                           "world_size": self.world_size, "widths": list(self.widths),
+                           "shards": {k: {"sha256": h, "bytes": n} for k, (h, n) in self.shards.items()}},
+                          indent=2)
+
+    @classmethod
+    def read(cls, path: str) -> Manifest:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            return cls(int(d["step"]), str(d["model"]), int(d["world_size"]),
+                       tuple(int(w) for w in d["widths"]),
+                       {k: (str(v["sha256"]), int(v["bytes"])) for k, v in d["shards"].items()})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"unreadable manifest {path}: {e}") from None
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    """Write the manifest, then point ``latest`` at it (the commit point of a checkpoint)."""
+    d = step_dir(root, manifest.step)
+    atomic_write(os.path.join(d, "manifest.json"), manifest.to_json().encode())
+    atomic_write(os.path.join(root, "latest"), os.path.basename(d).encode() + b"\n")
+
+
+def verify(path: str) -> Manifest:
+    """Check a checkpoint directory: manifest present, every shard there with its checksum.
+
+    Raises:
+        CheckpointError: naming the first missing, truncated or corrupt file.
+    """
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.exists(mpath):
+        raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json)")
+    m = Manifest.read(mpath)
+    for name, (digest, size) in sorted(m.shards.items()):
+        f = os.path.join(path, name)
+        try:
+            with open(f, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            raise CheckpointError(f"checkpoint {path} lacks shard {name}") from None
+        if len(data) != size:
+            raise CheckpointError(f"checkpoint shard {f} is truncated ({len(data)} of {size} bytes)")
+        if sha256(data) != digest:
+            raise CheckpointError(f"checkpoint shard {f} is corrupt (checksum mismatch)")
+    return m
+
+
+def find_complete(root: str) -> tuple[Optional[str], list[str]]:
+    """The newest complete checkpoint under ``root`` and warnings about the ones skipped."""
+    if not os.path.isdir(root):
+        return None, []
+    warnings: list[str] = []
+    for name in sorted((n for n in os.listdir(root) if n.startswith("step-")), reverse=True):
+        path = os.path.join(root, name)
+        try:
+            verify(path)
+            return path, warnings
+        except CheckpointError as e:
+            warnings.append(f"skipping {e}")
+    return None, warnings
+
+
+def prune(root: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and incomplete older ones)."""
+    names = sorted((n for n in os.listdir(root) if n.startswith("step-")), reverse=True)
+    complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
+    if not complete:
+        return
+    keep_set = set(complete[:keep])
+    oldest_kept = min(keep_set)
+    for n in names:
+        if n not in keep_set and n < oldest_kept:
+            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+
+def load_shard(path: str, rank: int) -> dict[str, Any]:
+    """This rank's shard of a verified checkpoint directory."""
+    f = os.path.join(path, shard_name(rank))
+    try:
+        state: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint shard {f}: {e}") from None
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint shard {f} has format {state.get('format')}, expected {FORMAT}")
+    return state
+
+
+def save_collective(world: Any, root: str, step: int, model: str, widths: tuple[int, ...],
+                    state: dict[str, Any], keep: int, after_shard: Any = None) -> str:
+    """Every rank writes its shard; rank 0 commits the manifest and ``latest``; collective.
+
+    Returns:
+        The checkpoint directory.
+    """
+    d = step_dir(root, step)
+    os.makedirs(d, exist_ok=True)
+    data = encode_shard(state)
+    name = shard_name(world.Get_rank())
+    atomic_write(os.path.join(d, name), data)
+    if after_shard is not None:  # failure tests: die with the shard written, the manifest not
+        after_shard()
+    entries = world.gather((name, sha256(data), len(data)), root=0)
+    if world.Get_rank() == 0:
+        shards = {n: (h, size) for n, h, size in entries}
+        write_manifest(root, Manifest(step, model, world.Get_size(), tuple(widths), shards))
+        prune(root, keep)
+    world.Barrier()  # nobody moves on before the checkpoint is committed
+    return d
+
+
+def resolve_resume(world: Any, where: str) -> tuple[Optional[str], list[str], Optional[str]]:
+    """Pick the checkpoint to resume from (rank 0 decides, every rank learns it).
+
+    ``where`` is a run's checkpoint root (the newest complete one is taken) or
+    one ``step-*`` directory (which must be complete).
+
+    Returns:
+        (directory or None, warnings about skipped checkpoints, error message or None).
+    """
+    result: tuple[Optional[str], list[str], Optional[str]] = (None, [], None)
+    if world.Get_rank() == 0:
+        if os.path.basename(os.path.normpath(where)).startswith("step-"):
+            try:
+                verify(where)
+                result = (where, [], None)
+            except CheckpointError as e:
+                result = (None, [], str(e))
+        else:
+            path, warnings = find_complete(where)
+            result = (path, warnings, None)
+    out: tuple[Optional[str], list[str], Optional[str]] = world.bcast(result, root=0)
+    return out

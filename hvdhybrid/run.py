@@ -1,0 +1,302 @@
+"""One training run, from user input to results: validate, agree across ranks, train, report.
+
+Phases, and what a failure in each looks like to the user:
+
+1. *setup* (no groups yet): every check of user input. Ranks agree with one
+   ``allgather``; on any failure one line is printed by one rank and every
+   rank exits with code 2. Nothing is written.
+2. *run*: groups, (resume), training, evaluation. An exception prints the
+   rank's tag and what happened, then ``MPI_Abort`` ends every rank.
+   SIGTERM/SIGINT: the step finishes, a checkpoint is written, exit 128+signal.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import click
+
+from .data import DataError
+from .errors import USER_ERRORS, UserError
+from .launcher import LAYOUT_FILE_ENV
+from .schedule import SCHEDULES
+from .topology import Layout, LayoutError, parse_bundle_shape
+
+__all__ = ["Common", "common_options", "resolve_widths", "run_model", "world", "agree"]
+
+
+
+STOPPED_EXIT = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
+
+
+def world() -> Any:
+    """``COMM_WORLD``, after checking the launcher gave MPI the whole job."""
+    from .groups import check_launch, mpi_world
+
+    w = mpi_world()
+    check_launch(w)
+    return w
+
+
+def agree(comm: Any, error: Optional[str]) -> None:
+    """Collective: if any rank failed its setup, every rank stops with exit code 2.
+
+    Only the first failing rank prints, so the user reads one line, not one per rank.
+    """
+    errors = comm.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        first_rank, msg = failed[0]
+        if comm.Get_rank() == first_rank:
+            some = 1 < comm.Get_size() and len(failed) < comm.Get_size()
+            raise UserError(f"{msg} (on rank {first_rank})" if some else msg)
+        raise SystemExit(2)
+
+
+@dataclass
+class Common:
+    """The options every model subcommand shares."""
+
+    stages: Optional[int]
+    bundle_shape: Optional[str]
+    microbatches: int
+    schedule: str
+    fp16: bool
+    accumulate: int
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    out: Optional[str]
+    device: str
+    partition: str
+    threads: int
+    save_params: bool
+    progress: bool
+    checkpoint_every: int
+    keep: int
+    resume: bool
+    timeout: float
+
+
+def common_options(default_steps: int, default_batch: int, default_lr: float) -> Callable[..., Any]:
+    """Decorator: add the common options and hand them to the command as one :class:`Common`."""
+    opts = [
+        click.option("--stages", type=int, default=None,
+                     help="Pipeline stages per bundle, one rank each (default: the model's)."),
+        click.option("--bundle-shape", default=None, metavar="W0,W1,..",
+                     help="Ranks per stage, e.g. 2,1: 2 front ranks, 1 rear rank."),
+        click.option("--microbatches", "-m", type=int, default=4, show_default=True,
+                     help="Microbatches per pass through the pipeline."),
+        click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="1f1b",
+                     show_default=True),
+        click.option("--fp16-compression/--no-fp16-compression", "fp16", default=True,
+                     show_default=True, help="Send gradients across bundles as float16."),
+        click.option("--accumulate", type=int, default=1, show_default=True,
+                     help="Passes whose gradients add up to one optimizer step."),
+        click.option("--steps", type=int, default=default_steps, show_default=True,
+                     help="Optimizer steps (in all, counting those before a resume)."),
+        click.option("--batch-size", type=int, default=default_batch, show_default=True,
+                     help="Global batch of one optimizer step (all bundles, all passes)."),
+        click.option("--lr", type=float, default=default_lr, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="Output directory (default: runs/<model>-<time>)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                     show_default=True),
+        click.option("--partition", type=click.Choice(["uniform", "params", "time"]),
+                     default="params", show_default=True, help="How layers are cut into stages."),
+        click.option("--threads", type=int, default=0,
+                     help="Torch threads per rank (default: cores / ranks on this host)."),
+        click.option("--save-params", is_flag=True,
+                     help="Write the final parameters to OUT/params.pt (by full-model name)."),
+        click.option("--progress/--no-progress", default=True, show_default=True,
+                     help="Progress bar on rank 0 (else a log line per step)."),
+        click.option("--checkpoint-every", type=int, default=0, show_default=True,
+                     help="Steps between checkpoints (0: only at the end)."),
+        click.option("--keep", type=int, default=3, show_default=True,
+                     help="Complete checkpoints kept."),
+        click.option("--resume", is_flag=True,
+                     help="Continue the run in --out from its newest complete checkpoint."),
+        click.option("--timeout", type=float, default=300.0, show_default=True,
+                     help="Seconds a rank may wait for a peer before the job is stopped."),
+    ]
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(**kw: Any) -> Any:
+            names = Common.__dataclass_fields__
+            common = Common(**{k: kw.pop(k) for k in list(kw) if k in names})
+            return fn(common, **kw)
+        for o in reversed(opts):
+            wrapper = o(wrapper)
+        return wrapper
+    return deco
+
+
+def resolve_widths(c: Common, world_size: int, default: tuple[int, ...]) -> tuple[int, ...]:
+    if c.stages is not None and c.bundle_shape is not None:
+        raise LayoutError("give either --stages or --bundle-shape, not both")
+    if c.bundle_shape is not None:
+        return parse_bundle_shape(c.bundle_shape)
+    if c.stages is not None:
+        return Layout.pipeline(world_size, c.stages).widths
+    return default
+
+
+def _check_out(out: str, resume: bool) -> None:
+    """Never write into another run's directory; on resume, insist there is a run to resume."""
+    holds_run = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "checkpoints"))
+    if resume and not holds_run:
+        raise DataError(f"--resume: {out} holds no run to resume (no checkpoints/); "
+                        "pass the --out of the run to continue")
+    if not resume and holds_run:
+        raise DataError(f"output directory {out} already holds a run; pass another --out, "
+                        "or --resume to continue it")
+
+
+def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[int], Any]) -> None:
+    """Validate everything, agree across ranks, train, evaluate, write results.
+
+    ``build(num_stages)`` returns ``(staged_model, train_set, eval_set, metric_fn,
+    optimizer_fn)``; it runs on every rank with the same seed.
+    """
+    import torch
+
+    from .device import local_size, pick_device
+    from .trainer import TrainConfig
+
+    w = world()
+    rank = w.Get_rank()
+    # ---- setup phase: everything that can fail on user input, before any group is made
+    error: Optional[str] = None
+    out = c.out
+    try:
+        layout = Layout(w.Get_size(), widths)
+        cfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, microbatches=c.microbatches,
+                          accumulate=c.accumulate, schedule=c.schedule, fp16=c.fp16, seed=c.seed,
+                          progress=c.progress, model_name=name, checkpoint_every=c.checkpoint_every,
+                          keep=c.keep, timeout=c.timeout)
+        cfg.validate(layout.num_bundles, layout.widths)
+        if c.timeout <= 0:
+            raise DataError(f"--timeout must be positive, got {c.timeout}")
+        device = pick_device(c.device)
+        threads = c.threads or max(1, (os.cpu_count() or 1) // local_size())
+        torch.set_num_threads(threads)
+        torch.manual_seed(c.seed)
+        if out is None:
+            if c.resume:
+                raise DataError("--resume needs --out: the directory of the run to continue")
+            out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if rank == 0:
+            _check_out(out, c.resume)
+    except USER_ERRORS as e:
+        error = str(e)
+    agree(w, error)
+    try:  # every rank builds the same model; failures here happen on all ranks alike
+        model, train_set, eval_set, metric_fn, optimizer_fn = build(layout.num_stages)
+    except USER_ERRORS as e:
+        error = str(e)
+    agree(w, error)
+    out = w.bcast(out, root=0)
+    assert out is not None
+    cfg.out = out
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        if os.environ.get(LAYOUT_FILE_ENV):
+            _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
+    w.Barrier()
+    _train(name, c, cfg, layout, model, train_set, eval_set, metric_fn, optimizer_fn, device, threads)
+
+
+def _write_layout(path: str, layout: Layout) -> None:
+    coords = [layout.coord(r) for r in range(layout.world_size)]
+    with open(path, "w") as f:
+        json.dump({str(x.rank): x.tag() for x in coords}, f)
+
+
+def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set: Any, eval_set: Any,
+           metric_fn: Any, optimizer_fn: Any, device: Any, threads: int) -> None:
+    import torch
+
+    from . import hvd
+    from .checkpoint import CheckpointError
+    from .groups import ProcessGroups
+    from .log import tag_logger
+    from .p2p import P2PTimeout
+    from .trainer import Stopped, Trainer
+
+    w = layout_world = world()
+    rank, size = w.Get_rank(), w.Get_size()
+    groups = ProcessGroups.create(layout, layout_world)
+    log = tag_logger(groups.coord.tag())
+    out = cfg.out
+    try:
+        trainer = Trainer(groups, model, optimizer_fn, cfg, device)
+        error = None
+        if c.resume:
+            try:
+                path = trainer.resume(os.path.join(out, "checkpoints"))
+                if path is None:
+                    error = f"--resume: no complete checkpoint in {out}/checkpoints"
+                elif rank == 0:
+                    log.info(f"resumed from {path} at step {trainer.step}")
+            except (CheckpointError, DataError) as e:
+                error = str(e)
+        agree(w, error)
+        if rank == 0:
+            log.info(f"{name}: {layout.describe()}, schedule {cfg.schedule}, "
+                     f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
+                     f"accumulate {cfg.accumulate}, fp16 compression "
+                     f"{'on' if cfg.fp16 else 'off'}, device {device}, {threads} thread(s)/rank")
+            n_params = sum(p.numel() for s in model.stages for p in s.parameters())
+            log.info(f"{n_params:,} parameters; {len(train_set)} training rows, "
+                     f"{len(eval_set)} evaluation rows; output in {out}")
+        trainer.write_json("config.json", {"model": name, **trainer.config_dict()})
+        t0 = time.perf_counter()
+        first = trainer.step
+        try:
+            losses = trainer.fit(train_set)
+        except Stopped as e:
+            if rank == 0:
+                log.info(f"{e}; continue with --resume --out {out}")
+            groups.close()
+            hvd.shutdown(w)
+            sys.exit(STOPPED_EXIT)
+        elapsed = time.perf_counter() - t0
+        acc, n_eval = trainer.evaluate(eval_set, metric_fn, 256)
+        done = cfg.steps - first
+        summary = {"model": name, "steps": cfg.steps, "final_loss": losses[-1] if losses else None,
+                   "eval_accuracy": acc, "eval_rows": n_eval, "train_seconds": elapsed,
+                   "samples_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+        trainer.write_json("summary.json", summary)
+        params = trainer.gather_parameters() if c.save_params else None
+        if rank == 0:
+            if params is not None:
+                torch.save(params, os.path.join(out, "params.pt"))
+            log.info(f"done: {done} steps in {elapsed:.1f}s "
+                     f"({summary['samples_per_s']:.0f} samples/s), final loss "
+                     f"{summary['final_loss']}, eval accuracy {acc:.4f} on {n_eval} rows; "
+                     f"results in {out}")
+        groups.close()
+    except (SystemExit, UserError):
+        raise
+    except P2PTimeout as e:  # the message already names who waited for whom
+        sys.stderr.write(f"[{groups.coord.tag()}] {e}\n")
+        sys.stderr.flush()
+        w.Abort(1)
+        raise
+    except BaseException:
+        if size > 1:
+            sys.stderr.write(f"[{groups.coord.tag()}] failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            w.Abort(1)  # end every rank now instead of leaving peers waiting
+        raise
+    hvd.shutdown(w)

@@ -1,0 +1,98 @@
+"""Checkpoint files: atomic writes, manifests with checksums, finding the newest complete one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hvdhybrid.checkpoint import (
+    CheckpointError,
+    Manifest,
+    atomic_write,
+    encode_shard,
+    find_complete,
+    load_shard,
+    prune,
+    sha256,
+    shard_name,
+    step_dir,
+    verify,
+    write_manifest,
+)
+
+
+def make(root: str, step: int, ranks: int = 2, manifest: bool = True) -> str:
+    d = step_dir(root, step)
+    os.makedirs(d, exist_ok=True)
+    shards = {}
+    for r in range(ranks):
+        data = encode_shard({"step": step, "rank": r, "w": torch.full((3,), float(step))})
+        atomic_write(os.path.join(d, shard_name(r)), data)
+        shards[shard_name(r)] = (sha256(data), len(data))
+    if manifest:
+        write_manifest(root, Manifest(step, "mlp", ranks, (1, 1), shards))
+    return d
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path) -> None:
+    p = str(tmp_path / "f")
+    atomic_write(p, b"one")
+    atomic_write(p, b"two")
+    assert open(p, "rb").read() == b"two" and os.listdir(tmp_path) == ["f"]
+
+
+def test_latest_points_at_the_newest_complete_and_shards_load(tmp_path) -> None:
+    root = str(tmp_path)
+    make(root, 2)
+    d = make(root, 4)
+    assert open(os.path.join(root, "latest")).read().strip() == "step-000004"
+    assert verify(d).step == 4
+    assert torch.equal(load_shard(d, 1)["w"], torch.full((3,), 4.0))
+
+
+@pytest.mark.parametrize("damage", ["no-manifest", "truncated", "corrupt", "missing-shard"])
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, damage: str) -> None:
+    root = str(tmp_path)
+    good = make(root, 2)
+    bad = make(root, 4, manifest=damage != "no-manifest")
+    shard = os.path.join(bad, shard_name(1))
+    if damage == "truncated":
+        data = open(shard, "rb").read()
+        open(shard, "wb").write(data[: len(data) // 2])
+    elif damage == "corrupt":
+        data = bytearray(open(shard, "rb").read())
+        data[-5] ^= 0xFF
+        open(shard, "wb").write(bytes(data))
+    elif damage == "missing-shard":
+        os.remove(shard)
+    path, warnings = find_complete(root)
+    assert path == good
+    assert len(warnings) == 1 and "step-000004" in warnings[0]
+    with pytest.raises(CheckpointError):
+        verify(bad)
+
+
+def test_nothing_to_resume(tmp_path) -> None:
+    assert find_complete(str(tmp_path / "none")) == (None, [])
+
+
+def test_prune_keeps_the_newest_k(tmp_path) -> None:
+    root = str(tmp_path)
+    for s in (1, 2, 3, 4):
+        make(root, s)
+    make(root, 5, manifest=False)  # in progress: newer than every kept one, so it stays
+    prune(root, 2)
+    assert sorted(n for n in os.listdir(root) if n.startswith("step")) == \
+        ["step-000003", "step-000004", "step-000005"]
+
+
+def test_unreadable_manifest_and_wrong_format(tmp_path) -> None:
+    d = make(str(tmp_path), 1)
+    open(os.path.join(d, "manifest.json"), "w").write("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        verify(d)
+    torch.save({"format": 99}, os.path.join(d, shard_name(0)))
+    with pytest.raises(CheckpointError, match="format 99"):
+        load_shard(d, 0)
