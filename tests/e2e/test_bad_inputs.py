@@ -1,0 +1,160 @@
+"""Every bad input: one line, exit code 2, no traceback from any rank, nothing overwritten.
+
+Also a table generator for docs/bad-inputs.md, from the same list of cases:
+
+    .venv/bin/python tests/e2e/test_bad_inputs.py > /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from typing import Callable, Optional
+
+import pytest
+from conftest import HVDTRAIN, ROOT, Result, horovodrun, mpirun, run
+
+MLP = ["mlp", "--steps", "2", "--batch-size", "32", "--no-progress"]
+
+
+def snapshot(path: str) -> dict[str, str]:
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def prior_run(base: str) -> str:
+    """A finished 2-rank, 2-stage mlp run with checkpoints, made once per session."""
+    out = os.path.join(base, "prior")
+    if not os.path.exists(os.path.join(out, "checkpoints", "latest")):
+        r = mpirun(2, *MLP, "--stages", "2", "--out", out, "--checkpoint-every", "1")
+        assert r.rc == 0, r.err[-2000:]
+    return out
+
+
+def corrupt_copy(base: str) -> str:
+    src, dst = prior_run(base), os.path.join(base, "corrupt")
+    if not os.path.exists(dst):
+        shutil.copytree(src, dst)
+        for step in os.listdir(os.path.join(dst, "checkpoints")):
+            shard = os.path.join(dst, "checkpoints", step, "rank-00001.pt")
+            if os.path.exists(shard):
+                data = open(shard, "rb").read()
+                open(shard, "wb").write(data[: len(data) // 2])  # truncated
+    return dst
+
+
+def bad_hostfile(base: str) -> str:
+    p = os.path.join(base, "hosts")
+    open(p, "w").write("# two nodes\nnode1 slots=2\nnode2:2\n")
+    return p
+
+
+def image_dir(base: str) -> str:
+    p = os.path.join(base, "images", "cat")
+    os.makedirs(p, exist_ok=True)
+    open(os.path.join(p, "broken.png"), "w").write("not a png")
+    return os.path.dirname(p)
+
+
+# (name, how the user gets there, what the message must say)
+Case = tuple[str, Callable[[str], Result], str]
+CASES: list[Case] = [
+    ("world not divisible by the bundle",
+     lambda b: mpirun(3, *MLP, "--bundle-shape", "2,2", "--out", f"{b}/x"),
+     "world size 3 is not divisible by bundle size 4"),
+    ("--stages and --bundle-shape together",
+     lambda b: mpirun(2, *MLP, "--stages", "2", "--bundle-shape", "1,1", "--out", f"{b}/x"),
+     "either --stages or --bundle-shape"),
+    ("more stages than layers",
+     lambda b: mpirun(4, *MLP, "--depth", "2", "--stages", "4", "--out", f"{b}/x"),
+     "cannot split 2 layers into 4 stages"),
+    ("batch that does not split evenly",
+     lambda b: mpirun(2, *MLP[:-3], "--batch-size", "30", "--no-progress", "--stages", "2",
+                      "--out", f"{b}/x"),
+     "does not split evenly"),
+    ("negative --steps",
+     lambda b: run([HVDTRAIN, *MLP[:1], "--steps", "-1", "--out", f"{b}/x"]),
+     "--steps must be >= 0"),
+    ("--device cuda without a GPU",
+     lambda b: run([HVDTRAIN, *MLP, "--device", "cuda", "--out", f"{b}/x"]),
+     "no CUDA GPU is usable"),
+    ("missing image folder",
+     lambda b: mpirun(2, "resnet", "--steps", "1", "--data", f"{b}/nope", "--out", f"{b}/x"),
+     "does not exist"),
+    ("unreadable image",
+     lambda b: run([HVDTRAIN, "resnet", "--steps", "1", "--data", image_dir(b), "--out", f"{b}/x"]),
+     "cannot read image"),
+    ("hostfile with a bad line",
+     lambda b: run([HVDTRAIN, "launch", "-np", "2", "--hostfile", bad_hostfile(b), "--", *MLP]),
+     "hosts:3: cannot read 'node2:2'"),
+    ("hostfile with too few slots",
+     lambda b: run([HVDTRAIN, "plan", "-np", "8", "--hostfile", f"{ROOT}/hostfiles/localhost"]),
+     "-np 8 needs 8 slots but the hostfile has 4"),
+    ("horovodrun --gloo",
+     lambda b: horovodrun(2, *MLP, "--out", f"{b}/x", gloo=True),
+     "not `horovodrun --gloo`"),
+    ("output directory holds another run",
+     lambda b: mpirun(2, *MLP, "--stages", "2", "--out", prior_run(b)),
+     "already holds a run"),
+    ("--resume with nothing to resume",
+     lambda b: mpirun(2, *MLP, "--resume", "--out", f"{b}/x"),
+     "holds no run to resume"),
+    ("--resume into another layout",
+     lambda b: mpirun(2, *MLP, "--bundle-shape", "2", "--resume", "--out", prior_run(b)),
+     "Resharding to another layout is not supported yet"),
+    ("--resume with another model",
+     lambda b: mpirun(2, "resnet", "--steps", "2", "--stages", "2", "--resume", "--out",
+                      prior_run(b)),
+     "the checkpoint is of model 'mlp'"),
+    ("--resume when every checkpoint is truncated",
+     lambda b: mpirun(2, *MLP, "--stages", "2", "--resume", "--out", corrupt_copy(b)),
+     "no complete checkpoint"),
+]
+
+
+def first_error(r: Result) -> Optional[str]:
+    lines = [x for x in (r.out + r.err).splitlines() if x.startswith("hvdtrain: error:")]
+    return lines[0] if len(lines) == 1 else None
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("name,make,expect", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(base: str, name: str, make: Callable[[str], Result], expect: str) -> None:
+    before = snapshot(prior_run(base))
+    r = make(base)
+    # horovodrun reports any failed worker as its own exit code 1, with its own traceback
+    by_horovodrun = "gloo" in name
+    assert r.rc == (1 if by_horovodrun else 2), f"exit {r.rc}\n{r.err[-3000:]}"
+    line = first_error(r)
+    assert line is not None, f"want exactly one 'hvdtrain: error:' line:\n{r.out}\n{r.err}"
+    assert expect in line
+    assert "hvdhybrid/" not in r.err if by_horovodrun else "Traceback" not in r.err
+    assert not os.path.exists(os.path.join(base, "x")), "a failed run must write nothing"
+    assert snapshot(prior_run(base)) == before, "an earlier run was modified"
+
+
+def main() -> None:
+    import tempfile
+
+    base = tempfile.mkdtemp()
+    print("| bad input | what the user sees (exit code 2; horovodrun turns it into 1) |\n|---|---|")
+    for name, make, _ in CASES:
+        r = make(base)
+        line = first_error(r) or "(no single error line!)"
+        print(f"| {name} | `{line.replace('|', '/')}` |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()
