@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import click
@@ -181,7 +182,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cli.main(args=argv, prog_name="hvdtrain", standalone_mode=True)
     except USER_ERRORS as e:  # raised outside a command's own handling
-        # horovodrun --gloo: every process sees an MPI world of 1; let only one speak
+        # horovodrun --gloo: every process sees an MPI world of 1; let only one speak.
+        # The others linger a moment: horovodrun kills every worker as soon as one exits.
         if os.environ.get("HOROVOD_RANK", "0") == "0":
             click.echo(f"hvdtrain: error: {e}", err=True)
+        else:
+            time.sleep(3)
         sys.exit(2)

@@ -195,8 +195,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
             if c.resume:
                 raise DataError("--resume needs --out: the directory of the run to continue")
             out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if rank == 0:
-            _check_out(out, c.resume)
+        _check_out(out, c.resume)
     except USER_ERRORS as e:
         error = str(e)
     agree(w, error)
@@ -231,7 +230,8 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set
     from .groups import ProcessGroups
     from .log import tag_logger
     from .p2p import P2PTimeout
-    from .trainer import Stopped, Trainer
+    from .stopping import Stopped
+    from .trainer import Trainer
 
     w = layout_world = world()
     rank, size = w.Get_rank(), w.Get_size()

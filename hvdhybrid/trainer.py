@@ -15,32 +15,16 @@ from torch import nn
 from . import schedule as sched
 from .data import Dataset, Sampler
 from .executor import Executor
+from .faults import inject_failure
 from .gradsync import GradSync
 from .groups import ProcessGroups
 from .log import get_logger
 from .p2p import P2P
 from .slicing import BatchError, check_batch, replica_rows
 from .staged import StagedModel
+from .stopping import Stopped, StopSignals
 
-__all__ = ["TrainConfig", "Trainer", "MetricFn", "Stopped"]
-
-def inject_failure(rank: int, step: int, where: str) -> None:
-    """Failure tests only: ``HVDHYBRID_INJECT_FAILURE=RANK:STEP[:step|ckpt][:kill]``.
-
-    At that rank and step, in the step itself or half-way through writing the
-    checkpoint, raise an exception (or, with ``kill``, SIGKILL this process).
-    """
-    spec = os.environ.get("HVDHYBRID_INJECT_FAILURE", "").split(":")
-    if len(spec) < 2 or spec[:2] != [str(rank), str(step)]:
-        return
-    if (spec[2] if len(spec) > 2 else "step") != where:
-        return
-    if "kill" in spec[3:]:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected failure at step {step}, {where} (HVDHYBRID_INJECT_FAILURE)")
-
+__all__ = ["TrainConfig", "Trainer", "MetricFn"]
 
 # (sink output, targets) -> (sum of the metric over rows, number of rows)
 MetricFn = Callable[[Any, Any], tuple[float, int]]
@@ -91,49 +75,6 @@ class TrainConfig:
             raise BatchError(f"{e} (per accumulation pass; --batch-size is "
                              f"{self.accumulate} passes)") from None
         return per_pass
-
-
-class Stopped(Exception):
-    """Training stopped by a signal after writing a checkpoint (``path``, if any)."""
-
-    def __init__(self, signum: int, step: int, path: Optional[str]) -> None:
-        super().__init__(f"stopped by signal at step {step}"
-                         + (f"; checkpoint in {path}" if path else ""))
-        self.signum, self.step, self.path = signum, step, path
-
-
-class _StopSignals:
-    """While training: SIGTERM, SIGINT and SIGUSR1 set a flag, acted on at the next step boundary.
-
-    SIGUSR1 is what `hvdtrain launch` sends: mpirun forwards it to every rank and
-    keeps forwarding their output, whereas SIGTERM/SIGINT put mpirun itself into
-    abort mode (it stops reading the ranks' output and kills them a second later).
-    """
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                self.old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.trainer.stop_signal > 0:  # a second signal: stop now
-            raise KeyboardInterrupt(f"signal {signum} received twice")
-        self.trainer.stop_signal = signum
-        self.trainer.p2p.stop_requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
 
 
 class Trainer:
@@ -220,7 +161,8 @@ class Trainer:
         n = layout.num_bundles * layout.widths[self.graph.sink]
         mine = np.array([replica_mean if self.is_sink else 0.0, float(self.stop_signal)])
         total = np.empty_like(mine)
-        self.groups.world.Allreduce(mine, total, op=MPI.SUM)
+        req = self.groups.world.Iallreduce(mine, total, op=MPI.SUM)
+        self.p2p._waitall([req], lambda: "the end-of-step allreduce of every rank")
         # Decide on the agreed sum only: a signal that lands after this allreduce
         # counts at the next step, on every rank alike.
         self.stop_agreed = bool(total[1])
@@ -283,7 +225,7 @@ class Trainer:
                        dynamic_ncols=True, mininterval=0.5)
         metrics = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if (is_root and cfg.out) else None
         t_start = t_last = time.perf_counter()
-        with _StopSignals(self):
+        with StopSignals(self):
             try:
                 while self.step < cfg.steps:
                     loss = self.train_step(data, sampler.next())
