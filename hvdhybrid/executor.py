@@ -195,6 +195,11 @@ class Executor:
             if w_down == self.width:
                 self.p2p.send(self._peer(down, self.replica), self._key(s, down, mb, 0), out)
                 continue
+            if any(t.dim() == 0 or t.shape[0] != out[0].shape[0] for t in out):
+                raise StageShapeError(
+                    f"stage {s} (width {self.width}) feeds stage {down} (width {w_down}): re-batching "
+                    f"between widths splits rows, so every output needs the same first dimension; "
+                    f"got {[tuple(t.shape) for t in out]}. Give both stages the same width")
             rows = out[0].shape[0] * self.width
             for p in transfer_pieces(rows, self.width, w_down):
                 if p.src_replica == self.replica:
@@ -226,7 +231,9 @@ class Executor:
                     for k, gk in enumerate(m):
                         if gk is None:
                             continue
-                        want = out[k][p.src_start:p.src_stop].shape
+                        # equal widths: whole outputs, whatever their row counts (atoms vs bonds)
+                        want = out[k].shape if w_down == self.width else \
+                            out[k][p.src_start:p.src_stop].shape
                         if gk.shape != want:
                             raise StageShapeError(
                                 f"stage {s} got gradient {tuple(gk.shape)} for output {k} of "

@@ -80,7 +80,9 @@ class GradSync:
             from . import hvd
 
             root = self.groups.layout.rank_of(0, self.groups.coord.stage, self.groups.coord.replica)
-            hvd.broadcast_([t.data for t in tensors], root, self.groups.data_set)
+            c = self.groups.coord
+            hvd.broadcast_([t.data for t in tensors], root, self.groups.data_set,
+                           name=f"params.s{c.stage}.r{c.replica}")
 
 
 def _np(t: torch.Tensor) -> Any:

@@ -62,11 +62,17 @@ def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool,
     return out
 
 
-def broadcast_(tensors: list[torch.Tensor], root_rank: int, process_set: Any) -> None:
-    """In-place broadcast from global rank ``root_rank`` within ``process_set``."""
+def broadcast_(tensors: list[torch.Tensor], root_rank: int, process_set: Any, name: str) -> None:
+    """In-place broadcast from global rank ``root_rank`` within ``process_set``.
+
+    Named ops: Horovod matches unnamed ones by a per-process counter, which
+    drifts apart when ranks of different stages broadcast different numbers
+    of tensors (seen as 'Mismatched BROADCAST tensor shapes').
+    """
     import horovod.torch as hvd
 
-    handles = [hvd.broadcast_async_(t, root_rank, process_set=process_set) for t in tensors]
+    handles = [hvd.broadcast_async_(t, root_rank, name=f"{name}.{i}", process_set=process_set)
+               for i, t in enumerate(tensors)]
     for h in handles:
         hvd.synchronize(h)
 

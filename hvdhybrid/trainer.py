@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from . import randomness
 from . import schedule as sched
 from .data import Dataset, Sampler
 from .executor import Executor
@@ -135,6 +136,7 @@ class Trainer:
         if len(indices) != cfg.batch_size:
             raise BatchError(f"a step needs {cfg.batch_size} rows, got {len(indices)}")
         self.module.train()
+        randomness.set_step(cfg.seed, self.step + 1)  # draws keyed by step, not by layout
         loss_sum = 0.0
         for a in range(cfg.accumulate):
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
@@ -365,7 +367,7 @@ class Trainer:
 
 
 def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) or hasattr(x, "to"):
         return x.to(device)
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device) for t in x)

@@ -119,7 +119,9 @@ CASES: list[Case] = [
 
 
 def first_error(r: Result) -> Optional[str]:
-    lines = [x for x in (r.out + r.err).splitlines() if x.startswith("hvdtrain: error:")]
+    """The one error line, without a launcher's prefix (horovodrun adds '[0]<stderr>:')."""
+    lines = [x[x.index("hvdtrain: error:"):] for x in (r.out + r.err).splitlines()
+             if "hvdtrain: error:" in x]
     return lines[0] if len(lines) == 1 else None
 
 

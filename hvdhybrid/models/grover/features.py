@@ -1,0 +1,411 @@
+"""Molecule featurisation, self-supervision labels, SMILES files and splits for GROVER.
+
+Atoms get 151 features and directed bonds 165 (source atom's 151 + the bond's 14), as in
+Rong et al. 2020. ``batch_graphs`` packs molecules into one graph whose row 0 of every
+atom/bond table is zero padding. Labels for pre-training are the atom/bond contexts
+(``atom_context``/``bond_context`` through a ``Vocab``) and 85 binary functional-group motifs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import rdkit
+import torch
+from rdkit import Chem
+from rdkit.Chem import Fragments
+from rdkit.Chem.Scaffolds import MurckoScaffold
+from rdkit.rdBase import BlockLogs
+
+from hvdhybrid.data import DataError
+
+__all__ = [
+    "ATOM_FDIM", "BOND_FDIM", "BOND_INPUT_FDIM", "N_MOTIFS", "atom_features", "bond_features",
+    "pharmacophore_flags", "MolGraph", "GraphBatch", "batch_graphs", "atom_context", "bond_context",
+    "Vocab", "motif_labels", "MolTable", "read_smiles_csv", "chembl2321810", "default_pretrain_smiles",
+    "scaffold_split", "random_split",
+]
+
+ATOM_FDIM = 151
+BOND_FDIM = 14
+BOND_INPUT_FDIM = ATOM_FDIM + BOND_FDIM
+_HYBRID = [Chem.HybridizationType.SP, Chem.HybridizationType.SP2, Chem.HybridizationType.SP3,
+           Chem.HybridizationType.SP3D, Chem.HybridizationType.SP3D2]
+_BOND_TYPES = [Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE, Chem.BondType.AROMATIC]
+# Pharmacophore flags, in atom_features order: H-bond donor, H-bond acceptor, acidic, basic.
+_PHARM_SMARTS = [
+    "[$([N;!H0;v3,v4&+1]),$([O,S;H1;+0]),n&H1&+0]",
+    "[$([O,S;H1;v2;!$(*-*=[O,N,P,S])]),$([O,S;H0;v2]),$([O,S;-]),$([N;v3;!$(N-*=[O,N,P,S])]),"
+    "n&H0&+0,$([o,s;+0;!$([o,s]:n);!$([o,s]:c:n)])]",
+    "[$([O;H1,-]-[C,S,P]=[O,S]),$([#7;H1,-;r5]1~[#7]~[#7]~[#7]~[#6]~1),$([#7;H1,-;r5]1~[#7]~[#7]~[#6]~[#7]~1)]",
+    "[$([N;X3;+0;!$(N-[C,S,P]=[O,S,N]);!$(N-a);!$(N-[N,O]);!$(N-C=C)]),$([N;X4;+]),"
+    "$([N;X2;+0]=C-N),$([n;X2;+0]:c:[nH])]",
+]
+_PHARM = [Chem.MolFromSmarts(s) for s in _PHARM_SMARTS]
+_MOTIF_NAMES = sorted(n for n in dir(Fragments) if n.startswith("fr_"))
+assert len(_MOTIF_NAMES) == 85, f"rdkit.Chem.Fragments has {len(_MOTIF_NAMES)} fr_ descriptors, not 85"
+N_MOTIFS = len(_MOTIF_NAMES)
+
+
+def _onehot(value: object, choices: Sequence[object]) -> list[float]:
+    """One-hot of ``value`` over ``choices`` plus a final 'other' slot."""
+    out = [0.0] * (len(choices) + 1)
+    out[choices.index(value) if value in choices else len(choices)] = 1.0
+    return out
+
+
+def pharmacophore_flags(mol: Chem.Mol) -> list[list[float]]:
+    """Per atom [donor, acceptor, acidic, basic], each SMARTS matched once for the whole molecule."""
+    flags = [[0.0] * len(_PHARM) for _ in range(mol.GetNumAtoms())]
+    for k, patt in enumerate(_PHARM):
+        for match in mol.GetSubstructMatches(patt):
+            flags[match[0]][k] = 1.0
+    return flags
+
+
+def atom_features(atom: Chem.Atom, flags: Optional[Sequence[float]] = None) -> list[float]:
+    """The 151 features of one atom; ``flags`` from ``pharmacophore_flags`` saves re-matching SMARTS."""
+    if flags is None:
+        flags = pharmacophore_flags(atom.GetOwningMol())[atom.GetIdx()]
+    f = (_onehot(atom.GetAtomicNum(), range(1, 101)) + _onehot(atom.GetDegree(), range(6))
+         + _onehot(atom.GetFormalCharge(), [-1, -2, 1, 2, 0])
+         + _onehot(int(atom.GetChiralTag()), range(4)) + _onehot(atom.GetTotalNumHs(), range(5))
+         + _onehot(atom.GetHybridization(), _HYBRID) + [1.0 if atom.GetIsAromatic() else 0.0]
+         + [atom.GetMass() * 0.01] + _onehot(atom.GetValence(Chem.ValenceType.IMPLICIT), range(7))
+         + [float(x) for x in flags] + [1.0 if atom.IsInRingSize(n) else 0.0 for n in range(3, 9)])
+    assert len(f) == ATOM_FDIM, len(f)
+    return f
+
+
+def bond_features(bond: Optional[Chem.Bond]) -> list[float]:
+    """The 14 features of a bond: [is None], type (4), conjugated, in ring, stereo (6 + other)."""
+    if bond is None:
+        return [1.0] + [0.0] * (BOND_FDIM - 1)
+    f = ([0.0] + [1.0 if bond.GetBondType() == t else 0.0 for t in _BOND_TYPES]
+         + [float(bond.GetIsConjugated()), float(bond.IsInRing())] + _onehot(int(bond.GetStereo()), range(6)))
+    assert len(f) == BOND_FDIM, len(f)
+    return f
+
+
+class MolGraph:
+    """One molecule: atom feature rows and directed bonds (a->b and b->a per chemical bond), 0-based."""
+
+    def __init__(self, mol: Chem.Mol) -> None:
+        flags = pharmacophore_flags(mol)
+        self.n_atoms: int = mol.GetNumAtoms()
+        self.f_atoms: list[list[float]] = [atom_features(a, flags[a.GetIdx()]) for a in mol.GetAtoms()]
+        self.f_bonds: list[list[float]] = []  # atom_features(source) + bond_features(bond)
+        self.b2a: list[int] = []  # source atom of each directed bond
+        self.b2t: list[int] = []  # target atom of each directed bond
+        self.b2revb: list[int] = []
+        self.a2b: list[list[int]] = [[] for _ in range(self.n_atoms)]  # incoming directed bonds
+        for bond in mol.GetBonds():
+            u, v = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
+            fb = bond_features(bond)
+            for src, dst in ((u, v), (v, u)):
+                b = len(self.b2a)
+                self.f_bonds.append(self.f_atoms[src] + fb)
+                self.b2a.append(src)
+                self.b2t.append(dst)
+                self.a2b[dst].append(b)
+                self.b2revb.append(b + 1 if src == u else b - 1)
+        self.n_bonds: int = len(self.b2a)
+
+
+@dataclass
+class GraphBatch:
+    """Many molecules as one graph; row 0 of atoms and bonds is zero padding, scopes start at 1."""
+
+    f_atoms: torch.Tensor  # [n_atoms+1, ATOM_FDIM] float32
+    f_bonds: torch.Tensor  # [n_bonds+1, BOND_INPUT_FDIM] float32
+    a2b: torch.Tensor  # [n_atoms+1, max_in] long, incoming directed bonds, 0-padded
+    b2a: torch.Tensor  # [n_bonds+1] long, source atom
+    b2revb: torch.Tensor  # [n_bonds+1] long, reverse bond
+    a2a: torch.Tensor  # [n_atoms+1, max_in] long, neighbour atoms (sources of a2b), 0-padded
+    a_scope: torch.Tensor  # [n_mols, 2] long: (start, count)
+    b_scope: torch.Tensor  # [n_mols, 2] long: (start, count)
+
+    @property
+    def n_mols(self) -> int:
+        return int(self.a_scope.shape[0])
+
+    def to(self, device: torch.device | str) -> GraphBatch:
+        return GraphBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def batch_graphs(mols: Sequence[MolGraph]) -> GraphBatch:
+    """Pack molecule graphs into one ``GraphBatch`` with atom and bond indices offset past the padding."""
+    f_atoms, f_bonds = [[0.0] * ATOM_FDIM], [[0.0] * BOND_INPUT_FDIM]
+    a2b: list[list[int]] = [[]]
+    b2a, b2revb, a_scope, b_scope = [0], [0], [], []
+    for g in mols:
+        a0, b0 = len(f_atoms), len(f_bonds)
+        f_atoms += g.f_atoms
+        f_bonds += g.f_bonds
+        a2b += [[b + b0 for b in bs] for bs in g.a2b]
+        b2a += [a + a0 for a in g.b2a]
+        b2revb += [b + b0 for b in g.b2revb]
+        a_scope.append((a0, g.n_atoms))
+        b_scope.append((b0, g.n_bonds))
+    max_in = max(1, max(len(bs) for bs in a2b))
+    a2b_t = torch.tensor([bs + [0] * (max_in - len(bs)) for bs in a2b], dtype=torch.long)
+    b2a_t = torch.tensor(b2a, dtype=torch.long)
+    return GraphBatch(
+        f_atoms=torch.tensor(f_atoms, dtype=torch.float32),
+        f_bonds=torch.tensor(f_bonds, dtype=torch.float32),
+        a2b=a2b_t, b2a=b2a_t, b2revb=torch.tensor(b2revb, dtype=torch.long), a2a=b2a_t[a2b_t],
+        a_scope=torch.tensor(a_scope, dtype=torch.long).view(-1, 2),
+        b_scope=torch.tensor(b_scope, dtype=torch.long).view(-1, 2))
+
+
+def atom_context(atom: Chem.Atom) -> str:
+    """Symbol plus sorted (neighbour symbol, bond type) counts, e.g. 'C_C-SINGLE2_O-DOUBLE1'."""
+    counts = Counter(f"{b.GetOtherAtom(atom).GetSymbol()}-{b.GetBondType().name}" for b in atom.GetBonds())
+    return "_".join([atom.GetSymbol()] + [f"{k}{counts[k]}" for k in sorted(counts)])
+
+
+def bond_context(bond: Chem.Bond) -> str:
+    """The bond type between its two ends' atom contexts, smaller first: the same both ways round."""
+    lo, hi = sorted((atom_context(bond.GetBeginAtom()), atom_context(bond.GetEndAtom())))
+    return f"{lo}|{bond.GetBondType().name}|{hi}"
+
+
+class Vocab:
+    """Strings to indices: 0 '<pad>', 1 '<other>' (unseen or rarer than ``min_count``), then by count."""
+
+    PAD, OTHER = "<pad>", "<other>"
+
+    def __init__(self, items: Iterable[str] = (), min_count: int = 1) -> None:
+        counts = Counter(items)
+        kept = sorted((s for s, c in counts.items() if c >= min_count), key=lambda s: (-counts[s], s))
+        self.min_count = min_count
+        self.itos: list[str] = [self.PAD, self.OTHER] + [s for s in kept if s not in (self.PAD, self.OTHER)]
+        self.stoi: dict[str, int] = {s: i for i, s in enumerate(self.itos)}
+
+    def index(self, s: str) -> int:
+        return self.stoi.get(s, 1)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def to_json(self) -> str:
+        return json.dumps({"min_count": self.min_count, "itos": self.itos})
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocab:
+        d = json.loads(text)
+        v = cls(min_count=int(d["min_count"]))
+        v.itos = [str(s) for s in d["itos"]]
+        v.stoi = {s: i for i, s in enumerate(v.itos)}
+        return v
+
+
+def motif_labels(mol: Chem.Mol) -> list[float]:
+    """85 binary labels: is each RDKit ``fr_*`` functional group (sorted by name) present."""
+    return [1.0 if getattr(Fragments, name)(mol) > 0 else 0.0 for name in _MOTIF_NAMES]
+
+
+@dataclass
+class MolTable:
+    """Parsed molecules of a SMILES file; ``skipped`` holds the 1-based lines whose SMILES did not parse."""
+
+    smiles: list[str]
+    mols: list[Chem.Mol]
+    labels: Optional[np.ndarray] = None  # [n, n_tasks] float32, NaN where a label is missing
+    skipped: list[int] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.smiles)
+
+    def report(self) -> str:
+        lines = ", ".join(str(i) for i in self.skipped[:20]) + (", ..." if len(self.skipped) > 20 else "")
+        n = len(self.skipped)
+        return f"skipped {n} unparsable SMILES" + (f" (line{'s' if n > 1 else ''} {lines})" if n else "")
+
+
+Rows = list[tuple[int, list[str]]]
+
+
+def _read_rows(path: str) -> tuple[Rows, bool]:
+    """(1-based line, cells) of every non-blank row, and whether the file is CSV (a .csv file, or not
+    a .smi file and its first line has a comma); other files are split on whitespace."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; pass the path of a CSV or .smi file of SMILES")
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        text = f.read()
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    rows: Rows = []
+    is_csv = path.lower().endswith(".csv") or (not path.lower().endswith(".smi") and "," in first)
+    if is_csv:
+        reader, start = csv.reader(io.StringIO(text)), 1
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                rows.append((start, [c.strip() for c in cells]))
+            start = reader.line_num + 1
+    else:
+        rows = [(i, ln.split()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+    if not rows:
+        raise DataError(f"{path}: the file is empty; pass a file with one SMILES per line")
+    return rows, is_csv
+
+
+def _parse(smiles: str) -> Optional[Chem.Mol]:
+    with BlockLogs():
+        return Chem.MolFromSmiles(smiles) if smiles else None
+
+
+def _column(path: str, spec: str | int, header: Optional[list[str]], role: str) -> int:
+    if isinstance(spec, int):
+        if spec < 0:
+            raise DataError(f"{path}: {role} column index {spec} is negative; columns count from 0")
+        return spec
+    if header is None or spec not in header:
+        there = ", ".join(repr(c) for c in header) if header else "none (the file has no header line)"
+        raise DataError(f"{path}:1: no {role} column {spec!r}; the columns are {there}: pass one of them")
+    return header.index(spec)
+
+
+def _label(path: str, line: int, cells: list[str], col: int, name: str) -> float:
+    if col >= len(cells):
+        raise DataError(f"{path}:{line}: column {col + 1} ({name!r}) is missing: the row has {len(cells)} "
+                        "cells; give every row the same columns (an empty cell is a missing label)")
+    text = cells[col]
+    try:
+        return float(text) if text else math.nan
+    except ValueError:
+        raise DataError(f"{path}:{line}: column {col + 1} ({name!r}) holds {text!r}, not a number; "
+                        "write a number or leave the cell empty for a missing label") from None
+
+
+def _table(path: str, items: list[tuple[int, str, list[float]]],
+           label_names: Optional[list[str]]) -> MolTable:
+    t = MolTable([], [], skipped=[], label_names=list(label_names or []))
+    labels: list[list[float]] = []
+    for line, smi, lab in items:
+        mol = _parse(smi)
+        if mol is None:
+            t.skipped.append(line)
+            continue
+        t.smiles.append(smi)
+        t.mols.append(mol)
+        labels.append(lab)
+    if not t.smiles:
+        what = "none of its SMILES could be parsed" if items else "it holds no data rows"
+        raise DataError(f"{path}: {what}; check the file, or pick the SMILES column with smiles_col")
+    if label_names is not None:
+        t.labels = np.asarray(labels, dtype=np.float32).reshape(len(labels), len(label_names))
+    return t
+
+
+def read_smiles_csv(path: str, smiles_col: str | int | None = None,
+                    label_cols: Optional[Sequence[str | int]] = None) -> MolTable:
+    """Molecules (and float labels) from a CSV or a whitespace-separated .smi file.
+
+    Columns are names (the file then needs a header) or 0-based indices. A header is assumed when a
+    column is named, a first-row cell contains 'smiles', or (CSV) no first-row cell parses as SMILES.
+    The SMILES column defaults to the first with 'smiles' in its name, else the first column.
+    """
+    rows, is_csv = _read_rows(path)
+    first = rows[0][1]
+    named = isinstance(smiles_col, str) or any(isinstance(c, str) for c in (label_cols or []))
+    has_header = named or any("smiles" in c.lower() for c in first) or (
+        is_csv and not any(_parse(c) is not None for c in first))
+    header = first if has_header else None
+    data = rows[1:] if has_header else rows
+    if smiles_col is None:
+        smiles_col = next((i for i, c in enumerate(header or []) if "smiles" in c.lower()), 0)
+    scol = _column(path, smiles_col, header, "SMILES")
+    lcols = [_column(path, c, header, "label") for c in label_cols or []]
+    names = [header[c] if header and c < len(header) else f"column {c + 1}" for c in lcols]
+    items = []
+    for line, cells in data:
+        if scol >= len(cells):
+            raise DataError(f"{path}:{line}: no SMILES in column {scol + 1}: the row has {len(cells)} cells; "
+                            "give every row the same columns")
+        items.append((line, cells[scol], [_label(path, line, cells, c, n) for c, n in zip(lcols, names)]))
+    return _table(path, items, names if label_cols is not None else None)
+
+
+def _rdkit_file(*parts: str) -> str:
+    return os.path.join(os.path.dirname(rdkit.__file__), *parts)
+
+
+def chembl2321810() -> MolTable:
+    """RDKit's FreeWilson CHEMBL2321810 set: SMILES joined by id with their pIC50 ('Act') as the label."""
+    smi_path = _rdkit_file("Contrib", "FreeWilson", "data", "CHEMBL2321810.smi")
+    act_path = _rdkit_file("Contrib", "FreeWilson", "data", "CHEMBL2321810_act.csv")
+    act_rows = _read_rows(act_path)[0]
+    header = act_rows[0][1]
+    name_col, act_col = _column(act_path, "Name", header, "id"), _column(act_path, "Act", header, "label")
+    act = {cells[name_col]: _label(act_path, line, cells, act_col, "Act") for line, cells in act_rows[1:]}
+    items = [(line, cells[0], [act[cells[1]]]) for line, cells in _read_rows(smi_path)[0]
+             if len(cells) > 1 and cells[1] in act]
+    return _table(smi_path, items, ["Act"])
+
+
+def default_pretrain_smiles() -> list[str]:
+    """Unlabelled SMILES for pre-training: RDKit's WEHI PAINS test set and the first 5K NCI molecules."""
+    wehi = read_smiles_csv(_rdkit_file("Data", "Pains", "test_data", "wehi_mols.csv"), smiles_col=0)
+    nci = read_smiles_csv(_rdkit_file("Data", "NCI", "first_5K.smi"), smiles_col=0)
+    return wehi.smiles + nci.smiles
+
+
+def _check_fractions(fractions: Sequence[float]) -> None:
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"split fractions {tuple(fractions)} must be 3 non-negative numbers summing to 1")
+
+
+def scaffold_split(smiles: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                   seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """Balanced Bemis-Murcko scaffold split: no scaffold is in two splits.
+
+    Scaffold sets larger than half the validation or test size go to train first (largest first);
+    the others follow in an order shuffled by ``seed``. Each set fills train, then val, then test.
+    """
+    _check_fractions(fractions)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, smi in enumerate(smiles):
+        mol = _parse(smi)
+        if mol is None:
+            raise DataError(f"SMILES {i} ({smi!r}) cannot be parsed; drop it first (read_smiles_csv does)")
+        groups[MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False)].append(i)
+    n = len(smiles)
+    n_train, n_val = int(fractions[0] * n), int(fractions[1] * n)
+    n_test = n - n_train - n_val
+    sets = [groups[k] for k in sorted(groups)]
+    is_big = [len(s) > n_val / 2 or len(s) > n_test / 2 for s in sets]
+    big = sorted((s for s, b in zip(sets, is_big) if b), key=lambda s: (-len(s), s[0]))
+    small = [s for s, b in zip(sets, is_big) if not b]
+    random.Random(seed).shuffle(small)
+    train: list[int] = []
+    val: list[int] = []
+    test: list[int] = []
+    for s in big + small:
+        if len(train) + len(s) <= n_train:
+            train += s
+        elif len(val) + len(s) <= n_val:
+            val += s
+        else:
+            test += s
+    return sorted(train), sorted(val), sorted(test)
+
+
+def random_split(n: int | Sequence[object], fractions: Sequence[float] = (0.8, 0.1, 0.1),
+                 seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """A seeded random split of ``n`` rows (or of a sequence's indices) into train, val and test."""
+    _check_fractions(fractions)
+    size = n if isinstance(n, int) else len(n)
+    perm = list(range(size))
+    random.Random(seed).shuffle(perm)
+    n_train, n_val = int(fractions[0] * size), int(fractions[1] * size)
+    return (sorted(perm[:n_train]), sorted(perm[n_train:n_train + n_val]), sorted(perm[n_train + n_val:]))
