@@ -59,6 +59,16 @@ def explain_failure(log: str, layout: dict[str, str]) -> Optional[str]:
     return None
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if this launcher dies, so no job outlives it (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def supervise(cmd: list[str]) -> int:
     """Run ``cmd``, pass its output through, stop it gently on SIGTERM/SIGINT, explain a failure."""
     fd, layout_path = tempfile.mkstemp(prefix="hvdhybrid-layout-", suffix=".json")
@@ -66,7 +76,7 @@ def supervise(cmd: list[str]) -> int:
     env = dict(os.environ, **{LAYOUT_FILE_ENV: layout_path})
     # its own session: a Ctrl-C in the terminal reaches this launcher, not mpirun directly
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     graceful = os.path.basename(cmd[0]) == "mpirun"
     tail: list[str] = []
 

@@ -66,8 +66,11 @@ def test_launcher_names_bundle_and_stage_of_a_killed_rank(tmp_path) -> None:
     out = str(tmp_path / "run")
     e = env()
     e["HVDHYBRID_INJECT_FAILURE"] = "3:3:step:kill"
-    p = subprocess.run([HVDTRAIN, "launch", "-np", "4", "--", *BASE, "--steps", "40", "--out", out],
-                       cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    try:
+        p = subprocess.run([HVDTRAIN, "launch", "-np", "4", "--", *BASE, "--steps", "40", "--out", out],
+                           cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
+    finally:  # never leave a job behind
+        subprocess.run(["pkill", "-9", "-f", out], check=False)
     assert p.returncode != 0
     assert "hvdtrain: rank 3 | bundle 1 | stage 1 was killed by signal 9" in p.stderr
 
