@@ -56,7 +56,7 @@ class _Inbound:
     """Activations of one microbatch from one upstream edge: pieces as received."""
 
     src_stage: int
-    pieces: list[tuple[Piece, int, Tensors]]  # piece, peer rank, tensors (autograd leaves)
+    pieces: list[tuple[int, Tensors]]  # (peer rank, tensors as autograd leaves), in row order
 
 
 class Executor:
@@ -153,10 +153,7 @@ class Executor:
         for up in g.upstream(s):
             w_up = self.layout.widths[up]
             msgs = [r.wait() for r in fwd.pop((up, mb))]
-            srcs = self._in_peers(up)
-            plan = [p for p in transfer_pieces(w_up * self.width, w_up, self.width)
-                    if p.dst_replica == self.replica]
-            pieces = [(p, self._peer(up, i), m) for p, i, m in zip(plan, srcs, msgs)]
+            pieces = [(self._peer(up, i), m) for i, m in zip(self._in_peers(up), msgs)]
             inbound.append(_Inbound(up, pieces))
             if len(msgs) == 1:
                 joined = msgs[0]
@@ -250,7 +247,7 @@ class Executor:
                 torch.autograd.backward([o for o, _ in pairs], [gr for _, gr in pairs])
         # Input gradients go back to the replicas that sent the rows.
         for ib in inbound:
-            for _piece, peer, tensors in ib.pieces:
+            for peer, tensors in ib.pieces:
                 grads_in = tuple(t.grad if (t is not None and t.requires_grad) else None
                                  for t in tensors)
                 self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1), grads_in)

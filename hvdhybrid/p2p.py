@@ -178,10 +178,10 @@ class PendingRecv:
     def wait(self) -> tuple[Optional[torch.Tensor], ...]:
         """Block until the whole message is in; return tensors on the P2P's device."""
         if self.preqs is None:
-            self.p2p._waitall([self.hreq], self._what)
+            self.p2p.wait_all([self.hreq], self._what)
             self._post_payload()
         assert self.preqs is not None and self.spec is not None
-        self.p2p._waitall(self.preqs, self._what)
+        self.p2p.wait_all(self.preqs, self._what)
         out: list[Optional[torch.Tensor]] = []
         for view, s in zip(self.views, self.spec):
             if view is None or s is None:
@@ -274,8 +274,8 @@ class P2P:
                               tag=make_tag(key, 0, self.num_edges))
         return PendingRecv(self, peer, key, header, req)
 
-    def _waitall(self, reqs: list[Any], what: Callable[[], str]) -> None:
-        """Wait for ``reqs`` with a deadline; spin briefly, then yield the core between tests.
+    def wait_all(self, reqs: list[Any], what: Callable[[], str]) -> None:
+        """Wait for any MPI ``reqs`` with a deadline; spin briefly, then yield the core between tests.
 
         Raises:
             P2PTimeout: after ``timeout`` seconds (or 10 s after a stop signal),
@@ -297,7 +297,7 @@ class P2P:
 
     def wait_sends(self) -> None:
         """Complete every posted send (their buffers may then be reused)."""
-        self._waitall([r for r, _ in self._sends], lambda: f"{len(self._sends)} sends to be received")
+        self.wait_all([r for r, _ in self._sends], lambda: f"{len(self._sends)} sends to be received")
         self._sends.clear()
 
     def drain_sends(self) -> None:

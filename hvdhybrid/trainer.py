@@ -156,19 +156,25 @@ class Trainer:
         One small allreduce over the world carries both: the loss (non-sink
         ranks add 0) and whether any rank was asked to stop by a signal.
         """
-        import numpy as np
-        from mpi4py import MPI
-
         layout = self.groups.layout
         n = layout.num_bundles * layout.widths[self.graph.sink]
-        mine = np.array([replica_mean if self.is_sink else 0.0, float(self.stop_signal)])
-        total = np.empty_like(mine)
-        req = self.groups.world.Iallreduce(mine, total, op=MPI.SUM)
-        self.p2p._waitall([req], lambda: "the end-of-step allreduce of every rank")
+        total = self._world_sum([replica_mean if self.is_sink else 0.0, float(self.stop_signal)],
+                                "the end-of-step allreduce of every rank")
         # Decide on the agreed sum only: a signal that lands after this allreduce
         # counts at the next step, on every rank alike.
         self.stop_agreed = bool(total[1])
         return float(total[0]) / n
+
+    def _world_sum(self, values: list[float], what: str) -> list[float]:
+        """Sum a few numbers over every rank (buffer call: it releases the GIL), with a deadline."""
+        import numpy as np
+        from mpi4py import MPI
+
+        mine = np.array(values, dtype=np.float64)
+        total = np.empty_like(mine)
+        req = self.groups.world.Iallreduce(mine, total, op=MPI.SUM)
+        self.p2p.wait_all([req], lambda: what)
+        return [float(v) for v in total]
 
     # -- evaluation -------------------------------------------------------------
     def evaluate(self, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
@@ -177,7 +183,6 @@ class Trainer:
         Batches are multiples of (bundles x microbatches x stage widths); only
         the last ``len(data) mod`` that unit rows are left out.
         """
-        from mpi4py import MPI
 
         layout = self.groups.layout
         unit = layout.num_bundles * self.cfg.microbatches * math.lcm(*layout.widths)
@@ -194,12 +199,9 @@ class Trainer:
             for out, y in res.outputs:
                 s, n = metric_fn(out, y)
                 total, count = total + s, count + n
-        import numpy as np
-
-        mine = np.array([total, count] if self.is_sink else [0.0, 0.0])
-        both = np.empty_like(mine)
-        self.groups.world.Allreduce(mine, both, op=MPI.SUM)
-        total, count = float(both[0]), int(both[1])
+        total, n_rows = self._world_sum([total, count] if self.is_sink else [0.0, 0.0],
+                                        "the evaluation allreduce of every rank")
+        count = int(n_rows)
         return (total / count if count else float("nan")), count
 
     # -- the loop ---------------------------------------------------------------
