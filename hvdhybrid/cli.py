@@ -14,8 +14,9 @@ from .errors import USER_ERRORS, UserError
 from .groups import LaunchError
 from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
+from .models.grover.commands import grover
 from .partition import PartitionError
-from .run import Common, agree, common_options, resolve_widths, run_model, world
+from .run import Built, Common, agree, common_options, resolve_widths, run_model, world
 from .topology import Layout, LayoutError, parse_bundle_shape
 
 __all__ = ["main", "cli"]
@@ -51,7 +52,11 @@ def _sequential_build(c: Common, layers_fn: Callable[[], list[Any]], dataset: An
 
         def opt(params: Any) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-        return model, train_set, eval_set, _classify, opt
+
+        def evaluate(trainer: Any, data: Any) -> dict[str, float]:
+            acc, rows = trainer.evaluate(data, _classify, 256)
+            return {"accuracy": acc, "rows": rows}
+        return Built(model, train_set, {"eval": eval_set}, evaluate, opt)
     return build
 
 
@@ -175,6 +180,9 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
         click.echo(shlex.join(cmd))
         return
     sys.exit(supervise(cmd))
+
+
+cli.add_command(grover)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

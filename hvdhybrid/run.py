@@ -29,7 +29,7 @@ from .launcher import LAYOUT_FILE_ENV
 from .schedule import SCHEDULES
 from .topology import Layout, LayoutError, parse_bundle_shape
 
-__all__ = ["Common", "common_options", "resolve_widths", "run_model", "world", "agree"]
+__all__ = ["Built", "Common", "common_options", "resolve_widths", "run_model", "world", "agree"]
 
 
 
@@ -61,6 +61,19 @@ def agree(comm: Any, error: Optional[str]) -> None:
 
 
 @dataclass
+class Built:
+    """What a model subcommand hands to :func:`run_model` (built alike on every rank)."""
+
+    model: Any  # StagedModel
+    train_set: Any
+    eval_sets: dict[str, Any]  # name -> data set, evaluated after training ("eval", "val", "test")
+    evaluate: Callable[[Any, Any], dict[str, float]]  # collective: (trainer, data set) -> metrics
+    optimizer_fn: Callable[..., Any]
+    describe: str = ""  # logged once by rank 0, e.g. the named config and its parameter count
+    finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
+
+
+@dataclass
 class Common:
     """The options every model subcommand shares."""
 
@@ -86,14 +99,15 @@ class Common:
     timeout: float
 
 
-def common_options(default_steps: int, default_batch: int, default_lr: float) -> Callable[..., Any]:
+def common_options(default_steps: int, default_batch: int, default_lr: float,
+                   default_microbatches: int = 4) -> Callable[..., Any]:
     """Decorator: add the common options and hand them to the command as one :class:`Common`."""
     opts = [
         click.option("--stages", type=int, default=None,
                      help="Pipeline stages per bundle, one rank each (default: the model's)."),
         click.option("--bundle-shape", default=None, metavar="W0,W1,..",
                      help="Ranks per stage, e.g. 2,1: 2 front ranks, 1 rear rank."),
-        click.option("--microbatches", "-m", type=int, default=4, show_default=True,
+        click.option("--microbatches", "-m", type=int, default=default_microbatches, show_default=True,
                      help="Microbatches per pass through the pipeline."),
         click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="1f1b",
                      show_default=True),
@@ -165,8 +179,7 @@ def _check_out(out: str, resume: bool) -> None:
 def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[int], Any]) -> None:
     """Validate everything, agree across ranks, train, evaluate, write results.
 
-    ``build(num_stages)`` returns ``(staged_model, train_set, eval_set, metric_fn,
-    optimizer_fn)``; it runs on every rank with the same seed.
+    ``build(num_stages)`` returns a :class:`Built`; it runs on every rank with the same seed.
     """
     import torch
 
@@ -200,7 +213,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         error = str(e)
     agree(w, error)
     try:  # every rank builds the same model; failures here happen on all ranks alike
-        model, train_set, eval_set, metric_fn, optimizer_fn = build(layout.num_stages)
+        built: Built = build(layout.num_stages)
     except USER_ERRORS as e:
         error = str(e)
     agree(w, error)
@@ -212,7 +225,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         if os.environ.get(LAYOUT_FILE_ENV):
             _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
     w.Barrier()
-    _train(name, c, cfg, layout, model, train_set, eval_set, metric_fn, optimizer_fn, device, threads)
+    _train(name, c, cfg, layout, built, device, threads)
 
 
 def _write_layout(path: str, layout: Layout) -> None:
@@ -221,8 +234,7 @@ def _write_layout(path: str, layout: Layout) -> None:
         json.dump({str(x.rank): x.tag() for x in coords}, f)
 
 
-def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set: Any, eval_set: Any,
-           metric_fn: Any, optimizer_fn: Any, device: Any, threads: int) -> None:
+def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device: Any, threads: int) -> None:
     import torch
 
     from . import hvd
@@ -239,7 +251,8 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set
     log = tag_logger(groups.coord.tag())
     out = cfg.out
     try:
-        trainer = Trainer(groups, model, optimizer_fn, cfg, device)
+        model, train_set = built.model, built.train_set
+        trainer = Trainer(groups, model, built.optimizer_fn, cfg, device)
         error = None
         if c.resume:
             try:
@@ -256,9 +269,12 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set
                      f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
                      f"accumulate {cfg.accumulate}, fp16 compression "
                      f"{'on' if cfg.fp16 else 'off'}, device {device}, {threads} thread(s)/rank")
+            if built.describe:
+                log.info(built.describe)
             n_params = sum(p.numel() for s in model.stages for p in s.parameters())
-            log.info(f"{n_params:,} parameters; {len(train_set)} training rows, "
-                     f"{len(eval_set)} evaluation rows; output in {out}")
+            sets = ", ".join(f"{len(d)} {k}" for k, d in built.eval_sets.items())
+            log.info(f"{n_params:,} parameters; {len(train_set)} training rows"
+                     f"{', ' + sets if sets else ''} rows; output in {out}")
         trainer.write_json("config.json", {"model": name, **trainer.config_dict()})
         t0 = time.perf_counter()
         first = trainer.step
@@ -271,20 +287,23 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, model: Any, train_set
             hvd.shutdown(w)
             sys.exit(STOPPED_EXIT)
         elapsed = time.perf_counter() - t0
-        acc, n_eval = trainer.evaluate(eval_set, metric_fn, 256)
+        results = {f"{k}_{m}": v for k, d in built.eval_sets.items()
+                   for m, v in built.evaluate(trainer, d).items()}
         done = cfg.steps - first
         summary = {"model": name, "steps": cfg.steps, "final_loss": losses[-1] if losses else None,
-                   "eval_accuracy": acc, "eval_rows": n_eval, "train_seconds": elapsed,
+                   **results, "train_seconds": elapsed,
                    "samples_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
         trainer.write_json("summary.json", summary)
         params = trainer.gather_parameters() if c.save_params else None
+        if built.finish is not None:
+            built.finish(trainer, out)
         if rank == 0:
             if params is not None:
                 torch.save(params, os.path.join(out, "params.pt"))
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in results.items())
             log.info(f"done: {done} steps in {elapsed:.1f}s "
                      f"({summary['samples_per_s']:.0f} samples/s), final loss "
-                     f"{summary['final_loss']}, eval accuracy {acc:.4f} on {n_eval} rows; "
-                     f"results in {out}")
+                     f"{summary['final_loss']}; {shown}; results in {out}")
         groups.close()
     except (SystemExit, UserError):
         raise

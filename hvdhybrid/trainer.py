@@ -190,6 +190,7 @@ class Trainer:
         usable = len(data) // unit * unit
         plan = sched.forward_only(self.graph, self.groups.coord.stage, self.cfg.microbatches)
         self.module.eval()
+        randomness.set_step(self.cfg.seed, 0)  # evaluation draws (e.g. masks) never change
         total, count = 0.0, 0
         for start in range(0, usable, bs):
             idx = list(range(start, min(start + bs, usable)))
@@ -203,6 +204,48 @@ class Trainer:
                                         "the evaluation allreduce of every rank")
         count = int(n_rows)
         return (total / count if count else float("nan")), count
+
+    def predict(self, data: Dataset, batch_size: int,
+                rows: Callable[[Any], torch.Tensor] = lambda out: out) -> Optional[torch.Tensor]:
+        """Collective: the sink's output for every row of ``data``, in order, on world rank 0.
+
+        ``rows(sink output)`` turns one microbatch's output into a tensor with
+        one row per data row. Unlike :meth:`evaluate`, no row is left out: the
+        last batch is padded (with copies of the last row) to a whole unit and
+        the padding is dropped again. Other ranks get None.
+        """
+        layout, c, mbs = self.groups.layout, self.groups.coord, self.cfg.microbatches
+        unit = layout.num_bundles * mbs * math.lcm(*layout.widths)
+        n = len(data)
+        if n == 0:
+            raise BatchError("predict: the data set is empty")
+        indices = list(range(n)) + [n - 1] * (-n % unit)
+        bs = max(unit, batch_size // unit * unit)
+        plan = sched.forward_only(self.graph, c.stage, mbs)
+        width = layout.widths[self.graph.sink]
+        self.module.eval()
+        randomness.set_step(self.cfg.seed, 0)
+        mine: list[tuple[int, torch.Tensor]] = []
+        for start in range(0, len(indices), bs):
+            idx = indices[start:start + bs]
+            with torch.no_grad():
+                res = self.executor.run(plan, self._batch_fn(data, idx, mbs), mbs, train=False)
+            for mb, (out, _targets) in enumerate(res.outputs):
+                lo, hi = replica_rows(len(idx), layout.num_bundles, c.bundle, mbs, mb, width, c.replica)
+                got = rows(out).detach().cpu()
+                if got.shape[0] != hi - lo:
+                    raise ValueError(f"predict: rows() gave {got.shape[0]} rows for {hi - lo} data rows")
+                mine.append((start + lo, got))
+        parts = self.groups.world.gather(mine, root=0)
+        if parts is None:
+            return None
+        pieces = sorted((p for part in parts for p in part), key=lambda p: p[0])
+        at = 0
+        for start, t in pieces:  # the sink replicas' rows must tile the data exactly once
+            assert start == at, f"predict: rows from {start}, expected {at}"
+            at += t.shape[0]
+        assert at == len(indices), (at, len(indices))
+        return torch.cat([t for _, t in pieces])[:n]
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, data: Dataset, on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:

@@ -65,24 +65,36 @@ def build_vocabs(mols: Sequence[Any], min_count: int = 1) -> tuple[Vocab, Vocab]
 
 
 class PretrainSet:
-    """Molecules with contextual-property and motif labels; masks drawn per step and molecule."""
+    """Molecules with contextual-property and motif labels; masks drawn per step and molecule.
+
+    A molecule is featurised the first time a batch needs it, then kept, so a
+    large set costs nothing up front and each rank featurises only what it uses.
+    """
 
     def __init__(self, mols: Sequence[Any], atom_vocab: Vocab, bond_vocab: Vocab,
                  mask_rate: float = 0.15) -> None:
         self.mols = list(mols)
-        self.graphs = [MolGraph(m) for m in self.mols]
-        self.atom_labels = [[atom_vocab.index(atom_context(a)) for a in m.GetAtoms()] for m in self.mols]
-        self.bond_labels = [{(b.GetBeginAtomIdx(), b.GetEndAtomIdx()): bond_vocab.index(bond_context(b))
-                             for b in m.GetBonds()} for m in self.mols]
-        self.motifs = torch.tensor([motif_labels(m) for m in self.mols], dtype=torch.float32)
+        self.atom_vocab, self.bond_vocab = atom_vocab, bond_vocab
         self.mask_rate = mask_rate
+        self._items: dict[int, tuple[MolGraph, list[int], dict[tuple[int, int], int], torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.mols)
 
+    def _item(self, i: int) -> tuple[MolGraph, list[int], dict[tuple[int, int], int], torch.Tensor]:
+        if i not in self._items:
+            m = self.mols[i]
+            self._items[i] = (
+                MolGraph(m), [self.atom_vocab.index(atom_context(a)) for a in m.GetAtoms()],
+                {(b.GetBeginAtomIdx(), b.GetEndAtomIdx()): self.bond_vocab.index(bond_context(b))
+                 for b in m.GetBonds()},
+                torch.tensor(motif_labels(m), dtype=torch.float32))
+        return self._items[i]
+
     def batch(self, indices: Sequence[int]) -> tuple[GraphBatch, PretrainTargets]:
         idx = list(indices)
-        g = batch_graphs([self.graphs[i] for i in idx])
+        items = [self._item(i) for i in idx]
+        g = batch_graphs([it[0] for it in items])
         na, nb = g.f_atoms.shape[0], g.f_bonds.shape[0]
         atom, atom_w = torch.zeros(na, dtype=torch.long), torch.zeros(na)
         bond, bond_w = torch.zeros(nb, dtype=torch.long), torch.zeros(nb)
@@ -92,7 +104,7 @@ class PretrainSet:
             gen = randomness.generator("mask", i)
             k = max(1, int(round(self.mask_rate * an)))
             picked = torch.randperm(an, generator=gen)[:k] + a0
-            atom[picked] = torch.tensor([self.atom_labels[i][p - a0] for p in picked.tolist()])
+            atom[picked] = torch.tensor([items[j][1][p - a0] for p in picked.tolist()])
             atom_w[picked] = 1.0 / k
             f_atoms[picked] = 0.0
             b0, bn = (int(v) for v in g.b_scope[j])
@@ -103,12 +115,13 @@ class PretrainSet:
                 both = torch.unique(torch.cat([chosen, g.b2revb[chosen]]))
                 for b in both.tolist():
                     u, v = int(g.b2a[b]) - a0, int(g.b2a[g.b2revb[b]]) - a0
-                    labels = self.bond_labels[i]
+                    labels = items[j][2]
                     bond[b] = labels.get((u, v), labels.get((v, u), 1))
                 bond_w[both] = 1.0 / both.numel()
                 f_bonds[both, ATOM_FDIM:] = 0.0
         masked = GraphBatch(**{**vars(g), "f_atoms": f_atoms, "f_bonds": f_bonds})
-        return masked, PretrainTargets(atom, atom_w, bond, bond_w, self.motifs[idx])
+        motifs = torch.stack([it[3] for it in items])
+        return masked, PretrainTargets(atom, atom_w, bond, bond_w, motifs)
 
 
 def pretrain_loss(out: tuple[torch.Tensor, ...], t: PretrainTargets) -> torch.Tensor:
@@ -125,22 +138,38 @@ def pretrain_loss(out: tuple[torch.Tensor, ...], t: PretrainTargets) -> torch.Te
 
 
 class FinetuneSet:
-    """Molecules with labels; regression labels are standardised with the training set's statistics."""
+    """Molecules with labels (NaN: missing).
+
+    Regression labels are standardised (with the training set's mean and std:
+    pass them to the validation and test sets); ``standardize=False`` keeps
+    them as they are (classification). Molecules are featurised on first use.
+    """
 
     def __init__(self, mols: Sequence[Any], labels: np.ndarray, mean: Optional[np.ndarray] = None,
-                 std: Optional[np.ndarray] = None) -> None:
-        self.graphs = [MolGraph(m) for m in mols]
-        y = np.asarray(labels, dtype=np.float64).reshape(len(self.graphs), -1)
-        self.mean = np.nanmean(y, 0) if mean is None else mean
-        self.std = (np.nanstd(y, 0) + 1e-8) if std is None else std
+                 std: Optional[np.ndarray] = None, standardize: bool = True) -> None:
+        self.mols = list(mols)
+        y = np.asarray(labels, dtype=np.float64).reshape(len(self.mols), -1)
+        tasks = y.shape[1]
+        if standardize:
+            self.mean = np.nanmean(y, 0) if mean is None else np.asarray(mean, dtype=np.float64)
+            self.std = (np.nanstd(y, 0) + 1e-8) if std is None else np.asarray(std, dtype=np.float64)
+        else:
+            self.mean, self.std = np.zeros(tasks), np.ones(tasks)
+        self.raw = y
         self.y = torch.tensor((y - self.mean) / self.std, dtype=torch.float32)
+        self._graphs: dict[int, MolGraph] = {}
 
     def __len__(self) -> int:
-        return len(self.graphs)
+        return len(self.mols)
+
+    def _graph(self, i: int) -> MolGraph:
+        if i not in self._graphs:
+            self._graphs[i] = MolGraph(self.mols[i])
+        return self._graphs[i]
 
     def batch(self, indices: Sequence[int]) -> tuple[GraphBatch, FinetuneTargets]:
         idx = list(indices)
-        return batch_graphs([self.graphs[i] for i in idx]), FinetuneTargets(self.y[idx])
+        return batch_graphs([self._graph(i) for i in idx]), FinetuneTargets(self.y[idx])
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

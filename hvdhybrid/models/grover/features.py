@@ -223,6 +223,7 @@ class MolTable:
     labels: Optional[np.ndarray] = None  # [n, n_tasks] float32, NaN where a label is missing
     skipped: list[int] = field(default_factory=list)
     label_names: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)  # the 1-based file line of each molecule
 
     def __len__(self) -> int:
         return len(self.smiles)
@@ -298,6 +299,7 @@ def _table(path: str, items: list[tuple[int, str, list[float]]],
             continue
         t.smiles.append(smi)
         t.mols.append(mol)
+        t.lines.append(line)
         labels.append(lab)
     if not t.smiles:
         what = "none of its SMILES could be parsed" if items else "it holds no data rows"

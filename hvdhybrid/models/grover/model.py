@@ -17,33 +17,14 @@ layer), so every layout draws what one process draws.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ... import randomness
+from .config import CONFIGS, GroverConfig
 from .features import ATOM_FDIM, BOND_INPUT_FDIM, GraphBatch
 
 __all__ = ["GroverConfig", "CONFIGS", "MTBlock", "Readout", "pad_by_scope"]
-
-
-@dataclass(frozen=True)
-class GroverConfig:
-    hidden: int
-    heads: int
-    layers: int  # MTBlocks per view
-    hops: int  # mean dyMPN hops; training draws hops-1 .. hops+1
-    ffn: int  # width of the heads' hidden layer
-    dropout: float = 0.0
-
-
-CONFIGS: dict[str, GroverConfig] = {
-    "tiny": GroverConfig(hidden=32, heads=2, layers=2, hops=2, ffn=32),
-    "small": GroverConfig(hidden=128, heads=4, layers=2, hops=3, ffn=128),
-    "base": GroverConfig(hidden=800, heads=4, layers=3, hops=3, ffn=700, dropout=0.1),
-    "large": GroverConfig(hidden=1200, heads=4, layers=3, hops=3, ffn=1000, dropout=0.1),
-}
 
 
 def zero_pad(x: torch.Tensor) -> torch.Tensor:
