@@ -221,18 +221,62 @@ def _check_labels(table: Any, path: str, classification: bool) -> None:
                                 "labels are 0 or 1 (empty: missing); use --task regression for values")
 
 
+def load_labelled(data: Optional[str], label_cols: Optional[str], smiles_col: Optional[str],
+                  classification: bool, split: str, split_sizes: str, split_seed: int,
+                  ) -> tuple[Any, str, tuple[list[int], list[int], list[int]]]:
+    """The labelled molecules (``--data`` or CHEMBL2321810), checked, and their train/val/test split.
+
+    Returns:
+        (MolTable, the name to report it by, (train, val, test) row indices).
+    """
+    from .features import chembl2321810, random_split, read_smiles_csv, scaffold_split
+
+    fractions = _floats(split_sizes, "--split-sizes", 3)
+    if data:
+        if not label_cols:
+            raise DataError("--data needs --label-cols: the label columns, names or 0-based "
+                            "indices, comma-separated")
+        cols = [_column(x) for x in label_cols.split(",")]
+        table = read_smiles_csv(data, _column(smiles_col), [x for x in cols if x is not None])
+        path = data
+    else:
+        if label_cols or smiles_col:
+            raise DataError("--label-cols and --smiles-col choose columns of --data; give --data too")
+        table, path = chembl2321810(), "CHEMBL2321810"
+    if table.skipped:
+        _say(f"{path}: {table.report()}")
+    _check_labels(table, path, classification)
+    parts = (scaffold_split(table.smiles, fractions, split_seed) if split == "scaffold"
+             else random_split(len(table), fractions, split_seed))
+    for part, idx in zip(("training", "validation", "test"), parts):
+        if not idx:
+            raise DataError(f"the {split} split of {len(table)} molecules leaves the {part} set "
+                            f"empty; use more molecules or other --split-sizes")
+    return table, path, parts
+
+
+def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--data", type=click.Path(), default=None,
+                     help="CSV of SMILES with label columns (default: RDKit's CHEMBL2321810 pIC50 set)."),
+        click.option("--label-cols", default=None, metavar="COL[,COL..]",
+                     help="Label columns: names or 0-based indices (needed with --data)."),
+        click.option("--task", type=click.Choice(["regression", "classification"]), default="regression",
+                     show_default=True, help="Metric: RMSE (in the labels' units) or mean ROC-AUC."),
+        click.option("--split", type=click.Choice(["scaffold", "random"]), default="scaffold",
+                     show_default=True),
+        click.option("--split-sizes", default="0.8,0.1,0.1", show_default=True, metavar="TRAIN,VAL,TEST"),
+        click.option("--split-seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
 @grover.command()
 @common_options(default_steps=300, default_batch=32, default_lr=5e-4, default_microbatches=2)
 @_model_options
-@click.option("--data", type=click.Path(), default=None,
-              help="CSV of SMILES with label columns (default: RDKit's CHEMBL2321810 pIC50 set).")
-@click.option("--label-cols", default=None, metavar="COL[,COL..]",
-              help="Label columns: names or 0-based indices (needed with --data).")
-@click.option("--task", type=click.Choice(["regression", "classification"]), default="regression",
-              show_default=True, help="Metric: RMSE (in the labels' units) or mean ROC-AUC.")
-@click.option("--split", type=click.Choice(["scaffold", "random"]), default="scaffold", show_default=True)
-@click.option("--split-sizes", default="0.8,0.1,0.1", show_default=True, metavar="TRAIN,VAL,TEST")
-@click.option("--split-seed", type=int, default=0, show_default=True)
+@_data_options
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="Start from a pretrained encoder: the --out of `grover pretrain`, or its grover.pt.")
 @click.option("--disagreement", type=float, default=0.1, show_default=True,
@@ -246,7 +290,6 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
     Reports the metric on the validation and test parts of the split, and
     writes OUT/predictions_<part>.csv.
     """
-    from .features import chembl2321810, random_split, read_smiles_csv, scaffold_split
     from .pretrained import check_config, config_from, load_pretrained
 
     w = world()
@@ -262,28 +305,8 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
         else:
             cfg = _config(config_name, layers, CONFIGS["small"])
         widths = grover_widths(c, task_parallel, cfg)
-        fractions = _floats(split_sizes, "--split-sizes", 3)
-        if data:
-            if not label_cols:
-                raise DataError("--data needs --label-cols: the label columns, names or 0-based "
-                                "indices, comma-separated")
-            cols = [_column(x) for x in label_cols.split(",")]
-            table = read_smiles_csv(data, _column(smiles_col), [x for x in cols if x is not None])
-            path = data
-        else:
-            if label_cols or smiles_col:
-                raise DataError("--label-cols and --smiles-col choose columns of --data; "
-                                "give --data too")
-            table, path = chembl2321810(), "CHEMBL2321810"
-        if table.skipped:
-            _say(f"{path}: {table.report()}")
-        _check_labels(table, path, classification)
-        parts = (scaffold_split(table.smiles, fractions, split_seed) if split == "scaffold"
-                 else random_split(len(table), fractions, split_seed))
-        for part, idx in zip(("training", "validation", "test"), parts):
-            if not idx:
-                raise DataError(f"the {split} split of {len(table)} molecules leaves the {part} set "
-                                f"empty; use more molecules or other --split-sizes")
+        table, path, parts = load_labelled(data, label_cols, smiles_col, classification, split,
+                                           split_sizes, split_seed)
     except USER_ERRORS as e:
         error = str(e)
     agree(w, error)
@@ -362,6 +385,51 @@ def _write_predictions(path: str, smiles: list[str], names: list[str], y: np.nda
         for i, s in enumerate(smiles):
             out.writerow([s, *("" if np.isnan(v) else f"{v:.6g}" for v in y[i]),
                           *(f"{v:.6g}" for v in p[i])])
+
+
+# --------------------------------------------------------------------------- baseline
+@grover.command()
+@click.option("--smiles-col", default=None, help="SMILES column: a name or a 0-based index.")
+@_data_options
+@click.option("--trees", type=int, default=500, show_default=True)
+@click.option("--radius", type=int, default=2, show_default=True, help="Morgan fingerprint radius.")
+@click.option("--bits", type=int, default=2048, show_default=True, help="Fingerprint length.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def baseline(smiles_col: Optional[str], data: Optional[str], label_cols: Optional[str], task: str,
+             split: str, split_sizes: str, split_seed: int, trees: int, radius: int, bits: int,
+             seed: int) -> None:
+    """Reference: a random forest on Morgan fingerprints, same data, split and metric as finetune.
+
+    One process (no MPI needed); prints the validation and test metric as JSON.
+    """
+    import json
+
+    from ...errors import UserError
+    from ...metrics import rmse, roc_auc
+    from .baseline import fingerprints, forest_predict
+
+    classification = task == "classification"
+    try:
+        if trees < 1 or radius < 0 or bits < 8:
+            raise DataError(f"--trees must be >= 1, --radius >= 0 and --bits >= 8; got {trees}, "
+                            f"{radius}, {bits}")
+        table, path, parts = load_labelled(data, label_cols, smiles_col, classification, split,
+                                           split_sizes, split_seed)
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    assert table.labels is not None
+    x = fingerprints(table.mols, radius, bits)
+    y = table.labels.astype(np.float64)
+    train, val, test = parts
+    result: dict[str, Any] = {"model": "random-forest-morgan", "data": path, "split": split,
+                              "sizes": [len(p) for p in parts], "trees": trees, "radius": radius,
+                              "bits": bits, "seed": seed}
+    metric = roc_auc if classification else rmse
+    key = "roc_auc" if classification else "rmse"
+    pred = forest_predict(x[train], y[train], x[val + test], classification, trees, seed)
+    result[f"val_{key}"] = metric(pred[:len(val)], y[val])
+    result[f"test_{key}"] = metric(pred[len(val):], y[test])
+    click.echo(json.dumps(result))
 
 
 # --------------------------------------------------------------------------- configs
