@@ -104,3 +104,31 @@ def test_grover_layouts_match_one_process(world: Any, task: str, stages: int, ta
     owned = world.allgather(sorted(mine) if groups.coord.bundle == 0 else [])
     names = [n for part in owned for n in part]
     assert sorted(names) == sorted(ref), "stages must partition the model's parameters"
+
+
+@pytest.mark.parametrize("stages,task_parallel", LAYOUTS, ids=["1", "tp", "pp2", "tp+pp2"])
+def test_predict_returns_every_row_in_order(world: Any, stages: int, task_parallel: bool) -> None:
+    """Trainer.predict: all 31 rows (not a multiple of bundles x microbatches), same as one process."""
+    n_stages = stages * (2 if task_parallel else 1)
+    if world.Get_size() % n_stages:
+        pytest.skip(f"world {world.Get_size()} does not fit {n_stages} stages")
+    layout = Layout(world.Get_size(), (1,) * n_stages)
+    net, ds = finetune_parts()
+    ds = FinetuneSet([Chem.MolFromSmiles(s) for s in SMILES[:31]], np.arange(31.0))
+    net.eval()
+    with torch.no_grad():
+        pa, pb = net(ds.batch(range(31))[0])
+    expect = (pa + pb) / 2
+    model = stage_model(net, stages, task_parallel, finetune_loss)
+    groups = ProcessGroups.create(layout, world)
+    try:
+        cfg = TrainConfig(steps=0, batch_size=BATCH, microbatches=2, fp16=False, progress=False, timeout=30)
+        trainer = Trainer(groups, model, opt, cfg)
+        got = trainer.predict(ds, 8, lambda out: (out[0] + out[1]) / 2)
+    finally:
+        groups.close()
+    if world.Get_rank() == 0:
+        assert got is not None and got.shape == expect.shape
+        assert float((got - expect).abs().max()) <= 1e-5
+    else:
+        assert got is None

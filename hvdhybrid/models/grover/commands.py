@@ -43,6 +43,9 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="GTransformer layers per view (default: the config's); deeper for more stages."),
         click.option("--task-parallel", is_flag=True,
                      help="Node-view and edge-view encoders on two ranks of each bundle."),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+                     help="sgd: with momentum 0.9. Adam turns float noise in near-zero gradients into "
+                          "full steps, so only SGD runs match across layouts to float tolerance."),
         click.option("--smiles-col", default=None,
                      help="SMILES column: a name or a 0-based index (default: the first column "
                           "named *smiles*, else column 0)."),
@@ -92,10 +95,12 @@ def _say(msg: str) -> None:
         click.echo(f"[grover] {msg}", err=True)
 
 
-def _adam(c: Common) -> Callable[[Any], Any]:
+def _optimizer(c: Common, name: str) -> Callable[[Any], Any]:
     import torch
 
     def opt(params: Any) -> torch.optim.Optimizer:
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
         return torch.optim.Adam(params, lr=c.lr)
     return opt
 
@@ -114,8 +119,8 @@ def _adam(c: Common) -> Callable[[Any], Any]:
 @click.option("--val-fraction", type=float, default=0.05, show_default=True,
               help="Molecules held out to report the validation loss.")
 def pretrain(c: Common, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
-             smiles_col: Optional[str], data: tuple[str, ...], max_molecules: int, mask_rate: float,
-             val_fraction: float) -> None:
+             optimizer: str, smiles_col: Optional[str], data: tuple[str, ...], max_molecules: int,
+             mask_rate: float, val_fraction: float) -> None:
     """Self-supervised pretraining: contextual properties of masked atoms and bonds, and motifs.
 
     Writes OUT/grover.pt (encoder, config, vocabularies) for `grover finetune --checkpoint OUT`.
@@ -189,7 +194,7 @@ def pretrain(c: Common, config_name: Optional[str], layers: Optional[int], task_
                 trainer.log.info(f"pretrained encoder written to {os.path.join(out, FILE)}; "
                                  f"finetune with: hvdtrain grover finetune --checkpoint {out}")
 
-        return Built(model, train_set, {"val": val_set}, evaluate, _adam(c),
+        return Built(model, train_set, {"val": val_set}, evaluate, _optimizer(c, optimizer),
                      describe(name, cfg, count_parameters(net)), finish)
 
     run_model("grover-pretrain", c, widths, build)
@@ -282,8 +287,8 @@ def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--disagreement", type=float, default=0.1, show_default=True,
               help="Weight of the loss term that keeps the two heads' predictions together.")
 def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
-             smiles_col: Optional[str], data: Optional[str], label_cols: Optional[str], task: str,
-             split: str, split_sizes: str, split_seed: int, checkpoint: Optional[str],
+             optimizer: str, smiles_col: Optional[str], data: Optional[str], label_cols: Optional[str],
+             task: str, split: str, split_sizes: str, split_seed: int, checkpoint: Optional[str],
              disagreement: float) -> None:
     """Finetune on labelled molecules (from scratch, or from --checkpoint); RMSE or ROC-AUC.
 
@@ -370,7 +375,7 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
             got: dict[str, float] = trainer.groups.world.bcast(result, root=0)
             return got
 
-        return Built(model, train_set, sets, evaluate, _adam(c),
+        return Built(model, train_set, sets, evaluate, _optimizer(c, optimizer),
                      describe(name, cfg, count_parameters(net)) + note)
 
     run_model("grover-finetune", c, widths, build)
