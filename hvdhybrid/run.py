@@ -97,10 +97,11 @@ class Common:
     keep: int
     resume: bool
     timeout: float
+    clip_grad: float
 
 
 def common_options(default_steps: int, default_batch: int, default_lr: float,
-                   default_microbatches: int = 4) -> Callable[..., Any]:
+                   default_microbatches: int = 4, default_clip: float = 0.0) -> Callable[..., Any]:
     """Decorator: add the common options and hand them to the command as one :class:`Common`."""
     opts = [
         click.option("--stages", type=int, default=None,
@@ -141,6 +142,8 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
                      help="Continue the run in --out from its newest complete checkpoint."),
         click.option("--timeout", type=float, default=300.0, show_default=True,
                      help="Seconds a rank may wait for a peer before the job is stopped."),
+        click.option("--clip-grad", type=float, default=default_clip, show_default=True,
+                     help="Clip the whole model's gradient to this L2 norm (0: off)."),
     ]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -196,7 +199,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         cfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, microbatches=c.microbatches,
                           accumulate=c.accumulate, schedule=c.schedule, fp16=c.fp16, seed=c.seed,
                           progress=c.progress, model_name=name, checkpoint_every=c.checkpoint_every,
-                          keep=c.keep, timeout=c.timeout)
+                          keep=c.keep, timeout=c.timeout, clip_grad=c.clip_grad)
         cfg.validate(layout.num_bundles, layout.widths)
         if c.timeout <= 0:
             raise DataError(f"--timeout must be positive, got {c.timeout}")
@@ -243,7 +246,7 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device:
     from .log import tag_logger
     from .p2p import P2PTimeout
     from .stopping import Stopped
-    from .trainer import Trainer
+    from .trainer import Diverged, Trainer
 
     w = layout_world = world()
     rank, size = w.Get_rank(), w.Get_size()
@@ -280,6 +283,12 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device:
         first = trainer.step
         try:
             losses = trainer.fit(train_set)
+        except Diverged as e:
+            if rank == 0:
+                log.error(f"hvdtrain: error: {e}")
+            groups.close()
+            hvd.shutdown(w)
+            sys.exit(1)
         except Stopped as e:
             if rank == 0:
                 log.info(f"{e}; continue with --resume --out {out}")
@@ -291,7 +300,7 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device:
                    for m, v in built.evaluate(trainer, d).items()}
         done = cfg.steps - first
         summary = {"model": name, "steps": cfg.steps, "final_loss": losses[-1] if losses else None,
-                   **results, "train_seconds": elapsed,
+                   **results, "skipped_steps": trainer.skipped_steps, "train_seconds": elapsed,
                    "samples_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
         trainer.write_json("summary.json", summary)
         params = trainer.gather_parameters() if c.save_params else None

@@ -25,7 +25,11 @@ from .slicing import BatchError, check_batch, replica_rows
 from .staged import StagedModel
 from .stopping import Stopped, StopSignals
 
-__all__ = ["TrainConfig", "Trainer", "MetricFn"]
+__all__ = ["TrainConfig", "Trainer", "MetricFn", "Diverged"]
+
+
+class Diverged(RuntimeError):
+    """The agreed loss is not finite: training cannot continue from here."""
 
 # (sink output, targets) -> (sum of the metric over rows, number of rows)
 MetricFn = Callable[[Any, Any], tuple[float, int]]
@@ -50,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (needs out)
     keep: int = 3  # complete checkpoints kept
     timeout: float = 300.0  # seconds a point-to-point wait may take before it is an error
+    clip_grad: float = 0.0  # clip the whole model's gradient to this global L2 norm (0: off)
 
     def validate(self, num_bundles: int, widths: tuple[int, ...]) -> int:
         """Check the batch arithmetic; return rows per pass (batch_size / accumulate).
@@ -62,6 +67,8 @@ class TrainConfig:
         if self.checkpoint_every < 0 or self.keep < 1:
             raise BatchError(f"--checkpoint-every must be >= 0 and --keep >= 1, got "
                              f"{self.checkpoint_every} and {self.keep}")
+        if not self.clip_grad >= 0:
+            raise BatchError(f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
         if self.accumulate < 1:
             raise BatchError(f"--accumulate must be >= 1, got {self.accumulate}")
         if self.batch_size % self.accumulate:
@@ -115,6 +122,7 @@ class Trainer:
         self._resume_sampler: Optional[dict[str, int]] = None
         self.stop_signal = 0  # set by a stop signal on this rank
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
 
     # -- data ------------------------------------------------------------------
     def _batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
@@ -145,10 +153,43 @@ class Trainer:
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this stage.
         self.sync.sync()
-        self.optimizer.step()
+        if self._guard_gradients():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return self._step_end(loss_sum / (cfg.microbatches * cfg.accumulate))
+        loss = self._step_end(loss_sum / (cfg.microbatches * cfg.accumulate))
+        if not math.isfinite(loss):
+            raise Diverged(f"the loss is {loss} at step {self.step}: training diverged; lower --lr, "
+                           "or use --clip-grad, and start again (or --resume from an earlier checkpoint)")
+        return loss
+
+    def _guard_gradients(self) -> bool:
+        """Collective: the whole model's gradient norm; skip a non-finite step, clip a large one.
+
+        After :meth:`GradSync.sync` every replica of a stage holds the same
+        (averaged) gradient, so each rank adds its squared norm divided by its
+        stage's width and the number of bundles: the world sum is the squared
+        norm one process would compute. A non-finite norm (float16 compression
+        overflows beyond 65504) skips the optimizer step on every rank, as a
+        mixed-precision loss scaler does, and says so.
+        """
+        layout, c = self.groups.layout, self.groups.coord
+        grads = [p.grad for p in self.sync.params if p.grad is not None]
+        sq = sum(float(g.detach().double().pow(2).sum()) for g in grads)
+        total = self._world_sum([sq / (layout.widths[c.stage] * layout.num_bundles)],
+                                "the gradient-norm allreduce of every rank")[0]
+        if not math.isfinite(total):
+            self.skipped_steps += 1
+            if self.groups.world.Get_rank() == 0:
+                self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {total}); "
+                                 f"step skipped ({self.skipped_steps} so far)")
+            return False
+        norm = math.sqrt(total)
+        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
+            coef = self.cfg.clip_grad / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            for g in grads:
+                g.mul_(coef)
+        return True
 
     def _step_end(self, replica_mean: float) -> float:
         """Global mean loss (over sink replicas and bundles), and agreement on stopping.

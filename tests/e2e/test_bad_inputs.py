@@ -62,6 +62,17 @@ def image_dir(base: str) -> str:
     return os.path.dirname(p)
 
 
+def molecules(base: str, name: str, text: str) -> str:
+    p = os.path.join(base, name)
+    with open(p, "w") as f:
+        f.write(text)
+    return p
+
+
+LABELLED = "id,smiles,pic50,flag,note\na,CCO,5.1,1,\nb,c1ccccc1,6.2,0,\nc,CC(=O)O,x7,2,\n"
+GROVER_FT = ["grover", "finetune", "--config", "tiny", "--steps", "1", "--no-progress"]
+GROVER_PT = ["grover", "pretrain", "--config", "tiny", "--steps", "1", "--no-progress"]
+
 # (name, how the user gets there, what the message must say)
 Case = tuple[str, Callable[[str], Result], str]
 CASES: list[Case] = [
@@ -115,6 +126,38 @@ CASES: list[Case] = [
     ("--resume when every checkpoint is truncated",
      lambda b: mpirun(2, *MLP, "--stages", "2", "--resume", "--out", corrupt_copy(b)),
      "no complete checkpoint"),
+    ("GROVER: an empty SMILES file",
+     lambda b: mpirun(2, *GROVER_PT, "--data", molecules(b, "empty.csv", "\n"), "--out", f"{b}/x"),
+     "empty.csv: the file is empty"),
+    ("GROVER: no SMILES parses",
+     lambda b: run([HVDTRAIN, *GROVER_PT, "--data", molecules(b, "junk.smi", "C1CC(\nxyz\n"),
+                    "--out", f"{b}/x"]),
+     "junk.smi: none of its SMILES could be parsed"),
+    ("GROVER: a missing label column",
+     lambda b: mpirun(2, *GROVER_FT, "--data", molecules(b, "lab.csv", LABELLED), "--label-cols", "pIC50",
+                      "--out", f"{b}/x"),
+     "lab.csv:1: no label column 'pIC50'; the columns are 'id', 'smiles', 'pic50', 'flag', 'note'"),
+    ("GROVER: a label that is not a number",
+     lambda b: run([HVDTRAIN, *GROVER_FT, "--data", molecules(b, "lab.csv", LABELLED), "--label-cols",
+                    "pic50", "--out", f"{b}/x"]),
+     "lab.csv:4: column 3 ('pic50') holds 'x7', not a number"),
+    ("GROVER: an unlabelled data set",
+     lambda b: run([HVDTRAIN, *GROVER_FT, "--data", molecules(b, "lab.csv", LABELLED), "--label-cols",
+                    "note", "--out", f"{b}/x"]),
+     "lab.csv: label column 'note' is empty in every row"),
+    ("GROVER: a classification label other than 0/1",
+     lambda b: run([HVDTRAIN, *GROVER_FT, "--data", molecules(b, "lab.csv", LABELLED), "--label-cols",
+                    "flag", "--task", "classification", "--out", f"{b}/x"]),
+     "lab.csv:4: column 'flag' holds 2; classification labels are 0 or 1"),
+    ("GROVER: --data without --label-cols",
+     lambda b: run([HVDTRAIN, *GROVER_FT, "--data", molecules(b, "lab.csv", LABELLED), "--out", f"{b}/x"]),
+     "--data needs --label-cols"),
+    ("GROVER: --checkpoint that is not a pretraining run",
+     lambda b: mpirun(2, *GROVER_FT, "--checkpoint", prior_run(b), "--out", f"{b}/x"),
+     "holds no grover.pt"),
+    ("GROVER: more pipeline stages than layers",
+     lambda b: mpirun(4, *GROVER_FT, "--stages", "4", "--out", f"{b}/x"),
+     "cannot split 2 GTransformer layers per view into 4 stages"),
 ]
 
 

@@ -107,7 +107,8 @@ def _optimizer(c: Common, name: str) -> Callable[[Any], Any]:
 
 # --------------------------------------------------------------------------- pretrain
 @grover.command()
-@common_options(default_steps=300, default_batch=32, default_lr=1e-3, default_microbatches=2)
+@common_options(default_steps=300, default_batch=32, default_lr=1e-3, default_microbatches=2,
+                default_clip=1.0)
 @_model_options
 @click.option("--data", multiple=True, type=click.Path(),
               help="CSV or .smi file of SMILES; repeat for several (default: RDKit's WEHI PAINS "
@@ -279,7 +280,8 @@ def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @grover.command()
-@common_options(default_steps=300, default_batch=32, default_lr=5e-4, default_microbatches=2)
+@common_options(default_steps=300, default_batch=32, default_lr=5e-4, default_microbatches=2,
+                default_clip=1.0)
 @_model_options
 @_data_options
 @click.option("--checkpoint", type=click.Path(), default=None,
