@@ -32,8 +32,11 @@ def opt(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=LR, momentum=0.9)
 
 
+CLIP = 0.05  # below every gradient norm of these runs: clipping acts at every step
+
+
 def reference(forward_model: nn.Module, fwd: Callable[[torch.Tensor], torch.Tensor],
-              names: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+              names: Callable[[], dict[str, torch.Tensor]], clip: float = 0.0) -> dict[str, torch.Tensor]:
     """Plain single-process training on the full global batch (no hvdhybrid runtime)."""
     ds = data()
     sampler = Sampler(len(ds), BATCH, seed=0)
@@ -43,35 +46,38 @@ def reference(forward_model: nn.Module, fwd: Callable[[torch.Tensor], torch.Tens
         loss = nn.functional.cross_entropy(fwd(x), y)
         o.zero_grad()
         loss.backward()
+        if clip:
+            norm = nn.utils.clip_grad_norm_(forward_model.parameters(), clip)
+            assert norm > clip, f"gradient norm {norm} does not reach the clip {clip}"
         o.step()
     return {n: p.detach().clone() for n, p in names().items()}
 
 
-def chain_ref() -> dict[str, torch.Tensor]:
+def chain_ref(clip: float = 0.0) -> dict[str, torch.Tensor]:
     m = chain_reference()
-    return reference(m, m, lambda: dict(m.named_parameters()))
+    return reference(m, m, lambda: dict(m.named_parameters()), clip)
 
 
-def fork_join_ref() -> dict[str, torch.Tensor]:
+def fork_join_ref(clip: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     e0, e1, j = Encoder(True), Encoder(False), Join(2, False)
     all_ = nn.ModuleDict({"enc0": e0, "enc1": e1, "join": j})
-    return reference(all_, lambda x: j(e0(x), e1(x)), lambda: dict(all_.named_parameters()))
+    return reference(all_, lambda x: j(e0(x), e1(x)), lambda: dict(all_.named_parameters()), clip)
 
 
-def task_pair_ref() -> dict[str, torch.Tensor]:
+def task_pair_ref(clip: float = 0.0) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     e0, j = Encoder(True), Join(1, True)
     all_ = nn.ModuleDict({"enc0": e0, "join": j})
-    return reference(all_, lambda x: j(x, e0(x)), lambda: dict(all_.named_parameters()))
+    return reference(all_, lambda x: j(x, e0(x)), lambda: dict(all_.named_parameters()), clip)
 
 
-CASES: dict[str, tuple[Callable[[int], StagedModel], Callable[[], dict[str, torch.Tensor]]]] = {
+CASES: dict[str, tuple[Callable[[int], StagedModel], Callable[[float], dict[str, torch.Tensor]]]] = {
     "chain": (lambda k: chain(k), chain_ref),
     "forkjoin": (lambda k: fork_join(), fork_join_ref),
     "taskpair": (lambda k: task_pair(), task_pair_ref),
 }
-_REFS: dict[str, dict[str, torch.Tensor]] = {}
+_REFS: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
 
 # (model, widths): layouts; each runs with every bundle count the world allows
 LAYOUTS = [
@@ -82,22 +88,23 @@ LAYOUTS = [
 
 
 def run_layout(world: Any, case: str, widths: tuple[int, ...], schedule: str, microbatches: int,
-               accumulate: int, fp16: bool) -> float:
+               accumulate: int, fp16: bool, clip: float = 0.0) -> float:
     if world.Get_size() % sum(widths):
         pytest.skip(f"world {world.Get_size()} does not fit widths {widths}")
     build, ref_fn = CASES[case]
-    if case not in _REFS:
-        _REFS[case] = ref_fn()
+    if (case, clip) not in _REFS:
+        _REFS[(case, clip)] = ref_fn(clip)
     layout = Layout(world.Get_size(), widths)
     model = build(layout.num_stages)
     groups = ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches,
-                          accumulate=accumulate, schedule=schedule, fp16=fp16, progress=False)
+                          accumulate=accumulate, schedule=schedule, fp16=fp16, progress=False,
+                          clip_grad=clip)
         trainer = Trainer(groups, model, opt, cfg)
         trainer.fit(data())
         mine = trainer.named_parameters()
-        ref = _REFS[case]
+        ref = _REFS[(case, clip)]
         assert mine, "every stage of these models has parameters"
         worst = max(float((mine[n] - ref[n]).abs().max()) for n in mine)
     finally:
@@ -122,3 +129,11 @@ def test_fp16_compression_within_bound(world: Any, case: str, widths: tuple[int,
     assert worst <= FP16_BOUND, f"max |param - reference| = {worst:.3g} with fp16 compression"
     if world.Get_rank() == 0:
         print(f"fp16 {case} {widths}: max deviation {worst:.3g}")
+
+
+@pytest.mark.parametrize("case,widths", [("chain", (1,)), ("chain", (1, 1)), ("chain", (2, 2)),
+                                         ("chain", (1, 3)), ("forkjoin", (1, 1, 2))])
+def test_clipping_by_global_norm_matches_single_process(world: Any, case: str,
+                                                        widths: tuple[int, ...]) -> None:
+    """The norm is the whole model's (all stages, replicas counted once), as clip_grad_norm_ sees it."""
+    assert run_layout(world, case, widths, "1f1b", 2, 1, False, clip=CLIP) <= FP32_TOL
