@@ -1,6 +1,6 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json]
+    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover]
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -39,12 +39,39 @@ def mpirun(n: int, script: str, *args: str) -> list[str]:
             PY, os.path.join(HERE, script), *args]
 
 
+def grover() -> list[dict]:
+    """GROVER finetuning molecules/s: task parallel (2 ranks) and 2 bundles, against 1 rank."""
+    res: list[dict] = []
+    res += _run([PY, os.path.join(HERE, "grover_throughput.py"), "plain", "1"])
+    res += _run([PY, os.path.join(HERE, "grover_throughput.py"), "plain", "2"])
+    res += _run(mpirun(1, "grover_throughput.py", "one"))
+    res += _run(mpirun(2, "grover_throughput.py", "tp"))
+    res += _run(mpirun(2, "grover_throughput.py", "dp"))
+    by = {r["name"]: r for r in res}
+    one = by["grover-hvdhybrid-one"]["mol_s"]
+    print(f"\nGROVER {res[0].get('batch')} molecules per step (config from GROVER_BENCH_CONFIG, "
+          "default small), 1 thread per rank unless noted\n")
+    print("| run | ranks | molecules/s | vs hvdhybrid on 1 rank |")
+    print("|---|---|---|---|")
+    for r in res:
+        extra = f" ({r['threads']} threads)" if r["threads"] > 1 else ""
+        print(f"| {r['name']}{extra} | {r['ranks']} | {r['mol_s']:.1f} | {r['mol_s'] / one:.2f}x |")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
+    ap.add_argument("--only", choices=["pipeline", "grover"], help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
+    gres = grover() if a.only != "pipeline" else []
+    if a.only == "grover":
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(gres, f, indent=2)
+        return
     res += _run([PY, os.path.join(HERE, "single.py")])
     res += _run(mpirun(2, "hvdhybrid_pipeline.py", "1f1b"))
     res += _run(mpirun(2, "hvdhybrid_pipeline.py", "gpipe"))
@@ -73,7 +100,7 @@ def main() -> None:
             print(f"| {r['mb']} MB | {r['raw_GBps']:.2f} | {r['hvdhybrid_GBps']:.2f} | {r['ratio']:.2f} |")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+            json.dump(res + gres, f, indent=2)
 
 
 if __name__ == "__main__":
