@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import HVDTRAIN, mpirun, run
 
+from hvdhybrid.models.grover.features import N_DESCRIPTORS
+
 TINY = ["--config", "tiny", "--no-progress", "--seed", "1"]
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN(CC)CC", "c1ccncc1", "OC(=O)c1ccccc1", "CC(C)Cl", "C1CCCCC1",
           "CCOC(=O)C", "NCCO", "c1ccc2ccccc2c1", "CC#N", "O=C1CCCC1", "CS(=O)(=O)N", "FC(F)(F)c1ccccc1",
@@ -54,13 +56,14 @@ def test_pretrain_writes_the_encoder_and_a_validation_loss(pretrained: str) -> N
     assert any(k.startswith("edge_blocks.") for k in state["params"])
 
 
-def test_finetune_from_checkpoint_task_parallel_with_bundles(pretrained: str, tmp_path) -> None:
+def test_finetune_from_checkpoint_with_bundles_and_descriptors(pretrained: str, tmp_path) -> None:
     out = str(tmp_path / "ft")
     r = mpirun(4, "grover", "finetune", "--checkpoint", pretrained, "--task-parallel", "--steps", "3",
-               "--batch-size", "16", "--no-progress", "--out", out)
+               "--batch-size", "16", "--no-progress", "--rdkit-2d", "--out", out)
     assert r.rc == 0, r.err[-3000:]
     assert "2 bundle(s) x stages of width 1,1" in r.err
     assert f"encoder (88 tensors) from {pretrained}, pretrained 3 steps" in r.err
+    assert f"heads also read {N_DESCRIPTORS} RDKit 2D descriptors" in r.err
     s = summary(out)
     assert math.isfinite(s["val_rmse"]) and math.isfinite(s["test_rmse"])
     with open(os.path.join(out, "predictions_test.csv")) as f:

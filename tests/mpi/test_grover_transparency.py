@@ -17,6 +17,7 @@ from hvdhybrid import randomness
 from hvdhybrid.data import Sampler
 from hvdhybrid.groups import ProcessGroups
 from hvdhybrid.models.grover.data import FinetuneSet, PretrainSet, build_vocabs, finetune_loss, pretrain_loss
+from hvdhybrid.models.grover.features import DescriptorScaler, rdkit_2d
 from hvdhybrid.models.grover.model import CONFIGS
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, PretrainHeads, stage_model
 from hvdhybrid.topology import Layout
@@ -40,6 +41,17 @@ def finetune_parts() -> tuple[GroverNet, FinetuneSet]:
     return net, FinetuneSet(mols(), y)
 
 
+def finetune_2d_parts() -> tuple[GroverNet, FinetuneSet]:
+    """Finetuning with RDKit 2D descriptors appended to both heads' input (--rdkit-2d)."""
+    ms = mols()
+    raw = rdkit_2d(ms)
+    feats = DescriptorScaler(raw[: len(ms) // 2])(raw)
+    torch.manual_seed(0)
+    net = GroverNet(CFG, FinetuneHeads(CFG, 1, feats.shape[1]))
+    y = np.random.default_rng(0).normal(size=(len(SMILES), 1))
+    return net, FinetuneSet(ms, y, features=feats)
+
+
 def pretrain_parts() -> tuple[GroverNet, PretrainSet]:
     av, bv = build_vocabs(mols())
     torch.manual_seed(0)
@@ -47,7 +59,8 @@ def pretrain_parts() -> tuple[GroverNet, PretrainSet]:
     return net, PretrainSet(mols(), av, bv)
 
 
-PARTS = {"finetune": (finetune_parts, finetune_loss), "pretrain": (pretrain_parts, pretrain_loss)}
+PARTS = {"finetune": (finetune_parts, finetune_loss), "finetune-2d": (finetune_2d_parts, finetune_loss),
+         "pretrain": (pretrain_parts, pretrain_loss)}
 
 
 def opt(params: Any) -> torch.optim.Optimizer:
@@ -70,7 +83,7 @@ def reference(task: str) -> dict[str, torch.Tensor]:
 LAYOUTS = [(1, False), (1, True), (2, False), (2, True)]  # (stages per chain, task parallel)
 
 
-@pytest.mark.parametrize("task", ["finetune", "pretrain"])
+@pytest.mark.parametrize("task", list(PARTS))
 @pytest.mark.parametrize("stages,task_parallel", LAYOUTS, ids=["1", "tp", "pp2", "tp+pp2"])
 @pytest.mark.parametrize("microbatches", [1, 2])
 def test_grover_layouts_match_one_process(world: Any, task: str, stages: int, task_parallel: bool,

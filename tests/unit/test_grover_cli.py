@@ -188,3 +188,25 @@ def test_grover_help_lists_the_subcommands() -> None:
     assert res.exit_code == 0
     for sub in ("pretrain", "finetune", "baseline", "configs"):
         assert sub in res.output
+
+
+def test_heads_read_the_molecule_features_of_the_batch() -> None:
+    """--rdkit-2d: the features reach both heads, row by row, and a missing one is a clear error."""
+    cfg = CONFIGS["tiny"]
+    mols = [Chem.MolFromSmiles(s) for s in ("CCO", "c1ccccc1", "CC(=O)O")]
+    feats = np.arange(9.0).reshape(3, 3) / 10
+    ds = FinetuneSet(mols, np.zeros((3, 1)), features=feats)
+    torch.manual_seed(0)
+    net = GroverNet(cfg, FinetuneHeads(cfg, 1, extra=3))
+    g, _ = ds.batch([2, 0])
+    assert g.mol_features is not None and torch.equal(
+        g.mol_features, torch.tensor(feats[[2, 0]], dtype=torch.float32))
+    a = net(g)
+    g.mol_features = g.mol_features + 1.0  # other features, other predictions
+    b = net(g)
+    assert all(not torch.allclose(x, y) for x, y in zip(a, b))
+    g.mol_features = None
+    with pytest.raises(ValueError, match="needs 3 features per molecule, got none"):
+        net(g)
+    with pytest.raises(ValueError, match="2 feature rows for 3 molecules"):
+        FinetuneSet(mols, np.zeros((3, 1)), features=feats[:2])

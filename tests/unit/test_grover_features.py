@@ -20,6 +20,8 @@ from hvdhybrid.models.grover.features import (
     ATOM_FDIM,
     BOND_FDIM,
     BOND_INPUT_FDIM,
+    N_DESCRIPTORS,
+    DescriptorScaler,
     GraphBatch,
     MolGraph,
     Vocab,
@@ -32,6 +34,7 @@ from hvdhybrid.models.grover.features import (
     default_pretrain_smiles,
     motif_labels,
     random_split,
+    rdkit_2d,
     read_smiles_csv,
     scaffold_split,
 )
@@ -295,3 +298,26 @@ def test_random_split_partitions(n: int, seed: int, f: tuple[float, float, float
     assert sorted(tr + va + te) == list(range(n))
     assert len(tr) == int(f[0] * n) and len(va) == int(f[1] * n)
     assert random_split(list(range(n)), f, seed) == (tr, va, te)
+
+
+def test_rdkit_2d_descriptors_by_hand() -> None:
+    from rdkit.Chem import Descriptors
+
+    names = [n for n, _ in Descriptors.descList]
+    x = rdkit_2d([Chem.MolFromSmiles("CCO"), Chem.MolFromSmiles("c1ccccc1")])
+    assert x.shape == (2, N_DESCRIPTORS) and N_DESCRIPTORS > 200
+    assert x[0, names.index("NumHDonors")] == 1 and x[1, names.index("NumAromaticRings")] == 1
+    assert x[0, names.index("MolWt")] == pytest.approx(46.069, abs=1e-2)
+    assert x[1, names.index("fr_benzene")] == 1
+
+
+def test_descriptor_scaler_is_the_training_cdf() -> None:
+    train = np.array([[1.0, 5.0], [2.0, np.nan], [3.0, 5.0], [4.0, 5.0]])
+    scale = DescriptorScaler(train)
+    got = scale(np.array([[0.0, 4.0], [2.5, 5.0], [4.0, np.nan], [9.0, 6.0]]))
+    # column 0: fraction of the 4 training values <= x; column 1: of the 3 known ones
+    assert got.tolist() == [[0.0, 0.0], [0.5, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    assert got.dtype == np.float32
+    assert scale(train)[:, 0].tolist() == [0.25, 0.5, 0.75, 1.0]
+    with pytest.raises(ValueError, match=r"expected \[n, 2\]"):
+        scale(np.zeros((2, 3)))

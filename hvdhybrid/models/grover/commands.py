@@ -288,10 +288,13 @@ def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Start from a pretrained encoder: the --out of `grover pretrain`, or its grover.pt.")
 @click.option("--disagreement", type=float, default=0.1, show_default=True,
               help="Weight of the loss term that keeps the two heads' predictions together.")
+@click.option("--rdkit-2d", "rdkit2d", is_flag=True,
+              help="Append RDKit's 2D descriptors (CDF-normalised on the training molecules) to both "
+                   "heads' input, as GROVER does at finetuning.")
 def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
              optimizer: str, smiles_col: Optional[str], data: Optional[str], label_cols: Optional[str],
              task: str, split: str, split_sizes: str, split_seed: int, checkpoint: Optional[str],
-             disagreement: float) -> None:
+             disagreement: float, rdkit2d: bool) -> None:
     """Finetune on labelled molecules (from scratch, or from --checkpoint); RMSE or ROC-AUC.
 
     Reports the metric on the validation and test parts of the split, and
@@ -336,8 +339,15 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
         all_labels = table.labels
         assert all_labels is not None
         tasks = all_labels.shape[1]
+        features: Optional[np.ndarray] = None
+        if rdkit2d:
+            from .features import N_DESCRIPTORS, DescriptorScaler, rdkit_2d
+
+            _say(f"computing {N_DESCRIPTORS} RDKit 2D descriptors for {len(table)} molecules")
+            raw = rdkit_2d(table.mols)
+            features = DescriptorScaler(raw[parts[0]])(raw)
         torch.manual_seed(c.seed)
-        net = GroverNet(cfg, FinetuneHeads(cfg, tasks))
+        net = GroverNet(cfg, FinetuneHeads(cfg, tasks, 0 if features is None else features.shape[1]))
         note = ""
         if state is not None:
             n = load_encoder(net, state, checkpoint)
@@ -348,11 +358,10 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
         model = stage_model(net, num_stages // (2 if task_parallel else 1), task_parallel, loss_fn)
 
         def subset(idx: list[int], ref: Optional[FinetuneSet] = None) -> FinetuneSet:
-            labels = all_labels[idx]
-            if ref is None:
-                return FinetuneSet([table.mols[i] for i in idx], labels, standardize=not classification)
-            return FinetuneSet([table.mols[i] for i in idx], labels, ref.mean, ref.std,
-                               standardize=not classification)
+            return FinetuneSet([table.mols[i] for i in idx], all_labels[idx],
+                               None if ref is None else ref.mean, None if ref is None else ref.std,
+                               standardize=not classification,
+                               features=None if features is None else features[idx])
         train_set = subset(parts[0])
         sets = {"val": subset(parts[1], train_set), "test": subset(parts[2], train_set)}
         smiles_of = {id(sets["val"]): [table.smiles[i] for i in parts[1]],
@@ -377,6 +386,8 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
             got: dict[str, float] = trainer.groups.world.bcast(result, root=0)
             return got
 
+        if features is not None:
+            note += f"; heads also read {features.shape[1]} RDKit 2D descriptors"
         return Built(model, train_set, sets, evaluate, _optimizer(c, optimizer),
                      describe(name, cfg, count_parameters(net)) + note)
 

@@ -143,11 +143,17 @@ class FinetuneSet:
     Regression labels are standardised (with the training set's mean and std:
     pass them to the validation and test sets); ``standardize=False`` keeps
     them as they are (classification). Molecules are featurised on first use.
+    ``features``: optional [n_mols, F] per-molecule features (already
+    normalised), handed to the readout as ``GraphBatch.mol_features``.
     """
 
     def __init__(self, mols: Sequence[Any], labels: np.ndarray, mean: Optional[np.ndarray] = None,
-                 std: Optional[np.ndarray] = None, standardize: bool = True) -> None:
+                 std: Optional[np.ndarray] = None, standardize: bool = True,
+                 features: Optional[np.ndarray] = None) -> None:
         self.mols = list(mols)
+        if features is not None and len(features) != len(self.mols):
+            raise ValueError(f"{len(features)} feature rows for {len(self.mols)} molecules")
+        self.features = None if features is None else torch.tensor(np.asarray(features), dtype=torch.float32)
         y = np.asarray(labels, dtype=np.float64).reshape(len(self.mols), -1)
         tasks = y.shape[1]
         if standardize:
@@ -169,7 +175,10 @@ class FinetuneSet:
 
     def batch(self, indices: Sequence[int]) -> tuple[GraphBatch, FinetuneTargets]:
         idx = list(indices)
-        return batch_graphs([self._graph(i) for i in idx]), FinetuneTargets(self.y[idx])
+        g = batch_graphs([self._graph(i) for i in idx])
+        if self.features is not None:
+            g.mol_features = self.features[idx]
+        return g, FinetuneTargets(self.y[idx])
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ atom/bond table is zero padding. Labels for pre-training are the atom/bond conte
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -22,7 +23,7 @@ import numpy as np
 import rdkit
 import torch
 from rdkit import Chem
-from rdkit.Chem import Fragments
+from rdkit.Chem import Descriptors, Fragments
 from rdkit.Chem.Scaffolds import MurckoScaffold
 from rdkit.rdBase import BlockLogs
 
@@ -32,7 +33,7 @@ __all__ = [
     "ATOM_FDIM", "BOND_FDIM", "BOND_INPUT_FDIM", "N_MOTIFS", "atom_features", "bond_features",
     "pharmacophore_flags", "MolGraph", "GraphBatch", "batch_graphs", "atom_context", "bond_context",
     "Vocab", "motif_labels", "MolTable", "read_smiles_csv", "chembl2321810", "default_pretrain_smiles",
-    "scaffold_split", "random_split",
+    "scaffold_split", "random_split", "N_DESCRIPTORS", "rdkit_2d", "DescriptorScaler",
 ]
 
 ATOM_FDIM = 151
@@ -133,13 +134,15 @@ class GraphBatch:
     a2a: torch.Tensor  # [n_atoms+1, max_in] long, neighbour atoms (sources of a2b), 0-padded
     a_scope: torch.Tensor  # [n_mols, 2] long: (start, count)
     b_scope: torch.Tensor  # [n_mols, 2] long: (start, count)
+    mol_features: Optional[torch.Tensor] = None  # [n_mols, F] float32: per-molecule extras (RDKit 2D)
 
     @property
     def n_mols(self) -> int:
         return int(self.a_scope.shape[0])
 
     def to(self, device: torch.device | str) -> GraphBatch:
-        return GraphBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return dataclasses.replace(self, **{f: t.to(device) for f in self.__dataclass_fields__
+                                            if (t := getattr(self, f)) is not None})
 
 
 def batch_graphs(mols: Sequence[MolGraph]) -> GraphBatch:
@@ -165,6 +168,47 @@ def batch_graphs(mols: Sequence[MolGraph]) -> GraphBatch:
         a2b=a2b_t, b2a=b2a_t, b2revb=torch.tensor(b2revb, dtype=torch.long), a2a=b2a_t[a2b_t],
         a_scope=torch.tensor(a_scope, dtype=torch.long).view(-1, 2),
         b_scope=torch.tensor(b_scope, dtype=torch.long).view(-1, 2))
+
+
+_DESCRIPTOR_NAMES = [name for name, _ in Descriptors.descList]
+N_DESCRIPTORS = len(_DESCRIPTOR_NAMES)
+
+
+def rdkit_2d(mols: Sequence[Chem.Mol]) -> np.ndarray:
+    """RDKit's 2D descriptors (every one in ``Descriptors.descList``), [n_mols, N_DESCRIPTORS] float64.
+
+    A descriptor RDKit cannot compute for a molecule, or an infinite one, is NaN.
+    """
+    out = np.full((len(mols), N_DESCRIPTORS), np.nan)
+    with BlockLogs(), np.errstate(all="ignore"):
+        for i, m in enumerate(mols):
+            d = Descriptors.CalcMolDescriptors(m, missingVal=math.nan)
+            out[i] = [d[n] for n in _DESCRIPTOR_NAMES]
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+class DescriptorScaler:
+    """Normalises descriptors as GROVER's ``rdkit_2d_normalized`` does: each through a CDF, into [0, 1].
+
+    GROVER's CDFs were fitted on ChEMBL (descriptastorus, not shipped here);
+    this fits each descriptor's empirical CDF on the training molecules, so
+    validation and test molecules are scaled by what training saw. NaN -> 0.
+    """
+
+    def __init__(self, train: np.ndarray) -> None:
+        self.columns = [np.sort(col[~np.isnan(col)]) for col in np.asarray(train, np.float64).T]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2 or x.shape[1] != len(self.columns):
+            raise ValueError(f"expected [n, {len(self.columns)}] descriptors, got {list(x.shape)}")
+        out = np.zeros(x.shape, np.float32)
+        for j, ref in enumerate(self.columns):
+            if len(ref):
+                out[:, j] = np.searchsorted(ref, x[:, j], side="right") / len(ref)
+        out[np.isnan(x)] = 0.0
+        return out
 
 
 def atom_context(atom: Chem.Atom) -> str:
@@ -303,7 +347,7 @@ def _table(path: str, items: list[tuple[int, str, list[float]]],
         labels.append(lab)
     if not t.smiles:
         what = "none of its SMILES could be parsed" if items else "it holds no data rows"
-        raise DataError(f"{path}: {what}; check the file, or pick the SMILES column with smiles_col")
+        raise DataError(f"{path}: {what}; check the file, or pick the SMILES column with --smiles-col")
     if label_names is not None:
         t.labels = np.asarray(labels, dtype=np.float32).reshape(len(labels), len(label_names))
     return t

@@ -134,11 +134,13 @@ class Embeddings(nn.Module):
 
 
 class Readout(nn.Module):
-    """Mean of a molecule's atom embeddings, then a two-layer head."""
+    """Mean of a molecule's atom embeddings (then its ``extra`` features, if any), then a two-layer head."""
 
-    def __init__(self, hidden: int, ffn: int, out: int, dropout: float) -> None:
+    def __init__(self, hidden: int, ffn: int, out: int, dropout: float, extra: int = 0) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(hidden, ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn, out))
+        self.extra = extra
+        self.mlp = nn.Sequential(nn.Linear(hidden + extra, ffn), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(ffn, out))
 
     @staticmethod
     def pool(atoms: torch.Tensor, g: GraphBatch) -> torch.Tensor:
@@ -146,7 +148,14 @@ class Readout(nn.Module):
         return (padded * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
     def forward(self, atoms: torch.Tensor, g: GraphBatch) -> torch.Tensor:
-        out: torch.Tensor = self.mlp(self.pool(atoms, g))
+        h = self.pool(atoms, g)
+        if self.extra:
+            f = g.mol_features
+            if f is None or f.shape != (h.shape[0], self.extra):
+                got = "none" if f is None else list(f.shape)
+                raise ValueError(f"this readout needs {self.extra} features per molecule, got {got}")
+            h = torch.cat([h, f.to(h.dtype)], 1)
+        out: torch.Tensor = self.mlp(h)
         return out
 
 

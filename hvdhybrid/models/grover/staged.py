@@ -50,12 +50,16 @@ class PretrainHeads(nn.Module):
 
 
 class FinetuneHeads(nn.Module):
-    """Two readouts, one from each view's atom embeddings (GROVER's two-head output)."""
+    """Two readouts, one from each view's atom embeddings (GROVER's two-head output).
 
-    def __init__(self, cfg: GroverConfig, tasks: int) -> None:
+    ``extra``: per-molecule features (``GraphBatch.mol_features``, e.g. RDKit 2D
+    descriptors) appended to the pooled embedding of both heads.
+    """
+
+    def __init__(self, cfg: GroverConfig, tasks: int, extra: int = 0) -> None:
         super().__init__()
-        self.from_atom = Readout(cfg.hidden, cfg.ffn, tasks, cfg.dropout)
-        self.from_bond = Readout(cfg.hidden, cfg.ffn, tasks, cfg.dropout)
+        self.from_atom = Readout(cfg.hidden, cfg.ffn, tasks, cfg.dropout, extra)
+        self.from_bond = Readout(cfg.hidden, cfg.ffn, tasks, cfg.dropout, extra)
 
     def forward(self, aa: torch.Tensor, ba: torch.Tensor, ab: torch.Tensor, bb: torch.Tensor,
                 g: GraphBatch) -> tuple[torch.Tensor, ...]:
