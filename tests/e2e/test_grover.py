@@ -116,3 +116,25 @@ def test_baseline_reports_val_and_test(tmp_path) -> None:
     assert r.rc == 0, r.err[-2000:]
     res = json.loads(r.out.strip().splitlines()[-1])
     assert res["sizes"] == [32, 4, 4] and "test_roc_auc" in res and "val_roc_auc" in res
+
+
+def test_baseline_regression_reports_the_training_mean_floor(tmp_path) -> None:
+    """The RMSE of predicting the training mean: the floor any model's RMSE is read against."""
+    from hvdhybrid.models.grover.features import random_split
+
+    path = str(tmp_path / "reg.csv")
+    ys = [float(len(s)) for s in SMILES * 2]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["smiles", "y"])
+        w.writerows(zip(SMILES * 2, ys))
+    r = run([HVDTRAIN, "grover", "baseline", "--data", path, "--label-cols", "y", "--split", "random",
+             "--trees", "20"])
+    assert r.rc == 0, r.err[-2000:]
+    res = json.loads(r.out.strip().splitlines()[-1])
+    train, val, test = random_split(len(ys), (0.8, 0.1, 0.1), 0)
+    mean = sum(ys[i] for i in train) / len(train)
+    for part, idx in (("val", val), ("test", test)):
+        want = math.sqrt(sum((ys[i] - mean) ** 2 for i in idx) / len(idx))
+        assert res[f"train_mean_{part}_rmse"] == pytest.approx(want, rel=1e-6)
+    assert res["test_rmse"] < res["train_mean_test_rmse"]  # the forest learns the SMILES length

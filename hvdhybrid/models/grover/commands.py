@@ -447,6 +447,10 @@ def baseline(smiles_col: Optional[str], data: Optional[str], label_cols: Optiona
     pred = forest_predict(x[train], y[train], x[val + test], classification, trees, seed)
     result[f"val_{key}"] = metric(pred[:len(val)], y[val])
     result[f"test_{key}"] = metric(pred[len(val):], y[test])
+    if not classification:  # the floor any model must beat: predict the training molecules' mean
+        mean = np.nanmean(y[train], axis=0, keepdims=True)
+        result["train_mean_val_rmse"] = rmse(np.repeat(mean, len(val), 0), y[val])
+        result["train_mean_test_rmse"] = rmse(np.repeat(mean, len(test), 0), y[test])
     click.echo(json.dumps(result))
 
 
