@@ -1,9 +1,9 @@
 """GROVER finetuning throughput (molecules/s) for one layout; bench/run.py compares them.
 
     mpirun -np 1 python bench/grover_throughput.py plain [threads]   # plain PyTorch, no runtime
-    mpirun -np 1 python bench/grover_throughput.py one               # hvdhybrid, 1 rank
-    mpirun -np 2 python bench/grover_throughput.py tp                # node/edge views on 2 ranks
-    mpirun -np 2 python bench/grover_throughput.py dp                # 2 bundles (Horovod, fp16)
+    mpirun -np 1 python bench/grover_throughput.py one [microbatches]   # hvdhybrid, 1 rank
+    mpirun -np 2 python bench/grover_throughput.py tp [microbatches]    # node/edge views on 2 ranks
+    mpirun -np 2 python bench/grover_throughput.py dp [microbatches]    # 2 bundles (Horovod, fp16)
 
 Every layout trains the same model (config ``small`` by default) on the same
 global batch of CHEMBL2321810 molecules, featurised before timing starts.
@@ -57,7 +57,7 @@ def plain(threads: int) -> None:
           "step_s": median(times), "mol_s": BATCH / median(times)})
 
 
-def runtime(mode: str) -> None:
+def runtime(mode: str, microbatches: int) -> None:
     from hvdhybrid.groups import ProcessGroups, mpi_world
     from hvdhybrid.topology import Layout
     from hvdhybrid.trainer import TrainConfig, Trainer
@@ -71,7 +71,7 @@ def runtime(mode: str) -> None:
     model = stage_model(net, 1, task_parallel, finetune_loss)
     layout = Layout(world.Get_size(), (1, 1) if task_parallel else (1,))
     groups = ProcessGroups.create(layout, world)
-    tc = TrainConfig(batch_size=BATCH, microbatches=1, progress=False, fp16=True)
+    tc = TrainConfig(batch_size=BATCH, microbatches=microbatches, progress=False, fp16=True)
     trainer = Trainer(groups, model, lambda p: torch.optim.Adam(p, 1e-4), tc)
     it = iter(range(WARMUP + STEPS))
 
@@ -81,8 +81,9 @@ def runtime(mode: str) -> None:
     times = time_steps(step, WARMUP, STEPS, world.Barrier)
     worst = world.allreduce(median(times), op=__import__("mpi4py").MPI.MAX)
     if world.Get_rank() == 0:
-        emit({"name": f"grover-hvdhybrid-{mode}", "ranks": world.Get_size(), "threads": 1,
-              "layout": layout.describe(), "batch": BATCH, "step_s": worst, "mol_s": BATCH / worst})
+        emit({"name": f"grover-hvdhybrid-{mode}-m{microbatches}", "ranks": world.Get_size(), "threads": 1,
+              "microbatches": microbatches, "layout": layout.describe(), "batch": BATCH, "step_s": worst,
+              "mol_s": BATCH / worst})
     groups.close()
     from hvdhybrid import hvd
 
@@ -95,4 +96,4 @@ if __name__ == "__main__":
     if mode == "plain":
         plain(int(sys.argv[2]) if len(sys.argv) > 2 else 1)
     else:
-        runtime(mode)
+        runtime(mode, int(sys.argv[2]) if len(sys.argv) > 2 else 1)

@@ -44,18 +44,22 @@ def grover() -> list[dict]:
     res: list[dict] = []
     res += _run([PY, os.path.join(HERE, "grover_throughput.py"), "plain", "1"])
     res += _run([PY, os.path.join(HERE, "grover_throughput.py"), "plain", "2"])
-    res += _run(mpirun(1, "grover_throughput.py", "one"))
-    res += _run(mpirun(2, "grover_throughput.py", "tp"))
-    res += _run(mpirun(2, "grover_throughput.py", "dp"))
+    res += _run(mpirun(1, "grover_throughput.py", "one", "1"))
+    res += _run(mpirun(1, "grover_throughput.py", "one", "2"))
+    res += _run(mpirun(2, "grover_throughput.py", "tp", "1"))
+    res += _run(mpirun(2, "grover_throughput.py", "tp", "2"))
+    res += _run(mpirun(2, "grover_throughput.py", "tp", "4"))
+    res += _run(mpirun(2, "grover_throughput.py", "dp", "1"))
     by = {r["name"]: r for r in res}
-    one = by["grover-hvdhybrid-one"]["mol_s"]
+    one = by["grover-hvdhybrid-one-m1"]["mol_s"]
     print(f"\nGROVER {res[0].get('batch')} molecules per step (config from GROVER_BENCH_CONFIG, "
           "default small), 1 thread per rank unless noted\n")
-    print("| run | ranks | molecules/s | vs hvdhybrid on 1 rank |")
-    print("|---|---|---|---|")
+    print("| run | ranks | microbatches | molecules/s | vs hvdhybrid on 1 rank (1 microbatch) |")
+    print("|---|---|---|---|---|")
     for r in res:
         extra = f" ({r['threads']} threads)" if r["threads"] > 1 else ""
-        print(f"| {r['name']}{extra} | {r['ranks']} | {r['mol_s']:.1f} | {r['mol_s'] / one:.2f}x |")
+        print(f"| {r['name']}{extra} | {r['ranks']} | {r.get('microbatches', 1)} | {r['mol_s']:.1f} "
+              f"| {r['mol_s'] / one:.2f}x |")
     return res
 
 
