@@ -13,7 +13,7 @@
    deviation over the seeds, and writes every run's numbers to OUT/results.json.
 
 Every command it runs is printed first, so each number can be reproduced by hand.
-It takes about 45 minutes on 2 cores (20 of them pretraining). Nothing here judges.
+It took 33 minutes on 2 cores (15 of them pretraining). Nothing here judges.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ global batch; the runs under test go through the runtime with each layout.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -34,20 +35,15 @@ def mols() -> list[Any]:
     return [Chem.MolFromSmiles(s) for s in SMILES]
 
 
-def finetune_parts() -> tuple[GroverNet, FinetuneSet]:
-    torch.manual_seed(0)
-    net = GroverNet(CFG, FinetuneHeads(CFG, 1))
-    y = np.random.default_rng(0).normal(size=(len(SMILES), 1))
-    return net, FinetuneSet(mols(), y)
-
-
-def finetune_2d_parts() -> tuple[GroverNet, FinetuneSet]:
-    """Finetuning with RDKit 2D descriptors appended to both heads' input (--rdkit-2d)."""
+def finetune_parts(descriptors: bool = False) -> tuple[GroverNet, FinetuneSet]:
+    """``descriptors``: RDKit 2D descriptors appended to both heads' input (--rdkit-2d)."""
     ms = mols()
-    raw = rdkit_2d(ms)
-    feats = DescriptorScaler(raw[: len(ms) // 2])(raw)
+    feats = None
+    if descriptors:
+        raw = rdkit_2d(ms)
+        feats = DescriptorScaler(raw[: len(ms) // 2])(raw)
     torch.manual_seed(0)
-    net = GroverNet(CFG, FinetuneHeads(CFG, 1, feats.shape[1]))
+    net = GroverNet(CFG, FinetuneHeads(CFG, 1, 0 if feats is None else feats.shape[1]))
     y = np.random.default_rng(0).normal(size=(len(SMILES), 1))
     return net, FinetuneSet(ms, y, features=feats)
 
@@ -59,7 +55,8 @@ def pretrain_parts() -> tuple[GroverNet, PretrainSet]:
     return net, PretrainSet(mols(), av, bv)
 
 
-PARTS = {"finetune": (finetune_parts, finetune_loss), "finetune-2d": (finetune_2d_parts, finetune_loss),
+PARTS = {"finetune": (finetune_parts, finetune_loss),
+         "finetune-2d": (functools.partial(finetune_parts, descriptors=True), finetune_loss),
          "pretrain": (pretrain_parts, pretrain_loss)}
 
 
