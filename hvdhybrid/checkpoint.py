@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "shard_name", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "load_shard", "encode_shard",
            "save_collective", "resolve_resume"]
@@ -32,7 +34,7 @@ __all__ = ["CheckpointError", "Manifest", "atomic_write", "shard_name", "step_di
 FORMAT = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used: missing, corrupt, truncated, or from another run."""
 
 

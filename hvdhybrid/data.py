@@ -8,10 +8,12 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder"]
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file or folder that cannot be used, named with what is wrong."""
 
 

@@ -6,10 +6,12 @@ import os
 
 import torch
 
+from .errors import InputError
+
 __all__ = ["DeviceError", "local_rank", "local_size", "pick_device"]
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """A device that was asked for and is not there."""
 
 

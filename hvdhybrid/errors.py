@@ -1,4 +1,10 @@
-"""User-facing errors: the types that mean 'your input is wrong', shown as one line with exit code 2."""
+"""User-facing errors: one base class for 'your input is wrong', shown as one line with exit code 2.
+
+Every module that checks user input (layouts, batches, data files, hostfiles,
+checkpoints, schedules, ...) raises a subclass of :class:`InputError`, defined
+next to the check. The CLI catches the base class alone, so a new kind of
+input error needs no registration anywhere.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,14 @@ from typing import Any
 
 import click
 
-from .checkpoint import CheckpointError
-from .data import DataError
-from .device import DeviceError
-from .graph import GraphError
-from .groups import LaunchError
-from .hostfile import HostfileError
-from .partition import PartitionError
-from .schedule import ScheduleError
-from .slicing import BatchError
-from .topology import LayoutError
+__all__ = ["InputError", "USER_ERRORS", "UserError"]
 
-__all__ = ["USER_ERRORS", "UserError"]
 
-USER_ERRORS = (LayoutError, BatchError, GraphError, PartitionError, DataError, DeviceError,
-               LaunchError, ScheduleError, HostfileError, CheckpointError)
+class InputError(ValueError):
+    """Bad user input; the message says what was wrong and how to fix it."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (InputError,)
 
 
 class UserError(click.ClickException):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from .errors import InputError
+
 __all__ = ["GraphError", "StageGraph"]
 
 
-class GraphError(ValueError):
+class GraphError(InputError):
     """A stage graph that cannot be run (cycle, no single sink, bad edge)."""
 
 

@@ -6,12 +6,13 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .errors import InputError
 from .topology import Layout, RankCoord
 
 __all__ = ["LaunchError", "ProcessGroups", "mpi_world", "check_launch", "warm_pickle_collectives"]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(InputError):
     """The job was launched in a way hvdhybrid cannot run under (e.g. horovodrun --gloo)."""
 
 

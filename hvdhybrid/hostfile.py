@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import InputError
+
 __all__ = ["HostfileError", "Host", "parse_hostfile", "read_hostfile", "place_ranks"]
 
 
-class HostfileError(ValueError):
+class HostfileError(InputError):
     """A hostfile line that neither mpirun nor horovodrun would take, named by file and line."""
 
 

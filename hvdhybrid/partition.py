@@ -8,10 +8,12 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .errors import InputError
+
 __all__ = ["PartitionError", "balance", "uniform", "by_params", "by_time", "STRATEGIES"]
 
 
-class PartitionError(ValueError):
+class PartitionError(InputError):
     """More stages than layers, or costs that cannot be split."""
 
 

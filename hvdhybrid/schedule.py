@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import InputError
 from .graph import StageGraph
 
 __all__ = ["Action", "ScheduleError", "SCHEDULES", "gpipe", "one_f_one_b",
@@ -40,7 +41,7 @@ class Action:
         return f"{self.kind}{self.mb}"
 
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError):
     """An unknown schedule name, or a schedule the simulator proves incomplete or deadlocked."""
 
 

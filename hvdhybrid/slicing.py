@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InputError
+
 __all__ = ["BatchError", "Piece", "check_batch", "peers", "replica_rows", "transfer_pieces"]
 
 
-class BatchError(ValueError):
+class BatchError(InputError):
     """A batch size that does not split evenly over bundles, microbatches and widths."""
 
 

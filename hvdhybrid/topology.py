@@ -24,10 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from .errors import InputError
+
 __all__ = ["LayoutError", "Layout", "RankCoord", "parse_bundle_shape"]
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """A requested layout does not fit the world; the message says what would."""
 
 
