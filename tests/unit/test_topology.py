@@ -128,3 +128,56 @@ def test_layout_constructs_or_layout_error(world, widths):
     last = lay.coord(world - 1)
     assert (last.bundle, last.stage, last.replica) == (lay.num_bundles - 1, len(widths) - 1,
                                                        widths[-1] - 1)
+
+
+def test_golden_world8_two_stages_tensor2():
+    lay = Layout(8, (1, 1), tensor=2)
+    assert (lay.num_bundles, lay.bundle_size) == (2, 4)
+    coords = [(c.bundle, c.stage, c.replica, c.tensor) for c in map(lay.coord, range(8))]
+    assert coords == [(0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (0, 1, 0, 1),
+                      (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)]
+    assert [lay.stage_members(b, s) for b in range(2) for s in range(2)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert lay.tensor_members(1, 1, 0) == [6, 7]
+    assert lay.row_members(0, 0, 1) == [1]
+    assert lay.all_data_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_golden_world12_widths_1_2_tensor2():
+    """Rows and tensors together: stage 1 has 2 replicas of 2 tensor ranks each."""
+    lay = Layout(12, (1, 2), tensor=2)
+    assert lay.bundle_size == 6 and lay.num_bundles == 2
+    assert lay.coord(4) == RankCoord(4, 0, 1, 1, 0)
+    assert lay.coord(11) == RankCoord(11, 1, 1, 1, 1)
+    assert lay.stage_members(0, 1) == [2, 3, 4, 5]
+    assert lay.row_members(0, 1, 1) == [3, 5]
+    assert lay.tensor_members(0, 1, 1) == [4, 5]
+    assert lay.data_members(1, 1, 1) == [5, 11]
+
+
+@pytest.mark.parametrize("widths", [(1,), (2,), (1, 1), (1, 3), (2, 1, 1)])
+@pytest.mark.parametrize("tensor", [1, 2, 4])
+def test_tensor_groups_partition_each_stage_group_for_large_worlds(widths, tensor):
+    size = sum(widths) * tensor
+    for bundles in (1, 3, 4096 // size):
+        lay = Layout(size * bundles, widths, tensor)
+        for r in range(0, lay.world_size, max(1, lay.world_size // 97)):
+            c = lay.coord(r)
+            assert lay.rank_of(c.bundle, c.stage, c.replica, c.tensor) == r
+            tg = lay.tensor_members(c.bundle, c.stage, c.replica)
+            rg = lay.row_members(c.bundle, c.stage, c.tensor)
+            assert set(tg) & set(rg) == {r}
+            stage = lay.stage_members(c.bundle, c.stage)
+            assert sorted(x for t in range(tensor) for x in lay.row_members(c.bundle, c.stage, t)) \
+                == sorted(stage) == sorted(x for q in range(widths[c.stage])
+                                           for x in lay.tensor_members(c.bundle, c.stage, q))
+        groups = lay.all_data_groups()
+        assert sorted(r for g in groups for r in g) == list(range(lay.world_size))
+
+
+def test_tensor_layout_error_names_the_tensor_size():
+    with pytest.raises(LayoutError) as e:
+        Layout(6, (1, 1), tensor=2)
+    msg = str(e.value)
+    assert "bundle size 4" in msg and "x tensor 2" in msg and "-np 4" in msg
+    with pytest.raises(LayoutError, match="--tensor"):
+        Layout(4, (1,), tensor=0)
