@@ -2,11 +2,17 @@
 
 On disk, under ``OUT/checkpoints/``::
 
-    step-000020/rank-00000.pt   one shard per rank: its stage's parameters (full-model
-    step-000020/rank-00001.pt   names), optimizer state, RNG states, sampler position
-    step-000020/manifest.json   written by rank 0 once every shard is on disk:
-                                step, model, layout, sha256 and size of every shard
+    step-000020/stage-000.pt    one file per stage (per tensor rank: stage-000-t01.pt),
+    step-000020/stage-001.pt    written by bundle 0's replica 0: parameters, buffers and
+                                optimizer state by full-model name (a tied parameter once)
+    step-000020/common.pt       step, sampler position, RNG states, optimizer hyperparameters
+    step-000020/manifest.json   written by rank 0 once every file is on disk: step, model,
+                                layout, sha256 and size of every file, and for every name
+                                the file(s) holding it with its global shape and slice
     latest                      the name of the newest complete checkpoint, updated last
+
+Because names, not ranks, key the contents, any layout can load any
+checkpoint (:mod:`state` does the resharding).
 
 A checkpoint is *complete* when its manifest exists and every shard matches its
 checksum. Every file is written to a temporary name, fsynced, and renamed, so
@@ -20,7 +26,7 @@ import io
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -29,9 +35,9 @@ from .errors import InputError
 
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "shard_name", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "load_shard", "encode_shard",
-           "save_collective", "resolve_resume"]
+           "save_collective", "resolve_resume", "load_file"]
 
-FORMAT = 1
+FORMAT = 2
 
 
 class CheckpointError(InputError):
@@ -85,21 +91,32 @@ class Manifest:
     world_size: int
     widths: tuple[int, ...]
     shards: dict[str, tuple[str, int]]  # file name -> (sha256, size)
+    tensor: int = 1
+    #: full name -> pieces: {"file", "kind" (param/buffer), "shape" (global), "dim", "start", "stop"}
+    names: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    placement: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "step": self.step, "model": self.model,
                            "world_size": self.world_size, "widths": list(self.widths),
-                           "shards": {k: {"sha256": h, "bytes": n} for k, (h, n) in self.shards.items()}},
-                          indent=2)
+                           "tensor": self.tensor, "placement": list(self.placement),
+                           "shards": {k: {"sha256": h, "bytes": n} for k, (h, n) in self.shards.items()},
+                           "names": self.names}, indent=1)
 
     @classmethod
     def read(cls, path: str) -> Manifest:
         try:
             with open(path) as f:
                 d = json.load(f)
+            if d.get("format") != FORMAT:
+                raise CheckpointError(
+                    f"checkpoint {os.path.dirname(path)} has format {d.get('format')}, this "
+                    f"hvdhybrid reads format {FORMAT} (by-name checkpoints); start a new run")
             return cls(int(d["step"]), str(d["model"]), int(d["world_size"]),
                        tuple(int(w) for w in d["widths"]),
-                       {k: (str(v["sha256"]), int(v["bytes"])) for k, v in d["shards"].items()})
+                       {k: (str(v["sha256"]), int(v["bytes"])) for k, v in d["shards"].items()},
+                       int(d.get("tensor", 1)), dict(d.get("names", {})),
+                       tuple(int(p) for p in d.get("placement", ())))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"unreadable manifest {path}: {e}") from None
 
@@ -164,8 +181,13 @@ def prune(root: str, keep: int) -> None:
 
 
 def load_shard(path: str, rank: int) -> dict[str, Any]:
-    """This rank's shard of a verified checkpoint directory."""
-    f = os.path.join(path, shard_name(rank))
+    """The shard of ``rank`` (format-level helper for tests and tools)."""
+    return load_file(path, shard_name(rank))
+
+
+def load_file(path: str, name: str) -> dict[str, Any]:
+    """One file of a verified checkpoint directory."""
+    f = os.path.join(path, name)
     try:
         state: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
@@ -175,24 +197,40 @@ def load_shard(path: str, rank: int) -> dict[str, Any]:
     return state
 
 
-def save_collective(world: Any, root: str, step: int, model: str, widths: tuple[int, ...],
-                    state: dict[str, Any], keep: int, after_shard: Any = None) -> str:
-    """Every rank writes its shard; rank 0 commits the manifest and ``latest``; collective.
+def save_collective(world: Any, root: str, step: int, manifest: Manifest,
+                    files: dict[str, dict[str, Any]], names: dict[str, list[dict[str, Any]]],
+                    keep: int, after_shard: Any = None) -> str:
+    """Every rank writes its files (maybe none); rank 0 commits the manifest and ``latest``; collective.
+
+    Args:
+        manifest: the run's layout facts (its ``shards`` and ``names`` are filled in here).
+        files: this rank's files, name -> contents.
+        names: this rank's entries of the name map (full name -> pieces).
 
     Returns:
         The checkpoint directory.
     """
     d = step_dir(root, step)
     os.makedirs(d, exist_ok=True)
-    data = encode_shard(state)
-    name = shard_name(world.Get_rank())
-    atomic_write(os.path.join(d, name), data)
+    written = []
+    for name, state in sorted(files.items()):
+        data = encode_shard(state)
+        atomic_write(os.path.join(d, name), data)
+        written.append((name, sha256(data), len(data)))
     if after_shard is not None:  # failure tests: die with the shard written, the manifest not
         after_shard()
-    entries = world.gather((name, sha256(data), len(data)), root=0)
+    entries = world.gather((written, names), root=0)
     if world.Get_rank() == 0:
-        shards = {n: (h, size) for n, h, size in entries}
-        write_manifest(root, Manifest(step, model, world.Get_size(), tuple(widths), shards))
+        shards = {n: (h, size) for ws, _ in entries for n, h, size in ws}
+        all_names: dict[str, list[dict[str, Any]]] = {}
+        for _, ns in entries:
+            for k, pieces in ns.items():
+                all_names.setdefault(k, []).extend(pieces)
+        for pieces in all_names.values():
+            pieces.sort(key=lambda p: (p.get("start") or 0))
+        m = Manifest(step, manifest.model, manifest.world_size, manifest.widths, shards,
+                     manifest.tensor, all_names, manifest.placement)
+        write_manifest(root, m)
         prune(root, keep)
     world.Barrier()  # nobody moves on before the checkpoint is committed
     return d

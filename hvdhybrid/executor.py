@@ -1,4 +1,15 @@
-"""The executor: runs one rank's action list for a step, moving tensors with :mod:`p2p`.
+"""The executor: runs one rank's action list for a step over every stage the rank holds.
+
+A rank runs the stages that the :class:`~hvdhybrid.placement.Placement` puts on
+its stage group. Activations and gradients between stages on different ranks
+move with :mod:`p2p`; between two stages of the same rank they are handed over
+in memory, through the same autograd boundary (a detached leaf downstream, its
+``.grad`` sent back), so a local edge computes exactly what a remote one does.
+
+Actions (:mod:`schedule`): ``F`` runs a stage's forward; ``B`` its backward
+(input and weight gradients together, unless the plan has a ``W`` for that
+stage and microbatch: then ``B`` computes only the input gradients, which
+unblocks the upstream stage, and ``W`` the weight gradients later).
 
 Frames (why gradients are rescaled between stages of different widths): each
 replica of a stage computes as if its rows were the whole batch, so the loss of
@@ -6,6 +17,10 @@ a sink replica is the mean over *its* rows, and the parameter gradients of the
 ``w`` replicas of a stage are *averaged*. A gradient that crosses an edge from
 a stage of width ``w_d`` to one of width ``w_u`` is therefore multiplied by
 ``w_u / w_d`` on arrival. With equal widths that factor is 1.
+
+Tensor ranks: every tensor rank of a replica runs the same actions on the
+same rows; it exchanges activations only with the same tensor rank of the
+neighbouring stage groups (tensor-parallel layers keep their outputs whole).
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from torch import nn
 
 from .graph import StageGraph
 from .p2p import P2P, MsgKey, PendingRecv
+from .placement import Placement
 from .schedule import Action
 from .slicing import Piece, transfer_pieces
 from .topology import Layout, RankCoord
@@ -26,6 +42,7 @@ __all__ = ["Executor", "StepResult", "StageShapeError"]
 
 Tensors = tuple[Optional[torch.Tensor], ...]
 BatchFn = Callable[[int], tuple[Any, Any]]
+LOCAL = -1  # the "peer" of an inbound piece that came from a stage on this rank
 
 
 class StageShapeError(RuntimeError):
@@ -51,47 +68,79 @@ def _unpack(msg: tuple[torch.Tensor, ...]) -> Any:
     return msg[0] if len(msg) == 1 else msg
 
 
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    """What a local edge hands downstream: a leaf like one received over MPI."""
+    out = t.detach()
+    return out.requires_grad_() if t.requires_grad else out
+
+
 @dataclass
 class _Inbound:
     """Activations of one microbatch from one upstream edge: pieces as received."""
 
     src_stage: int
-    pieces: list[tuple[int, Tensors]]  # (peer rank, tensors as autograd leaves), in row order
+    pieces: list[tuple[int, Tensors]]  # (peer rank or LOCAL, tensors as autograd leaves), in row order
+
+
+@dataclass
+class _Saved:
+    """What a forward leaves for the backward (and the weight-gradient pass) of one microbatch."""
+
+    inbound: list[_Inbound]
+    out: tuple[torch.Tensor, ...]
+    loss: Optional[torch.Tensor]
+    roots: list[torch.Tensor] = field(default_factory=list)  # kept for W after a split B
+    grads: list[Optional[torch.Tensor]] = field(default_factory=list)
 
 
 class Executor:
-    """Runs action lists for one rank of one stage.
+    """Runs action lists for one rank, over every stage it holds.
 
     Args:
         graph: the bundle's stage graph.
         layout: widths and rank numbering (bundle-local ranks are used as peers).
+        placement: which stage group runs each stage.
         coord: this rank's coordinates.
-        module: this stage's part of the model.
+        modules: this rank's stages, ``stage -> module``.
         p2p: transport on the bundle communicator.
         loss_fn: ``loss_fn(output, target)``, a mean over rows; used on the sink only.
     """
 
-    def __init__(self, graph: StageGraph, layout: Layout, coord: RankCoord, module: nn.Module,
-                 p2p: P2P, loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None) -> None:
-        if graph.num_stages != layout.num_stages:
-            raise ValueError(f"graph has {graph.num_stages} stages, layout {layout.num_stages}")
-        self.graph, self.layout, self.coord = graph, layout, coord
-        self.module, self.p2p, self.loss_fn = module, p2p, loss_fn
-        self.stage, self.replica = coord.stage, coord.replica
-        self.width = layout.widths[self.stage]
+    def __init__(self, graph: StageGraph, layout: Layout, placement: Placement, coord: RankCoord,
+                 modules: dict[int, nn.Module], p2p: P2P,
+                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None) -> None:
+        if graph.num_stages != placement.num_stages:
+            raise ValueError(f"graph has {graph.num_stages} stages, placement {placement.num_stages}")
+        if placement.num_positions != layout.num_stages:
+            raise ValueError(f"placement uses {placement.num_positions} stage groups, "
+                             f"layout has {layout.num_stages}")
+        mine = placement.stages_on(coord.stage)
+        if sorted(modules) != mine:
+            raise ValueError(f"rank {coord.rank} runs stages {mine}, got modules of {sorted(modules)}")
+        self.graph, self.layout, self.placement, self.coord = graph, layout, placement, coord
+        self.modules, self.p2p, self.loss_fn = modules, p2p, loss_fn
+        self.replica = coord.replica
+        self.width = layout.widths[coord.stage]
+        self._mailbox: dict[tuple[int, int, int, int], Tensors] = {}
 
     # -- who talks to whom ---------------------------------------------------
+    def _w(self, stage: int) -> int:
+        return self.layout.widths[self.placement.position_of(stage)]
+
+    def _local(self, stage: int) -> bool:
+        return stage in self.modules
+
     def _peer(self, stage: int, replica: int) -> int:
-        return self.layout.bundle_local_rank(stage, replica)
+        return self.layout.bundle_local_rank(self.placement.position_of(stage), replica, self.coord.tensor)
 
     def _in_peers(self, up: int) -> list[int]:
         """Source replicas of stage ``up`` that send rows to this replica, in row order."""
-        w_up = self.layout.widths[up]
+        w_up = self._w(up)
         return [p.src_replica for p in transfer_pieces(w_up * self.width, w_up, self.width)
                 if p.dst_replica == self.replica]
 
     def _out_peers(self, down: int) -> list[int]:
-        w_down = self.layout.widths[down]
+        w_down = self._w(down)
         return [p.dst_replica for p in transfer_pieces(self.width * w_down, self.width, w_down)
                 if p.src_replica == self.replica]
 
@@ -101,58 +150,78 @@ class Executor:
     # -- one step --------------------------------------------------------------
     def run(self, actions: Sequence[Action], batch_fn: BatchFn, microbatches: int,
             loss_scale: float = 1.0, train: bool = True) -> StepResult:
-        """Run ``actions`` for one step.
+        """Run ``actions`` (this rank's list of the plan) for one step.
 
         Args:
-            actions: this stage's action list (from :mod:`schedule`).
+            actions: this stage group's action list (from :mod:`schedule`).
             batch_fn: ``mb -> (inputs, targets)`` for this replica's rows of microbatch ``mb``.
             microbatches: number of microbatches in the step.
             loss_scale: the sink multiplies each microbatch loss by this before
                 backward (``1 / (microbatches * accumulation)``).
             train: build graphs and run backwards; ``False`` runs forwards under no_grad.
         """
-        g, s = self.graph, self.stage
+        g = self.graph
         result = StepResult(microbatches=microbatches)
         # Receives first: every header this step will need, before any send.
-        fwd: dict[tuple[int, int], list[PendingRecv]] = {}
-        bwd: dict[tuple[int, int], list[PendingRecv]] = {}
+        fwd: dict[tuple[int, int, int], list[PendingRecv]] = {}
+        bwd: dict[tuple[int, int, int], list[PendingRecv]] = {}
         for mb in range(microbatches):
-            for up in g.upstream(s):
-                fwd[(up, mb)] = [self.p2p.recv(self._peer(up, i), self._key(up, s, mb, 0))
-                                 for i in self._in_peers(up)]
-            if train:
-                for down in g.downstream(s):
-                    bwd[(down, mb)] = [self.p2p.recv(self._peer(down, j), self._key(s, down, mb, 1))
-                                       for j in self._out_peers(down)]
+            for s in self.modules:
+                for up in g.upstream(s):
+                    if not self._local(up):
+                        fwd[(up, s, mb)] = [self.p2p.recv(self._peer(up, i), self._key(up, s, mb, 0))
+                                            for i in self._in_peers(up)]
+                if train:
+                    for down in g.downstream(s):
+                        if not self._local(down):
+                            bwd[(s, down, mb)] = [
+                                self.p2p.recv(self._peer(down, j), self._key(s, down, mb, 1))
+                                for j in self._out_peers(down)]
         pending = [r for rs in list(fwd.values()) + list(bwd.values()) for r in rs]
-        saved: dict[int, tuple[list[_Inbound], tuple[torch.Tensor, ...], Optional[torch.Tensor]]] = {}
+        split_w = {(a.stage, a.mb) for a in actions if a.kind == "W"}
+        batches: dict[int, tuple[Any, Any]] = {}
+        saved: dict[tuple[int, int], _Saved] = {}
+
+        def batch(mb: int) -> tuple[Any, Any]:
+            if mb not in batches:
+                batches[mb] = batch_fn(mb)
+            return batches[mb]
 
         for act in actions:
+            key = (act.stage, act.mb)
             if act.kind == "F":
                 with torch.set_grad_enabled(train):
-                    inbound, out, loss = self._forward(act.mb, batch_fn, fwd, loss_scale, result, train)
+                    sv = self._forward(act.stage, act.mb, batch, fwd, loss_scale, result, train)
                 if train:
-                    saved[act.mb] = (inbound, out, loss)
+                    saved[key] = sv
+            elif act.kind == "B":
+                sv = saved[key] if key in split_w else saved.pop(key)
+                self._backward(act.stage, act.mb, sv, bwd, weights=key not in split_w)
             else:
-                inbound, out, loss = saved.pop(act.mb)
-                self._backward(act.mb, inbound, out, loss, bwd)
+                self._weights(act.stage, saved.pop(key))
             for r in pending:
                 r.poll()
             self.p2p.drain_sends()
         self.p2p.wait_sends()
+        self._mailbox.clear()
         return result
 
-    def _forward(self, mb: int, batch_fn: BatchFn, fwd: dict[tuple[int, int], list[PendingRecv]],
-                 loss_scale: float, result: StepResult, train: bool,
-                 ) -> tuple[list[_Inbound], tuple[torch.Tensor, ...], Optional[torch.Tensor]]:
-        g, s = self.graph, self.stage
+    def _forward(self, s: int, mb: int, batch: BatchFn,
+                 fwd: dict[tuple[int, int, int], list[PendingRecv]],
+                 loss_scale: float, result: StepResult, train: bool) -> _Saved:
+        g = self.graph
         needs_batch = s in g.batch_stages or s == g.sink
-        inputs, targets = batch_fn(mb) if needs_batch else (None, None)
+        inputs, targets = batch(mb) if needs_batch else (None, None)
         args: list[Any] = [inputs] if s in g.batch_stages else []
         inbound = []
         for up in g.upstream(s):
-            w_up = self.layout.widths[up]
-            msgs = [r.wait() for r in fwd.pop((up, mb))]
+            if self._local(up):
+                msg = self._mailbox.pop((up, s, mb, 0))
+                inbound.append(_Inbound(up, [(LOCAL, msg)]))
+                args.append(_unpack(msg))  # type: ignore[arg-type]
+                continue
+            w_up = self._w(up)
+            msgs = [r.wait() for r in fwd.pop((up, s, mb))]
             pieces = [(self._peer(up, i), m) for i, m in zip(self._in_peers(up), msgs)]
             inbound.append(_Inbound(up, pieces))
             if len(msgs) == 1:
@@ -169,7 +238,7 @@ class Executor:
             if any(t is None for t in joined):
                 raise StageShapeError(f"stage {s} got an empty tensor from stage {up}, microbatch {mb}")
             args.append(_unpack(joined))  # type: ignore[arg-type]
-        out = _as_tuple(self.module(*args))
+        out = _as_tuple(self.modules[s](*args))
         loss = None
         if s == g.sink:
             if train:
@@ -181,14 +250,16 @@ class Executor:
             else:
                 result.outputs.append((_unpack(out), targets))
         else:
-            self._send_rows(mb, out, direction=0)
-        return inbound, out, loss
+            self._send_rows(s, mb, out)
+        return _Saved(inbound, out, loss)
 
-    def _send_rows(self, mb: int, out: tuple[torch.Tensor, ...], direction: int) -> None:
+    def _send_rows(self, s: int, mb: int, out: tuple[torch.Tensor, ...]) -> None:
         """Send this replica's output rows of ``mb`` to every downstream replica that needs them."""
-        s = self.stage
         for down in self.graph.downstream(s):
-            w_down = self.layout.widths[down]
+            if self._local(down):
+                self._mailbox[(s, down, mb, 0)] = tuple(_leaf(t) for t in out)
+                continue
+            w_down = self._w(down)
             if w_down == self.width:
                 self.p2p.send(self._peer(down, self.replica), self._key(s, down, mb, 0), out)
                 continue
@@ -203,51 +274,80 @@ class Executor:
                     part = tuple(t[p.src_start:p.src_stop] for t in out)
                     self.p2p.send(self._peer(down, p.dst_replica), self._key(s, down, mb, 0), part)
 
-    def _backward(self, mb: int, inbound: list[_Inbound], out: tuple[torch.Tensor, ...],
-                  loss: Optional[torch.Tensor], bwd: dict[tuple[int, int], list[PendingRecv]]) -> None:
-        g, s = self.graph, self.stage
-        if loss is not None:
-            loss.backward()
-        else:
-            grads: list[Optional[torch.Tensor]] = [None] * len(out)
-            for down in g.downstream(s):
-                w_down = self.layout.widths[down]
-                msgs = [r.wait() for r in bwd.pop((down, mb))]
+    def _output_grads(self, s: int, mb: int, out: tuple[torch.Tensor, ...],
+                      bwd: dict[tuple[int, int, int], list[PendingRecv]]) -> list[Optional[torch.Tensor]]:
+        """Gradients of ``s``'s outputs of ``mb``: summed over downstream stages, in this replica's frame."""
+        grads: list[Optional[torch.Tensor]] = [None] * len(out)
+        for down in self.graph.downstream(s):
+            if self._local(down):
+                msgs: list[Tensors] = [self._mailbox.pop((s, down, mb, 1))]
+                plan = [Piece(self.replica, self.replica, 0, out[0].shape[0], 0)]
+                w_down = self.width
+            else:
+                w_down = self._w(down)
+                msgs = [r.wait() for r in bwd.pop((s, down, mb))]
                 if w_down == self.width:
                     plan = [Piece(self.replica, self.replica, 0, out[0].shape[0], 0)]
                 else:
                     rows = out[0].shape[0] * self.width
                     plan = [p for p in transfer_pieces(rows, self.width, w_down)
                             if p.src_replica == self.replica]
-                scale = self.width / w_down
-                for p, m in zip(plan, msgs):
-                    if len(m) != len(out):
+            scale = self.width / w_down
+            for p, m in zip(plan, msgs):
+                if len(m) != len(out):
+                    raise StageShapeError(
+                        f"stage {s} expected gradients for {len(out)} outputs of microbatch "
+                        f"{mb} from stage {down}, got {len(m)}")
+                for k, gk in enumerate(m):
+                    if gk is None:
+                        continue
+                    # equal widths: whole outputs, whatever their row counts (atoms vs bonds)
+                    want = out[k].shape if w_down == self.width else \
+                        out[k][p.src_start:p.src_stop].shape
+                    if gk.shape != want:
                         raise StageShapeError(
-                            f"stage {s} expected gradients for {len(out)} outputs of microbatch "
-                            f"{mb} from stage {down}, got {len(m)}")
-                    for k, gk in enumerate(m):
-                        if gk is None:
-                            continue
-                        # equal widths: whole outputs, whatever their row counts (atoms vs bonds)
-                        want = out[k].shape if w_down == self.width else \
-                            out[k][p.src_start:p.src_stop].shape
-                        if gk.shape != want:
-                            raise StageShapeError(
-                                f"stage {s} got gradient {tuple(gk.shape)} for output {k} of "
-                                f"microbatch {mb} from stage {down}, expected {tuple(want)}")
-                        if scale != 1.0:
-                            gk = gk * scale
-                        if len(plan) > 1:  # a piece of the rows: place it in a full-size gradient
-                            full = torch.zeros_like(out[k])
-                            full[p.src_start:p.src_stop] = gk
-                            gk = full
-                        grads[k] = gk if grads[k] is None else grads[k] + gk  # type: ignore[operator]
-            pairs = [(o, gr) for o, gr in zip(out, grads) if gr is not None and o.requires_grad]
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [gr for _, gr in pairs])
-        # Input gradients go back to the replicas that sent the rows.
-        for ib in inbound:
+                            f"stage {s} got gradient {tuple(gk.shape)} for output {k} of "
+                            f"microbatch {mb} from stage {down}, expected {tuple(want)}")
+                    if scale != 1.0:
+                        gk = gk * scale
+                    if len(plan) > 1:  # a piece of the rows: place it in a full-size gradient
+                        full = torch.zeros_like(out[k])
+                        full[p.src_start:p.src_stop] = gk
+                        gk = full
+                    grads[k] = gk if grads[k] is None else grads[k] + gk  # type: ignore[operator]
+        return grads
+
+    def _backward(self, s: int, mb: int, sv: _Saved,
+                  bwd: dict[tuple[int, int, int], list[PendingRecv]], weights: bool) -> None:
+        """Input gradients (and, unless a W follows, weight gradients) of ``s`` for ``mb``."""
+        if sv.loss is not None:
+            roots: list[torch.Tensor] = [sv.loss]
+            grads: list[Optional[torch.Tensor]] = [None]
+        else:
+            got = self._output_grads(s, mb, sv.out, bwd)
+            pairs = [(o, gr) for o, gr in zip(sv.out, got) if gr is not None and o.requires_grad]
+            roots, grads = [o for o, _ in pairs], [gr for _, gr in pairs]
+        if roots:
+            if weights:
+                torch.autograd.backward(roots, grads)
+            else:
+                leaves = [t for ib in sv.inbound for _, ts in ib.pieces for t in ts
+                          if t is not None and t.requires_grad]
+                if leaves:
+                    torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
+                sv.roots, sv.grads = roots, grads
+        # Input gradients go back to the replicas (or the local stage) that sent the rows.
+        for ib in sv.inbound:
             for peer, tensors in ib.pieces:
                 grads_in = tuple(t.grad if (t is not None and t.requires_grad) else None
                                  for t in tensors)
-                self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1), grads_in)
+                if peer == LOCAL:
+                    self._mailbox[(ib.src_stage, s, mb, 1)] = grads_in
+                else:
+                    self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1), grads_in)
+
+    def _weights(self, s: int, sv: _Saved) -> None:
+        """The weight gradients of a backward that ran split (``B`` then ``W``)."""
+        params = [p for p in self.modules[s].parameters() if p.requires_grad]
+        if sv.roots and params:
+            torch.autograd.backward(sv.roots, sv.grads, inputs=params)

@@ -1,15 +1,34 @@
-"""Gradient synchronisation: average within the stage group, then across bundles with Horovod."""
+"""Gradient synchronisation and the gradient guard, each reading every parameter's ownership tag.
+
+Once per optimizer step, after every microbatch of every accumulation pass:
+
+1. *rows*: the replicas of a row group average their gradients (mpi4py Allreduce);
+2. *ties*: a parameter held by several stage groups sums its gradients over
+   the tied communicator (each holder has the part of its own stage);
+3. *data*: bundles average over the data group (Horovod grouped allreduce,
+   fp16 on the wire when asked).
+
+Then :meth:`GradSync.guard` computes the whole model's gradient norm as one
+process would (each parameter counted once: replicated copies weighted down,
+shards added, a tie counted on its first stage), skips a non-finite step and
+clips to ``clip`` by global norm.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from .groups import ProcessGroups
+from .ownership import Sharded, Tied, owner_of
+from .placement import Placement
 
-__all__ = ["GradSync"]
+__all__ = ["GradSync", "WorldSum"]
+
+WorldSum = Callable[[list[float], str], list[float]]
 
 
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -24,21 +43,41 @@ def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> None:
         off += n
 
 
-class GradSync:
-    """Averages one stage's gradients over its replicas and over bundles.
+def _allreduce(comm: Any, tensors: list[torch.Tensor], divide: int = 1) -> None:
+    """Sum ``tensors`` over ``comm`` in one buffer call (it releases the GIL); divide by ``divide``."""
+    from mpi4py import MPI
 
-    Called once per optimizer step (after all microbatches and accumulation
-    steps), never per microbatch.
+    flat = _flat(tensors).to(torch.float64 if tensors[0].dtype == torch.float64 else torch.float32)
+    arr = flat.cpu().numpy()
+    comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+    out = torch.from_numpy(arr).to(tensors[0].device)
+    if divide > 1:
+        out.div_(divide)
+    _unflat(out, tensors)
+
+
+class GradSync:
+    """Averages (and sums, for ties) one rank's gradients; guards and clips the global norm.
 
     Args:
-        groups: this rank's process groups.
-        module: the stage's module (its parameters are synchronised).
+        groups: this rank's process groups (with the tied communicators the
+            model needs already added).
+        placement: which stage group runs each stage (to find a tie's groups).
+        modules: this rank's stage modules, ``stage -> module``.
         fp16: send gradients across bundles as float16 (Horovod ``Compression.fp16``).
     """
 
-    def __init__(self, groups: ProcessGroups, module: nn.Module, fp16: bool = True) -> None:
-        self.groups, self.fp16 = groups, fp16
-        self.params = [p for p in module.parameters() if p.requires_grad]
+    def __init__(self, groups: ProcessGroups, placement: Placement, modules: dict[int, nn.Module],
+                 fp16: bool = True) -> None:
+        self.groups, self.placement, self.fp16 = groups, placement, fp16
+        self.stages = sorted(modules)
+        seen: set[int] = set()
+        self.params: list[nn.Parameter] = []
+        for s in self.stages:
+            for p in modules[s].parameters():
+                if p.requires_grad and id(p) not in seen:  # a tie on one rank is one object
+                    seen.add(id(p))
+                    self.params.append(p)
 
     def _grads(self) -> list[torch.Tensor]:
         for p in self.params:
@@ -46,43 +85,110 @@ class GradSync:
                 p.grad = torch.zeros_like(p)
         return [p.grad for p in self.params if p.grad is not None]
 
+    def tie_groups(self, p: nn.Parameter) -> tuple[int, ...]:
+        """The stage groups that hold tied ``p`` (one entry: the tie is local to this rank)."""
+        owner = owner_of(p)
+        assert isinstance(owner, Tied)
+        return tuple(sorted({self.placement.position_of(s) for s in owner.stages}))
+
+    def _remote_ties(self) -> list[tuple[tuple[int, ...], list[nn.Parameter]]]:
+        """Tied parameters whose holders are on other ranks, by stage-group set, in agreed order."""
+        by: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in self.params:
+            if isinstance(owner_of(p), Tied) and len(self.tie_groups(p)) > 1:
+                by.setdefault(self.tie_groups(p), []).append(p)
+        return [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
+
     def sync(self) -> None:
-        """Average every gradient over the stage group, then over the data group."""
+        """Average every gradient over its row group, sum ties, then average over the data group."""
         if not self.params:
             return
         grads = self._grads()
-        width = self.groups.stage.Get_size()
+        width = self.groups.rows.Get_size()
         if width > 1:
-            from mpi4py import MPI
-
-            flat = _flat(grads).to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32)
-            arr = flat.cpu().numpy()
-            self.groups.stage.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
-            _unflat(torch.from_numpy(arr).to(grads[0].device).div_(width), grads)
+            _allreduce(self.groups.rows, grads, divide=width)
+        for ps, ts in self._remote_ties():
+            _allreduce(self.groups.tied[ps], [t.grad for t in ts if t.grad is not None])
         if self.groups.data_set is not None:
             from . import hvd
 
             c = self.groups.coord
             reduced = hvd.allreduce_average(grads, self.groups.data_set, self.fp16,
-                                            name=f"grads.s{c.stage}.r{c.replica}")
+                                            name=f"grads.s{c.stage}.r{c.replica}.t{c.tensor}")
             for g, r in zip(grads, reduced):
                 g.copy_(r)
 
-    def broadcast_parameters(self, module: nn.Module) -> None:
-        """Make every replica of this stage start from bundle 0, replica 0's parameters."""
-        tensors = [t for t in list(module.parameters()) + list(module.buffers())]
-        if self.groups.stage.Get_size() > 1:
-            for t in tensors:
+    def norm_share(self) -> float:
+        """This rank's share of the squared global norm: the world sum of shares is the norm^2.
+
+        After :meth:`sync`, every copy of a parameter holds the same gradient:
+        row replicas and bundles divide their square by their count, tensor
+        ranks too unless the parameter is sharded, and a tie counts only on
+        the rank holding its first stage.
+        """
+        lay, c = self.groups.layout, self.groups.coord
+        total = 0.0
+        for p in self.params:
+            if p.grad is None:
+                continue
+            owner = owner_of(p)
+            copies = lay.widths[c.stage] * lay.num_bundles
+            if isinstance(owner, Tied):
+                if owner.first not in self.stages:
+                    continue
+                if owner.shard is None:
+                    copies *= lay.tensor
+            elif not isinstance(owner, Sharded):
+                copies *= lay.tensor
+            total += float(p.grad.detach().double().pow(2).sum()) / copies
+        return total
+
+    def guard(self, clip: float, world_sum: WorldSum) -> tuple[bool, float]:
+        """Collective: the global gradient norm; skip a non-finite step, clip a large one.
+
+        A non-finite norm (float16 compression overflows beyond 65504) skips the
+        optimizer step on every rank, as a mixed-precision loss scaler does.
+
+        Returns:
+            (step allowed, global norm).
+        """
+        total = world_sum([self.norm_share()], "the gradient-norm allreduce of every rank")[0]
+        if not math.isfinite(total):
+            return False, total
+        norm = math.sqrt(total)
+        if clip > 0 and norm > clip:
+            coef = clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        return True, norm
+
+    def broadcast_parameters(self, modules: dict[int, nn.Module]) -> None:
+        """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage."""
+        tensors = [t for s in self.stages for t in list(modules[s].parameters()) + list(modules[s].buffers())]
+        uniq = list({id(t): t for t in tensors}.values())
+        if self.groups.rows.Get_size() > 1:
+            for t in uniq:
                 arr = t.detach().cpu().contiguous()
-                self.groups.stage.Bcast(_np(arr), root=0)
+                self.groups.rows.Bcast(_np(arr), root=0)
                 t.data.copy_(arr)
         if self.groups.data_set is not None:
             from . import hvd
 
-            root = self.groups.layout.rank_of(0, self.groups.coord.stage, self.groups.coord.replica)
             c = self.groups.coord
-            hvd.broadcast_([t.data for t in tensors], root, self.groups.data_set,
-                           name=f"params.s{c.stage}.r{c.replica}")
+            root = self.groups.layout.rank_of(0, c.stage, c.replica, c.tensor)
+            hvd.broadcast_([t.data for t in uniq], root, self.groups.data_set,
+                           name=f"params.s{c.stage}.r{c.replica}.t{c.tensor}")
+        for ps, ts in self._remote_ties():
+            for t in ts:
+                arr = t.detach().cpu().contiguous()
+                self.groups.tied[ps].Bcast(_np(arr), root=0)
+                t.data.copy_(arr)
+
+
+def _sorted_by_tie(ps: Sequence[nn.Parameter]) -> list[nn.Parameter]:
+    """Tied parameters in an order every holder agrees on: by the tie's canonical name."""
+    return sorted(ps, key=lambda p: owner_of(p).name)  # type: ignore[union-attr]
 
 
 def _np(t: torch.Tensor) -> Any:

@@ -1,10 +1,10 @@
-"""ProcessGroups: the bundle / stage / data communicators and Horovod process sets, as one object."""
+"""ProcessGroups: bundle, stage, row, tensor, data and tied communicators plus Horovod sets, as one object."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 from .errors import InputError
 from .topology import Layout, RankCoord
@@ -66,10 +66,16 @@ class ProcessGroups:
         coord: this rank's coordinates.
         world: ``COMM_WORLD``.
         bundle: ranks of this rank's bundle (p2p between stages runs here).
-        stage: the replicas of this rank's stage in its bundle (averaging of
-            replica gradients).
-        data: the same (stage, replica) across bundles (Horovod allreduce).
+        stage: every rank of this rank's stage group in its bundle.
+        rows: the replicas of the stage group with this rank's tensor rank: they
+            split rows, and average their gradients.
+        tensor: the tensor ranks of this rank's replica: they split tensors
+            (the collectives of tensor-parallel layers run here).
+        data: the same (stage, replica, tensor rank) across bundles (Horovod allreduce).
         data_set: the Horovod process set of ``data``, or ``None`` with one bundle.
+        tied: per set of stage groups that share a tied parameter, the
+            communicator of this rank's counterparts in them (same bundle,
+            replica and tensor rank), ordered by stage group; made by :meth:`add_tied`.
     """
 
     layout: Layout
@@ -77,20 +83,27 @@ class ProcessGroups:
     world: Any
     bundle: Any
     stage: Any
+    rows: Any
+    tensor: Any
     data: Any
     data_set: Optional[Any]
     all_sets: tuple[Any, ...] = ()
+    tied: dict[tuple[int, ...], Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, layout: Layout, world: Any, use_horovod: bool = True) -> ProcessGroups:
         """Split ``world`` by ``layout`` (collective over ``world``)."""
         if world.Get_size() != layout.world_size:
             raise LaunchError(f"layout is for {layout.world_size} ranks, world has {world.Get_size()}")
-        c = layout.coord(world.Get_rank())
-        bundle = world.Split(c.bundle, world.Get_rank())
-        stage = world.Split(c.bundle * layout.num_stages + c.stage, world.Get_rank())
-        data = world.Split(layout.bundle_local_rank(c.stage, c.replica), world.Get_rank())
-        for comm in (world, bundle, stage, data):
+        r = world.Get_rank()
+        c = layout.coord(r)
+        bundle = world.Split(c.bundle, r)
+        stage = world.Split(c.bundle * layout.num_stages + c.stage, r)
+        rows = world.Split((c.bundle * layout.num_stages + c.stage) * layout.tensor + c.tensor, r)
+        tensor = world.Split(c.bundle * layout.bundle_size
+                             + layout.bundle_local_rank(c.stage, c.replica, 0), r)
+        data = world.Split(layout.bundle_local_rank(c.stage, c.replica, c.tensor), r)
+        for comm in (world, bundle, stage, rows, tensor, data):
             warm_pickle_collectives(comm)
         data_set, sets = None, []
         if use_horovod and layout.num_bundles > 1:
@@ -99,8 +112,33 @@ class ProcessGroups:
             hvd.ensure_init(world)
             # add_process_set is collective over the world: every rank registers every set
             sets = [hvd.add_process_set(m) for m in layout.all_data_groups()]
-            data_set = sets[layout.bundle_local_rank(c.stage, c.replica)]
-        return cls(layout, c, world, bundle, stage, data, data_set, tuple(sets))
+            data_set = sets[layout.bundle_local_rank(c.stage, c.replica, c.tensor)]
+        return cls(layout, c, world, bundle, stage, rows, tensor, data, data_set, tuple(sets))
+
+    def add_tied(self, position_sets: Sequence[tuple[int, ...]]) -> None:
+        """Collective over the world: a communicator for every set of stage groups sharing a tie.
+
+        Every rank passes the same sets (they come from the model). Within a
+        set, rank ``i`` of the new communicator is the counterpart in the
+        ``i``-th stage group of the set, so root 0 is the first stage's.
+        """
+        from mpi4py import MPI
+
+        c, lay = self.coord, self.layout
+        for ps in sorted(set(tuple(sorted(p)) for p in position_sets)):
+            if ps in self.tied:
+                continue
+            widths = {lay.widths[p] for p in ps}
+            if len(widths) > 1:
+                raise LaunchError(f"stage groups {list(ps)} share a tied parameter but have "
+                                  f"widths {[lay.widths[p] for p in ps]}; give them equal widths")
+            if c.stage in ps:
+                color = (c.bundle * lay.bundle_size + c.replica * lay.tensor + c.tensor)
+                comm = self.world.Split(color, ps.index(c.stage))
+                warm_pickle_collectives(comm)
+            else:
+                comm = self.world.Split(MPI.UNDEFINED, 0)
+            self.tied[ps] = comm
 
     def close(self) -> None:
         """Free the communicators and process sets (collective over the world)."""
@@ -110,5 +148,8 @@ class ProcessGroups:
 
             for ps in self.all_sets:
                 hvd.remove_process_set(ps)
-        for comm in (self.bundle, self.stage, self.data):
-            comm.Free()
+        from mpi4py import MPI
+
+        for comm in (self.bundle, self.stage, self.rows, self.tensor, self.data, *self.tied.values()):
+            if comm != MPI.COMM_NULL:
+                comm.Free()

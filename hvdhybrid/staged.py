@@ -1,4 +1,15 @@
-"""A model cut into stages: the stage graph, one module per stage, full-model parameter names."""
+"""A model cut into stages: the stage graph, how to build each stage, full-model names, ties.
+
+A rank builds only the stages it runs (:meth:`StagedModel.build`), after its
+groups exist. Two ways to give the same initial parameters as one process:
+
+- *keyed build* (:func:`sequential_model`): layer ``i`` is built under a
+  generator seeded by ``(seed, i)``, so building layers 4..7 alone gives
+  exactly the layers 4..7 of the whole model; a rank never holds the rest.
+- *build-then-drop* (``StagedModel(graph, stages, ...)`` with every stage
+  module given): every rank builds the whole model from one seed and keeps
+  its stages (GROVER; its peak memory is the whole model's).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +20,13 @@ import torch
 from torch import nn
 
 from .graph import StageGraph
+from .ownership import Tie, tag
 from .partition import STRATEGIES, PartitionError
 
-__all__ = ["StagedModel", "Part", "partition_sizes", "split_sequential"]
+__all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequential",
+           "sequential_model", "keyed", "keyed_layers", "meta_layers"]
+
+LayerFn = Callable[[], nn.Module]
 
 
 class Part(nn.Module):
@@ -36,35 +51,102 @@ class Part(nn.Module):
 
 @dataclass
 class StagedModel:
-    """What a model hands the runtime: graph, stage modules (all, on every rank) and the loss.
+    """What a model hands the runtime: graph, how to get each stage's module, the loss, ties.
 
-    Every rank builds the whole model from the same seed and keeps its stage,
-    so every layout starts from the same parameters as a single process.
+    Give either ``stages`` (every stage module, built on every rank:
+    build-then-drop) or ``builder`` (``stage -> module``, building that stage
+    alone with the parameters one process would have).
     """
 
     graph: StageGraph
-    stages: list[nn.Module]
+    stages: Optional[list[nn.Module]]
     loss_fn: Callable[[Any, Any], torch.Tensor]
     #: name prefix of each stage's parameters in the full model ("" when the
     #: stage modules already use full names, as :class:`Part` does)
     prefixes: Optional[list[str]] = None
+    builder: Optional[Callable[[int], nn.Module]] = None
+    #: parameters shared between stages (e.g. a tied embedding and output layer)
+    ties: tuple[Tie, ...] = ()
 
-    def stage_parameters(self, stage: int, module: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
-        """Parameters of ``stage`` by full-model name."""
+    def __post_init__(self) -> None:
+        if (self.stages is None) == (self.builder is None):
+            raise ValueError("give a StagedModel either its stage modules or a builder, not both")
+        if self.stages is not None and len(self.stages) != self.graph.num_stages:
+            raise ValueError(f"{len(self.stages)} stage modules for a graph of "
+                             f"{self.graph.num_stages} stages")
+        for t in self.ties:
+            bad = [s for s in t.names if not 0 <= s < self.graph.num_stages]
+            if bad:
+                raise ValueError(f"tie {t.name} names stages {bad} outside the graph")
+
+    def build(self, stage: int) -> nn.Module:
+        """The module of ``stage``, its tied parameters tagged (see :mod:`ownership`)."""
+        m = self.stages[stage] if self.stages is not None else self.builder(stage)  # type: ignore[misc]
+        for t in self.ties:
+            if stage in t.names:
+                tag(self._param(stage, m, t.names[stage]), t.ownership())
+        return m
+
+    def _param(self, stage: int, module: nn.Module, full: str) -> nn.Parameter:
+        named = self.stage_parameters(stage, module)
+        if full not in named:
+            raise ValueError(f"tie: stage {stage} has no parameter {full!r}; it has "
+                             f"{sorted(named)[:8]}")
+        p = named[full]
+        assert isinstance(p, nn.Parameter)
+        return p
+
+    def share_local_ties(self, modules: dict[int, nn.Module]) -> None:
+        """Where one rank holds several stages of a tie, make them one Parameter object."""
+        for t in self.ties:
+            local = [s for s in t.stages if s in modules]
+            if len(local) < 2:
+                continue
+            keep = self._param(local[0], modules[local[0]], t.names[local[0]])
+            for s in local[1:]:
+                prefix = self.prefixes[s] if self.prefixes else ""
+                path = t.names[s][len(prefix):].split(".")
+                owner = modules[s].get_submodule(".".join(path[:-1]))
+                setattr(owner, path[-1], keep)
+
+    def stage_parameters(self, stage: int, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Parameters of ``stage``'s ``module`` by full-model name."""
         prefix = self.prefixes[stage] if self.prefixes else ""
-        m = self.stages[stage] if module is None else module
-        return {prefix + n: p for n, p in m.named_parameters()}
+        return {prefix + n: p for n, p in module.named_parameters(remove_duplicate=False)}
 
-    def full(self) -> Callable[[Any], Any]:
+    def stage_buffers(self, stage: int, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Persistent buffers of ``stage``'s ``module`` by full-model name."""
+        prefix = self.prefixes[stage] if self.prefixes else ""
+        sd = module.state_dict(keep_vars=True)
+        params = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        return {prefix + n: b for n, b in sd.items() if n not in params}
+
+    def full(self, modules: Optional[dict[int, nn.Module]] = None) -> Callable[[Any], Any]:
         """The unsplit forward (single process), for references and evaluation."""
+        mods = modules if modules is not None else {s: self.build(s) for s in range(self.graph.num_stages)}
+        self.share_local_ties(mods)
+
         def run(inputs: Any) -> Any:
             outs: dict[int, Any] = {}
             for s in range(self.graph.num_stages):
                 args = [inputs] if s in self.graph.batch_stages else []
                 args += [outs[u] for u in self.graph.upstream(s)]
-                outs[s] = self.stages[s](*args)
+                outs[s] = mods[s](*args)
             return outs[self.graph.sink]
         return run
+
+    def parameter_count(self) -> int:
+        """Parameters of the whole model (tied ones once), without materialising a builder's stages."""
+        total = 0
+        shared = {t.names[s] for t in self.ties for s in t.stages[1:]}
+        for s in range(self.graph.num_stages):
+            if self.stages is not None:
+                m = self.stages[s]
+            else:
+                with torch.device("meta"):
+                    m = self.builder(s)  # type: ignore[misc]
+            total += sum(p.numel() for n, p in self.stage_parameters(s, m).items() if n not in shared)
+        return total
 
 
 def partition_sizes(layers: Sequence[nn.Module], num_stages: int, strategy: str,
@@ -82,14 +164,51 @@ def partition_sizes(layers: Sequence[nn.Module], num_stages: int, strategy: str,
     return fn(layers, num_stages, sample)
 
 
+def _check_sizes(sizes: Sequence[int], n_layers: int) -> None:
+    if sum(sizes) != n_layers or any(n < 1 for n in sizes):
+        raise PartitionError(f"stage sizes {list(sizes)} do not cover {n_layers} layers")
+
+
 def split_sequential(layers: Sequence[nn.Module], sizes: Sequence[int],
                      loss_fn: Callable[[Any, Any], torch.Tensor]) -> StagedModel:
-    """Cut ``layers`` into a chain of parts with ``sizes`` layers each."""
-    if sum(sizes) != len(layers) or any(n < 1 for n in sizes):
-        raise PartitionError(f"stage sizes {list(sizes)} do not cover {len(layers)} layers")
+    """Cut built ``layers`` into a chain of parts with ``sizes`` layers each (build-then-drop)."""
+    _check_sizes(sizes, len(layers))
     parts: list[nn.Module] = []
     first = 0
     for n in sizes:
         parts.append(Part(layers[first:first + n], first))
         first += n
     return StagedModel(StageGraph.chain(len(sizes)), parts, loss_fn)
+
+
+def keyed(seed: int, key: int, fn: LayerFn) -> nn.Module:
+    """Build ``fn()`` under a generator seeded by ``(seed, key)``; the global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + key * 7_919 + 17) % (2 ** 63))
+        return fn()
+
+
+def keyed_layers(fns: Sequence[LayerFn], seed: int) -> list[nn.Module]:
+    """Every layer, built as :func:`sequential_model` builds it (the single-process model)."""
+    return [keyed(seed, i, f) for i, f in enumerate(fns)]
+
+
+def meta_layers(fns: Sequence[LayerFn]) -> list[nn.Module]:
+    """Every layer on the meta device: shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return [f() for f in fns]
+
+
+def sequential_model(fns: Sequence[LayerFn], sizes: Sequence[int],
+                     loss_fn: Callable[[Any, Any], torch.Tensor], seed: int) -> StagedModel:
+    """A chain whose stage ``s`` builds only its layers, each keyed by ``(seed, layer index)``.
+
+    Any layout starts from the parameters of ``nn.Sequential(*keyed_layers(fns, seed))``.
+    """
+    _check_sizes(sizes, len(fns))
+    firsts = [sum(sizes[:s]) for s in range(len(sizes))]
+
+    def build(stage: int) -> nn.Module:
+        lo = firsts[stage]
+        return Part([keyed(seed, i, fns[i]) for i in range(lo, lo + sizes[stage])], lo)
+    return StagedModel(StageGraph.chain(len(sizes)), None, loss_fn, builder=build)

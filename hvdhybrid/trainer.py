@@ -1,4 +1,8 @@
-"""The training loop every model uses: shard, schedule, sync, step, report."""
+"""The training loop every model uses: build this rank's stages, schedule, sync, step, report.
+
+Evaluation and prediction live in :mod:`evaluation`, the gradient guard next
+to the averaging in :mod:`gradsync`, checkpoint contents in :mod:`state`.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ from .faults import inject_failure
 from .gradsync import GradSync
 from .groups import ProcessGroups
 from .log import get_logger
+from .ownership import Sharded, Tied, owner_of
 from .p2p import P2P
+from .placement import Placement, PlacementError
 from .slicing import BatchError, check_batch, replica_rows
 from .staged import StagedModel
+from .state import COMMON, NamedState, check_model, rng_state, set_rng_state
 from .stopping import Stopped, StopSignals
 
 __all__ = ["TrainConfig", "Trainer", "MetricFn", "Diverged"]
@@ -90,42 +97,72 @@ class Trainer:
 
     Args:
         groups: this rank's process groups (layout, coordinates, communicators).
-        model: the staged model; this rank keeps ``model.stages[its stage]``.
-        optimizer_fn: builds the optimizer from this stage's parameters.
+        model: the staged model; this rank builds only the stages it runs.
+        optimizer_fn: builds the optimizer from this rank's parameters.
         cfg: the run's knobs.
         device: where this rank computes.
+        placement: which stage group runs each stage (default: stage ``s`` on
+            stage group ``s``, which needs as many stage groups as stages).
+
+    Raises:
+        PlacementError: the model's stages do not fit the layout's stage groups.
     """
 
     def __init__(self, groups: ProcessGroups, model: StagedModel, optimizer_fn: OptimizerFn,
-                 cfg: TrainConfig, device: Optional[torch.device] = None) -> None:
+                 cfg: TrainConfig, device: Optional[torch.device] = None,
+                 placement: Optional[Placement] = None) -> None:
         layout, c = groups.layout, groups.coord
         self.groups, self.cfg, self.model = groups, cfg, model
         self.device = device if device is not None else torch.device("cpu")
         self.per_pass = cfg.validate(layout.num_bundles, layout.widths)
         self.graph = model.graph
-        self.module = model.stages[c.stage].to(self.device)
+        if placement is None:
+            if model.graph.num_stages != layout.num_stages:
+                raise PlacementError(
+                    f"the model has {model.graph.num_stages} stages but the layout "
+                    f"{layout.num_stages} stage groups; give a Placement (e.g. looped) or "
+                    "as many stage groups as stages")
+            placement = Placement.identity(model.graph.num_stages)
+        self.placement = placement
+        # -- build only this rank's stages (after the groups exist), then share local ties
+        self.modules = {s: model.build(s).to(self.device) for s in placement.stages_on(c.stage)}
+        model.share_local_ties(self.modules)
+        groups.add_tied([tuple(sorted({placement.position_of(s) for s in t.stages}))
+                         for t in model.ties
+                         if len({placement.position_of(s) for s in t.stages}) > 1])
+
         def describe(local: int) -> str:
             return layout.coord(c.bundle * layout.bundle_size + local).tag()
 
         self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.timeout,
                        me=c.tag(), describe_peer=describe)
         self.p2p.check_tags(cfg.microbatches)
-        self.executor = Executor(self.graph, layout, c, self.module, self.p2p, model.loss_fn)
-        self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches)[c.stage]
-        self.sync = GradSync(groups, self.module, cfg.fp16)
-        self.sync.broadcast_parameters(self.module)
-        self.optimizer = optimizer_fn(self.module.parameters())
+        self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
+                                 model.loss_fn)
+        self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches, placement)[c.stage]
+        self.sync = GradSync(groups, placement, self.modules, cfg.fp16)
+        self.sync.broadcast_parameters(self.modules)
+        self.optimizer = optimizer_fn(self.sync.params)
+        self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},
+                                {s: model.stage_buffers(s, m) for s, m in self.modules.items()},
+                                self.optimizer)
         self.step = 0
         self.log = get_logger()
-        self.is_sink = c.stage == self.graph.sink
+        # the sink's loss counts once per row replica: on tensor rank 0
+        self.is_sink = self.graph.sink in self.modules and c.tensor == 0
         self.sampler: Optional[Sampler] = None
         self._resume_sampler: Optional[dict[str, int]] = None
         self.stop_signal = 0  # set by a stop signal on this rank
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
 
+    def train_mode(self, on: bool) -> None:
+        for m in self.modules.values():
+            m.train(on)
+
     # -- data ------------------------------------------------------------------
-    def _batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
+    def batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
+        """``mb -> (inputs, targets)``: this replica's rows of microbatch ``mb`` of ``indices``."""
         layout, c = self.groups.layout, self.groups.coord
         width = layout.widths[c.stage]
 
@@ -143,18 +180,24 @@ class Trainer:
         inject_failure(self.groups.world.Get_rank(), self.step + 1, "step")
         if len(indices) != cfg.batch_size:
             raise BatchError(f"a step needs {cfg.batch_size} rows, got {len(indices)}")
-        self.module.train()
+        self.train_mode(True)
         randomness.set_step(cfg.seed, self.step + 1)  # draws keyed by step, not by layout
         loss_sum = 0.0
         for a in range(cfg.accumulate):
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
-            res = self.executor.run(self.plan, self._batch_fn(data, part, cfg.microbatches),
+            res = self.executor.run(self.plan, self.batch_fn(data, part, cfg.microbatches),
                                     cfg.microbatches, 1.0 / (cfg.microbatches * cfg.accumulate))
             loss_sum += res.loss_sum
-        # Sync point: every microbatch of every pass has run backward on this stage.
+        # Sync point: every microbatch of every pass has run backward on this rank's stages.
         self.sync.sync()
-        if self._guard_gradients():
+        ok, norm = self.sync.guard(cfg.clip_grad, self.world_sum)
+        if ok:
             self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            if self.groups.world.Get_rank() == 0:
+                self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {norm}); "
+                                 f"step skipped ({self.skipped_steps} so far)")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = self._step_end(loss_sum / (cfg.microbatches * cfg.accumulate))
@@ -163,50 +206,22 @@ class Trainer:
                            "or use --clip-grad, and start again (or --resume from an earlier checkpoint)")
         return loss
 
-    def _guard_gradients(self) -> bool:
-        """Collective: the whole model's gradient norm; skip a non-finite step, clip a large one.
-
-        After :meth:`GradSync.sync` every replica of a stage holds the same
-        (averaged) gradient, so each rank adds its squared norm divided by its
-        stage's width and the number of bundles: the world sum is the squared
-        norm one process would compute. A non-finite norm (float16 compression
-        overflows beyond 65504) skips the optimizer step on every rank, as a
-        mixed-precision loss scaler does, and says so.
-        """
-        layout, c = self.groups.layout, self.groups.coord
-        grads = [p.grad for p in self.sync.params if p.grad is not None]
-        sq = sum(float(g.detach().double().pow(2).sum()) for g in grads)
-        total = self._world_sum([sq / (layout.widths[c.stage] * layout.num_bundles)],
-                                "the gradient-norm allreduce of every rank")[0]
-        if not math.isfinite(total):
-            self.skipped_steps += 1
-            if self.groups.world.Get_rank() == 0:
-                self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {total}); "
-                                 f"step skipped ({self.skipped_steps} so far)")
-            return False
-        norm = math.sqrt(total)
-        if self.cfg.clip_grad > 0 and norm > self.cfg.clip_grad:
-            coef = self.cfg.clip_grad / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-            for g in grads:
-                g.mul_(coef)
-        return True
-
     def _step_end(self, replica_mean: float) -> float:
         """Global mean loss (over sink replicas and bundles), and agreement on stopping.
 
-        One small allreduce over the world carries both: the loss (non-sink
-        ranks add 0) and whether any rank was asked to stop by a signal.
+        One small allreduce over the world carries both: the loss (other ranks
+        add 0) and whether any rank was asked to stop by a signal.
         """
         layout = self.groups.layout
-        n = layout.num_bundles * layout.widths[self.graph.sink]
-        total = self._world_sum([replica_mean if self.is_sink else 0.0, float(self.stop_signal)],
-                                "the end-of-step allreduce of every rank")
+        n = layout.num_bundles * layout.widths[self.placement.position_of(self.graph.sink)]
+        total = self.world_sum([replica_mean if self.is_sink else 0.0, float(self.stop_signal)],
+                               "the end-of-step allreduce of every rank")
         # Decide on the agreed sum only: a signal that lands after this allreduce
         # counts at the next step, on every rank alike.
         self.stop_agreed = bool(total[1])
         return float(total[0]) / n
 
-    def _world_sum(self, values: list[float], what: str) -> list[float]:
+    def world_sum(self, values: list[float], what: str) -> list[float]:
         """Sum a few numbers over every rank (buffer call: it releases the GIL), with a deadline."""
         import numpy as np
         from mpi4py import MPI
@@ -217,76 +232,19 @@ class Trainer:
         self.p2p.wait_all([req], lambda: what)
         return [float(v) for v in total]
 
-    # -- evaluation -------------------------------------------------------------
+    # -- evaluation (see :mod:`evaluation`) -------------------------------------
     def evaluate(self, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
-        """Forward-only pass over ``data`` in full batches; returns (metric mean, rows seen).
+        """Collective: the metric's mean over every row of ``data``, and the number of rows."""
+        from .evaluation import evaluate
 
-        Batches are multiples of (bundles x microbatches x stage widths); only
-        the last ``len(data) mod`` that unit rows are left out.
-        """
-
-        layout = self.groups.layout
-        unit = layout.num_bundles * self.cfg.microbatches * math.lcm(*layout.widths)
-        bs = max(unit, batch_size // unit * unit)
-        usable = len(data) // unit * unit
-        plan = sched.forward_only(self.graph, self.groups.coord.stage, self.cfg.microbatches)
-        self.module.eval()
-        randomness.set_step(self.cfg.seed, 0)  # evaluation draws (e.g. masks) never change
-        total, count = 0.0, 0
-        for start in range(0, usable, bs):
-            idx = list(range(start, min(start + bs, usable)))
-            with torch.no_grad():
-                res = self.executor.run(plan, self._batch_fn(data, idx, self.cfg.microbatches),
-                                        self.cfg.microbatches, train=False)
-            for out, y in res.outputs:
-                s, n = metric_fn(out, y)
-                total, count = total + s, count + n
-        total, n_rows = self._world_sum([total, count] if self.is_sink else [0.0, 0.0],
-                                        "the evaluation allreduce of every rank")
-        count = int(n_rows)
-        return (total / count if count else float("nan")), count
+        return evaluate(self, data, metric_fn, batch_size)
 
     def predict(self, data: Dataset, batch_size: int,
                 rows: Callable[[Any], torch.Tensor] = lambda out: out) -> Optional[torch.Tensor]:
-        """Collective: the sink's output for every row of ``data``, in order, on world rank 0.
+        """Collective: the sink's output for every row of ``data``, in order, on world rank 0."""
+        from .evaluation import predict
 
-        ``rows(sink output)`` turns one microbatch's output into a tensor with
-        one row per data row. Unlike :meth:`evaluate`, no row is left out: the
-        last batch is padded (with copies of the last row) to a whole unit and
-        the padding is dropped again. Other ranks get None.
-        """
-        layout, c, mbs = self.groups.layout, self.groups.coord, self.cfg.microbatches
-        unit = layout.num_bundles * mbs * math.lcm(*layout.widths)
-        n = len(data)
-        if n == 0:
-            raise BatchError("predict: the data set is empty")
-        indices = list(range(n)) + [n - 1] * (-n % unit)
-        bs = max(unit, batch_size // unit * unit)
-        plan = sched.forward_only(self.graph, c.stage, mbs)
-        width = layout.widths[self.graph.sink]
-        self.module.eval()
-        randomness.set_step(self.cfg.seed, 0)
-        mine: list[tuple[int, torch.Tensor]] = []
-        for start in range(0, len(indices), bs):
-            idx = indices[start:start + bs]
-            with torch.no_grad():
-                res = self.executor.run(plan, self._batch_fn(data, idx, mbs), mbs, train=False)
-            for mb, (out, _targets) in enumerate(res.outputs):
-                lo, hi = replica_rows(len(idx), layout.num_bundles, c.bundle, mbs, mb, width, c.replica)
-                got = rows(out).detach().cpu()
-                if got.shape[0] != hi - lo:
-                    raise ValueError(f"predict: rows() gave {got.shape[0]} rows for {hi - lo} data rows")
-                mine.append((start + lo, got))
-        parts = self.groups.world.gather(mine, root=0)
-        if parts is None:
-            return None
-        pieces = sorted((p for part in parts for p in part), key=lambda p: p[0])
-        at = 0
-        for start, t in pieces:  # the sink replicas' rows must tile the data exactly once
-            assert start == at, f"predict: rows from {start}, expected {at}"
-            at += t.shape[0]
-        assert at == len(indices), (at, len(indices))
-        return torch.cat([t for _, t in pieces])[:n]
+        return predict(self, data, batch_size, rows)
 
     # -- the loop ---------------------------------------------------------------
     def fit(self, data: Dataset, on_step: Optional[Callable[[int, float], None]] = None) -> list[float]:
@@ -357,89 +315,94 @@ class Trainer:
 
         return os.path.exists(os.path.join(step_dir(self._ckpt_root(), step), "manifest.json"))
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything this rank needs to continue exactly where it is."""
-        c, layout = self.groups.coord, self.groups.layout
-        return {"model": self.cfg.model_name, "rank": c.rank, "bundle": c.bundle, "stage": c.stage,
-                "replica": c.replica, "widths": list(layout.widths), "world_size": layout.world_size,
-                "step": self.step, "params": self.module.state_dict(),
-                "full_names": list(self.model.stage_parameters(c.stage, self.module)),
-                "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
-                "sampler": self.sampler.state() if self.sampler else self._resume_sampler}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from this rank's shard; raises CheckpointError if it belongs to another run."""
-        from .checkpoint import CheckpointError
-
-        layout = self.groups.layout
-        if state.get("model") != self.cfg.model_name:
-            raise CheckpointError(f"the checkpoint is of model {state.get('model')!r}, "
-                                  f"this run trains {self.cfg.model_name!r}")
-        if (tuple(state["widths"]), state["world_size"]) != (layout.widths, layout.world_size):
-            raise CheckpointError(
-                f"the checkpoint was written by {state['world_size']} ranks with stage widths "
-                f"{state['widths']}; this run has {layout.world_size} ranks with widths "
-                f"{list(layout.widths)}. Resharding to another layout is not supported yet: "
-                "resume with the same -np and --stages/--bundle-shape")
-        try:
-            self.module.load_state_dict(state["params"])
-        except RuntimeError as e:
-            raise CheckpointError(f"the checkpoint does not fit this model: {str(e)[:300]}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self._resume_sampler = state["sampler"]
-        self.sampler = None
-
     def save_checkpoint(self) -> str:
-        """Collective: write this step's checkpoint (see :mod:`checkpoint`)."""
-        from .checkpoint import save_collective
+        """Collective: write this step's checkpoint, by name, once per stage (see :mod:`state`)."""
+        from .checkpoint import Manifest, save_collective
 
-        path = save_collective(self.groups.world, self._ckpt_root(), self.step, self.cfg.model_name,
-                               self.groups.layout.widths, self.state_dict(), self.cfg.keep,
-                               lambda: inject_failure(self.groups.world.Get_rank(), self.step, "ckpt"))
-        if self.groups.world.Get_rank() == 0:
+        lay, c, world = self.groups.layout, self.groups.coord, self.groups.world
+        files, names = ({}, {}) if (c.bundle, c.replica) != (0, 0) else \
+            self.state.files(c.tensor, lay.tensor)
+        rngs = world.gather(rng_state(), root=0)
+        if world.Get_rank() == 0:
+            files[COMMON] = {"model": self.cfg.model_name, "step": self.step, "rng": rngs,
+                             "sampler": self.sampler.state() if self.sampler else self._resume_sampler,
+                             "hyper": self.state.hyperparameters()}
+        facts = Manifest(self.step, self.cfg.model_name, lay.world_size, lay.widths, {}, lay.tensor,
+                         {}, self.placement.positions)
+        path = save_collective(world, self._ckpt_root(), self.step, facts, files, names, self.cfg.keep,
+                               lambda: inject_failure(world.Get_rank(), self.step, "ckpt"))
+        if world.Get_rank() == 0:
             self.log.info(f"checkpoint step {self.step} written to {path}")
         return path
 
     def resume(self, where: str) -> Optional[str]:
         """Collective: load the newest complete checkpoint under ``where`` (or that one directory).
 
+        The checkpoint may come from any layout: parameters and optimizer state
+        are found by name and resharded. RNG states come back only when the
+        layout is the same (then the resume is exact bit for bit).
+
         Returns:
             The directory loaded, or None when there is none yet.
 
         Raises:
-            CheckpointError: the named checkpoint is corrupt, or belongs to another run/layout.
+            CheckpointError: the named checkpoint is corrupt, or belongs to another run/model.
         """
-        from .checkpoint import CheckpointError, load_shard, resolve_resume
+        from .checkpoint import CheckpointError, Manifest, load_file, resolve_resume
 
-        path, warnings, error = resolve_resume(self.groups.world, where)
-        if self.groups.world.Get_rank() == 0:
+        world, lay = self.groups.world, self.groups.layout
+        path, warnings, error = resolve_resume(world, where)
+        if world.Get_rank() == 0:
             for w in warnings:
                 self.log.warning(w)
         if error:
             raise CheckpointError(error)
         if path is None:
             return None
-        self.load_state_dict(load_shard(path, self.groups.world.Get_rank()))
+        manifest = Manifest.read(os.path.join(path, "manifest.json"))
+        common = load_file(path, COMMON)
+        check_model(self.cfg.model_name, str(common["model"]))
+        self.state.load(path, manifest, common["hyper"])
+        same = (manifest.world_size, manifest.widths, manifest.tensor, manifest.placement) == \
+            (lay.world_size, lay.widths, lay.tensor, self.placement.positions)
+        if same:
+            set_rng_state(common["rng"][world.Get_rank()])
+        self.step = int(common["step"])
+        self._resume_sampler = common["sampler"]
+        self.sampler = None
         return path
 
     # -- parameters --------------------------------------------------------------
     def named_parameters(self) -> dict[str, torch.Tensor]:
-        """This stage's parameters by full-model name (CPU copies)."""
+        """This rank's parameters by full-model name (CPU copies; a tie under each holder's name)."""
         return {n: p.detach().cpu().clone()
-                for n, p in self.model.stage_parameters(self.groups.coord.stage, self.module).items()}
+                for names in self.state.named_params.values() for n, p in names.items()}
 
     def gather_parameters(self) -> Optional[dict[str, torch.Tensor]]:
-        """The whole model's parameters on world rank 0 (from bundle 0, replica 0 of each stage)."""
+        """Collective: the whole model's parameters on world rank 0, shards joined."""
         c = self.groups.coord
-        mine = self.named_parameters() if (c.bundle == 0 and c.replica == 0) else {}
+        mine: dict[str, tuple[torch.Tensor, Optional[Sharded]]] = {}
+        if (c.bundle, c.replica) == (0, 0):
+            for names in self.state.named_params.values():
+                for n, p in names.items():
+                    owner = owner_of(p)
+                    shard = owner if isinstance(owner, Sharded) else \
+                        owner.shard if isinstance(owner, Tied) else None
+                    if shard is None and c.tensor != 0:
+                        continue
+                    mine[n] = (p.detach().cpu().clone(), shard)
         parts = self.groups.world.gather(mine, root=0)
         if parts is None:
             return None
+        pieces: dict[str, list[tuple[int, torch.Tensor, Optional[Sharded]]]] = {}
+        for part in parts:
+            for n, (t, shard) in part.items():
+                pieces.setdefault(n, []).append((shard.index if shard else 0, t, shard))
         out: dict[str, torch.Tensor] = {}
-        for p in parts:
-            out.update(p)
+        for n, ps in pieces.items():
+            ps.sort(key=lambda x: x[0])
+            shard = ps[0][2]
+            out[n] = ps[0][1] if shard is None else torch.cat([t for _, t, _ in ps], shard.dim)
         return out
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
@@ -448,8 +411,9 @@ class Trainer:
                 json.dump(obj, f, indent=2)
 
     def config_dict(self) -> dict[str, Any]:
-        return {**asdict(self.cfg), "widths": list(self.groups.layout.widths),
-                "world_size": self.groups.layout.world_size}
+        lay = self.groups.layout
+        return {**asdict(self.cfg), "widths": list(lay.widths), "tensor": lay.tensor,
+                "world_size": lay.world_size, "placement": list(self.placement.positions)}
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -458,22 +422,3 @@ def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, (tuple, list)):
         return type(x)(_to(t, device) for t in x)
     return x
-
-
-
-def _rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])

@@ -78,3 +78,148 @@ def task_pair(seed: int = 0) -> StagedModel:
     stages: list[nn.Module] = [Encoder(True), Join(1, True)]
     return StagedModel(StageGraph(2, ((0, 1),), frozenset({0, 1})), stages,
                        nn.functional.cross_entropy, ['enc0.', 'join.'])
+
+
+# -- a tied weight: the first and the last stage share one parameter --------------------------
+class TiedIn(nn.Module):
+    """Stage 0: x -> tanh(x W^T), W [8, 16] (the 'embedding')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.w.t())
+
+
+class TiedOut(nn.Module):
+    """Last stage: h -> head(tanh(h W)) with the same W (the 'output layer')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16) * 0.3)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(h @ self.w))
+
+
+def tied_chain(num_stages: int, seed: int = 0) -> StagedModel:
+    """``num_stages`` >= 2 stages, each built alone (keyed); stage 0's ``w`` is the last stage's."""
+    from hvdhybrid.ownership import Tie
+    from hvdhybrid.staged import keyed
+
+    k = num_stages
+
+    def make(s: int) -> nn.Module:
+        if s == 0:
+            return TiedIn()
+        if s == k - 1:
+            return TiedOut()
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    prefixes = [f"s{s}." for s in range(k)]
+    return StagedModel(StageGraph.chain(k), None, nn.functional.cross_entropy, prefixes,
+                       builder=lambda s: keyed(seed, s, lambda: make(s)),
+                       ties=(Tie({0: "s0.w", k - 1: f"s{k - 1}.w"}),))
+
+
+# -- a column-parallel linear layer over the tensor group (a test of the Sharded tag) -----------
+class _GatherColumns(torch.autograd.Function):
+    """Forward: all-gather the tensor ranks' output columns; backward: keep this rank's columns."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, comm: Any) -> torch.Tensor:  # type: ignore[override]
+        size, rank = comm.Get_size(), comm.Get_rank()
+        ctx.rank, ctx.cols = rank, y.shape[1]
+        parts = torch.empty((size,) + tuple(y.shape), dtype=y.dtype)
+        comm.Allgather(y.detach().contiguous().numpy(), parts.numpy())
+        return torch.cat(list(parts), 1)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
+        return g[:, ctx.rank * ctx.cols:(ctx.rank + 1) * ctx.cols].contiguous(), None
+
+
+class _CopyToTensorRanks(torch.autograd.Function):
+    """Forward: identity; backward: sum the input gradient over the tensor ranks (each has a part)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, comm: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
+        from mpi4py import MPI
+
+        out = g.detach().contiguous().clone()
+        ctx.comm.Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
+        return out, None
+
+
+class ColumnLinear(nn.Module):
+    """``nn.Linear(fin, fout)`` with its output features split over ``comm`` (rows of the weight)."""
+
+    def __init__(self, full: nn.Linear, comm: Any) -> None:
+        super().__init__()
+        from hvdhybrid.ownership import Sharded, tag
+
+        size, rank = comm.Get_size(), comm.Get_rank()
+        n = full.out_features // size
+        self.comm = comm
+        self.weight = nn.Parameter(full.weight.detach()[rank * n:(rank + 1) * n].clone())
+        self.bias = nn.Parameter(full.bias.detach()[rank * n:(rank + 1) * n].clone())
+        tag(self.weight, Sharded(0, size, rank))
+        tag(self.bias, Sharded(0, size, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _CopyToTensorRanks.apply(x, self.comm)
+        return _GatherColumns.apply(x @ self.weight.t() + self.bias, self.comm)
+
+
+def tensor_chain(num_stages: int, tensor_comm: Any, seed: int = 0) -> StagedModel:
+    """mlp_layers keyed, with every 32-wide Linear split column-wise over ``tensor_comm``."""
+    from hvdhybrid.staged import keyed
+
+    fns = mlp_layer_fns()
+    q, r = divmod(len(fns), num_stages)
+    sizes = [q + (1 if i < r else 0) for i in range(num_stages)]
+    firsts = [sum(sizes[:s]) for s in range(num_stages)]
+
+    def layer(i: int) -> nn.Module:
+        m = keyed(seed, i, fns[i])
+        lin = m[0] if isinstance(m, nn.Sequential) else m
+        if isinstance(lin, nn.Linear) and lin.out_features == 32:
+            m[0] = ColumnLinear(lin, tensor_comm)  # type: ignore[index]
+        return m
+
+    from hvdhybrid.staged import Part
+
+    return StagedModel(StageGraph.chain(num_stages), None, nn.functional.cross_entropy,
+                       builder=lambda s: Part([layer(i) for i in range(firsts[s], firsts[s] + sizes[s])],
+                                              firsts[s]))
+
+
+def mlp_layer_fns() -> list[Any]:
+    """The layers of mlp_layers as factories (for keyed, per-stage builds)."""
+    return [lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh()),
+            lambda: nn.Sequential(nn.Linear(32, 32), nn.Tanh()),
+            lambda: nn.Sequential(nn.Linear(32, 24), nn.Tanh()),
+            lambda: nn.Linear(24, 5)]
+
+
+def keyed_chain(num_stages: int, seed: int = 0) -> StagedModel:
+    """The same layers as :func:`chain`'s, each built alone (keyed): a rank builds only its stages."""
+    from hvdhybrid.staged import sequential_model
+
+    fns = mlp_layer_fns()
+    q, r = divmod(len(fns), num_stages)
+    return sequential_model(fns, [q + (1 if i < r else 0) for i in range(num_stages)],
+                            nn.functional.cross_entropy, seed)
+
+
+def keyed_reference(seed: int = 0) -> nn.Module:
+    from hvdhybrid.staged import keyed_layers
+
+    return nn.Sequential(*keyed_layers(mlp_layer_fns(), seed))
