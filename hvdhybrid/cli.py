@@ -16,7 +16,7 @@ from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
 from .models.grover.commands import grover
 from .partition import PartitionError
-from .run import Built, Common, agree, common_options, resolve_widths, run_model, world
+from .run import Built, Common, agreed, common_options, resolve_widths, run_model, world
 from .topology import Layout, LayoutError, parse_bundle_shape
 
 __all__ = ["main", "cli"]
@@ -77,8 +77,7 @@ def resnet(c: Common, data: Optional[str], image_size: int, width: int, dp_only:
     from .models.resnet import resnet_layers
 
     w = world()
-    error = None
-    try:
+    with agreed(w):
         if dp_only and (c.stages or c.bundle_shape):
             raise LayoutError("--dp-only means one stage per bundle; drop --stages/--bundle-shape")
         default = (1,) if dp_only or w.Get_size() % 2 else (1, 1)
@@ -87,9 +86,6 @@ def resnet(c: Common, data: Optional[str], image_size: int, width: int, dp_only:
             ds, classes = image_folder(data, image_size)
         else:
             ds, classes = digits(image_size), [str(i) for i in range(10)]
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
     channels = int(ds.x.shape[1])
     run_model("resnet", c, widths, _sequential_build(
         c, lambda: resnet_layers(channels, len(classes), width), ds))
@@ -105,15 +101,11 @@ def mlp(c: Common, hidden: int, depth: int) -> None:
     from .models.mlp import mlp_layers
 
     w = world()
-    error = None
-    try:
+    with agreed(w):
         widths = resolve_widths(c, w.Get_size(), (1,))
         if depth < 1:
             raise PartitionError(f"--depth must be >= 1, got {depth}")
         ds = digits(8)
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
     run_model("mlp", c, widths, _sequential_build(c, lambda: mlp_layers(64, hidden, depth, 10), ds))
 
 

@@ -3,7 +3,7 @@
 Phases, and what a failure in each looks like to the user:
 
 1. *setup* (no groups yet): every check of user input. Ranks agree with one
-   ``allgather``; on any failure one line is printed by one rank and every
+   ``allgather`` (:func:`agreed`); on any failure one line is printed by one rank and every
    rank exits with code 2. Nothing is written.
 2. *run*: groups, (resume), training, evaluation. An exception prints the
    rank's tag and what happened, then ``MPI_Abort`` ends every rank.
@@ -18,8 +18,9 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import click
 
@@ -29,9 +30,10 @@ from .launcher import LAYOUT_FILE_ENV
 from .schedule import SCHEDULES
 from .topology import Layout, LayoutError, parse_bundle_shape
 
-__all__ = ["Built", "Common", "common_options", "resolve_widths", "run_model", "world", "agree"]
+if TYPE_CHECKING:
+    from .trainer import TrainConfig
 
-
+__all__ = ["Built", "Common", "agreed", "common_options", "resolve_widths", "run_model", "world"]
 
 STOPPED_EXIT = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 
@@ -45,11 +47,29 @@ def world() -> Any:
     return w
 
 
-def agree(comm: Any, error: Optional[str]) -> None:
-    """Collective: if any rank failed its setup, every rank stops with exit code 2.
+@contextmanager
+def agreed(comm: Any) -> Iterator[None]:
+    """Collective over ``comm``: if the block fails on user input on any rank, every rank stops.
 
-    Only the first failing rank prints, so the user reads one line, not one per rank.
+    On leaving the block every rank allgathers its :class:`~hvdhybrid.errors.InputError`
+    message, or ``None``. If any rank failed, the first failing rank raises :class:`UserError`
+    (one line, exit code 2; suffixed ``(on rank R)`` when only some ranks failed) and the
+    others exit quietly with code 2, so the user reads one line, not one per rank. Other
+    exceptions pass through without the allgather. Names bound in the block are used after it::
+
+        with agreed(w):
+            layout = Layout(w.Get_size(), widths)
+        groups = ProcessGroups.create(layout, w)
+
+    Raises:
+        UserError: on the first failing rank.
+        SystemExit: code 2, on every other rank, when some rank failed.
     """
+    error: Optional[str] = None
+    try:
+        yield
+    except USER_ERRORS as e:
+        error = str(e)
     errors = comm.allgather(error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
@@ -98,6 +118,19 @@ class Common:
     resume: bool
     timeout: float
     clip_grad: float
+
+    def train_config(self, name: str) -> TrainConfig:
+        """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
+
+        The one place a :class:`~hvdhybrid.trainer.TrainConfig` is made from CLI options.
+        """
+        from .trainer import TrainConfig
+
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, microbatches=self.microbatches,
+                           accumulate=self.accumulate, schedule=self.schedule, fp16=self.fp16,
+                           seed=self.seed, progress=self.progress, model_name=name,
+                           checkpoint_every=self.checkpoint_every, keep=self.keep,
+                           timeout=self.timeout, clip_grad=self.clip_grad)
 
 
 def common_options(default_steps: int, default_batch: int, default_lr: float,
@@ -187,19 +220,14 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
     import torch
 
     from .device import local_size, pick_device
-    from .trainer import TrainConfig
 
     w = world()
     rank = w.Get_rank()
     # ---- setup phase: everything that can fail on user input, before any group is made
-    error: Optional[str] = None
     out = c.out
-    try:
+    with agreed(w):
         layout = Layout(w.Get_size(), widths)
-        cfg = TrainConfig(steps=c.steps, batch_size=c.batch_size, microbatches=c.microbatches,
-                          accumulate=c.accumulate, schedule=c.schedule, fp16=c.fp16, seed=c.seed,
-                          progress=c.progress, model_name=name, checkpoint_every=c.checkpoint_every,
-                          keep=c.keep, timeout=c.timeout, clip_grad=c.clip_grad)
+        cfg = c.train_config(name)
         cfg.validate(layout.num_bundles, layout.widths)
         if c.timeout <= 0:
             raise DataError(f"--timeout must be positive, got {c.timeout}")
@@ -212,14 +240,8 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
                 raise DataError("--resume needs --out: the directory of the run to continue")
             out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _check_out(out, c.resume)
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
-    try:  # every rank builds the same model; failures here happen on all ranks alike
+    with agreed(w):  # every rank builds the same model; failures here happen on all ranks alike
         built: Built = build(layout.num_stages)
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
     out = w.bcast(out, root=0)
     assert out is not None
     cfg.out = out
@@ -228,7 +250,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         if os.environ.get(LAYOUT_FILE_ENV):
             _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
     w.Barrier()
-    _train(name, c, cfg, layout, built, device, threads)
+    _train(w, name, c, cfg, layout, built, device, threads)
 
 
 def _write_layout(path: str, layout: Layout) -> None:
@@ -237,7 +259,8 @@ def _write_layout(path: str, layout: Layout) -> None:
         json.dump({str(x.rank): x.tag() for x in coords}, f)
 
 
-def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device: Any, threads: int) -> None:
+def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, built: Built, device: Any,
+           threads: int) -> None:
     import torch
 
     from . import hvd
@@ -248,25 +271,23 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device:
     from .stopping import Stopped
     from .trainer import Diverged, Trainer
 
-    w = layout_world = world()
     rank, size = w.Get_rank(), w.Get_size()
-    groups = ProcessGroups.create(layout, layout_world)
-    log = tag_logger(groups.coord.tag())
+    tag = layout.coord(rank).tag()  # from the layout: the groups may be what fails
+    log = tag_logger(tag)
     out = cfg.out
+    assert out is not None
     try:
+        # collective, and it starts Horovod: a rank failing here must not leave its peers waiting
+        groups = ProcessGroups.create(layout, w)
         model, train_set = built.model, built.train_set
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device)
-        error = None
         if c.resume:
-            try:
+            with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))
                 if path is None:
-                    error = f"--resume: no complete checkpoint in {out}/checkpoints"
-                elif rank == 0:
-                    log.info(f"resumed from {path} at step {trainer.step}")
-            except (CheckpointError, DataError) as e:
-                error = str(e)
-        agree(w, error)
+                    raise CheckpointError(f"--resume: no complete checkpoint in {out}/checkpoints")
+            if rank == 0:
+                log.info(f"resumed from {path} at step {trainer.step}")
         if rank == 0:
             log.info(f"{name}: {layout.describe()}, schedule {cfg.schedule}, "
                      f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
@@ -317,13 +338,13 @@ def _train(name: str, c: Common, cfg: Any, layout: Layout, built: Built, device:
     except (SystemExit, UserError):
         raise
     except P2PTimeout as e:  # the message already names who waited for whom
-        sys.stderr.write(f"[{groups.coord.tag()}] {e}\n")
+        sys.stderr.write(f"[{tag}] {e}\n")
         sys.stderr.flush()
         w.Abort(1)
         raise
     except BaseException:
         if size > 1:
-            sys.stderr.write(f"[{groups.coord.tag()}] failed:\n{traceback.format_exc()}")
+            sys.stderr.write(f"[{tag}] failed:\n{traceback.format_exc()}")
             sys.stderr.flush()
             w.Abort(1)  # end every rank now instead of leaving peers waiting
         raise

@@ -18,7 +18,7 @@ import numpy as np
 from ...data import DataError
 from ...errors import USER_ERRORS
 from ...partition import PartitionError
-from ...run import Built, Common, agree, common_options, run_model, world
+from ...run import Built, Common, agreed, common_options, run_model, world
 from ...topology import LayoutError
 from .config import CONFIGS, GroverConfig
 
@@ -128,10 +128,8 @@ def pretrain(c: Common, config_name: Optional[str], layers: Optional[int], task_
     """
     from .features import default_pretrain_smiles, random_split, read_smiles_csv
 
-    w = world()
-    error = None
     smiles: list[str] = []
-    try:
+    with agreed(world()):
         cfg = _config(config_name, layers, CONFIGS["small"])
         widths = grover_widths(c, task_parallel, cfg)
         if not 0.0 < mask_rate < 1.0:
@@ -152,9 +150,6 @@ def pretrain(c: Common, config_name: Optional[str], layers: Optional[int], task_
             smiles = smiles[:max_molecules]
         if len(smiles) < 2:
             raise DataError(f"pretraining needs at least 2 molecules, got {len(smiles)}")
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
     name = config_name or "small"
     _say(f"{len(smiles)} molecules for pretraining")
 
@@ -302,11 +297,9 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
     """
     from .pretrained import check_config, config_from, load_pretrained
 
-    w = world()
-    error = None
     classification = task == "classification"
     state: Optional[dict[str, Any]] = None
-    try:
+    with agreed(world()):
         if checkpoint:
             state = load_pretrained(checkpoint)
             default = config_from(state)
@@ -317,9 +310,6 @@ def finetune(c: Common, config_name: Optional[str], layers: Optional[int], task_
         widths = grover_widths(c, task_parallel, cfg)
         table, path, parts = load_labelled(data, label_cols, smiles_col, classification, split,
                                            split_sizes, split_seed)
-    except USER_ERRORS as e:
-        error = str(e)
-    agree(w, error)
     name = config_name or (str(state.get("name", "pretrained")) if state else "small")
     _say(f"{len(table)} molecules with {len(table.label_names)} label(s) from {path}; {split} split "
          f"{len(parts[0])}/{len(parts[1])}/{len(parts[2])}")
