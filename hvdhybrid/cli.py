@@ -16,7 +16,8 @@ from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
 from .models.grover.commands import grover
 from .partition import PartitionError
-from .run import Built, Common, agreed, common_options, resolve_widths, run_model, world
+from .placement import Placement
+from .run import Built, Common, agreed, common_options, parse_placement, resolve_widths, run_model, world
 from .topology import Layout, LayoutError, parse_bundle_shape
 
 __all__ = ["main", "cli"]
@@ -35,20 +36,25 @@ def _classify(out: Any, y: Any) -> tuple[float, int]:
     return float((out.argmax(-1) == y).sum()), int(y.shape[0])
 
 
-def _sequential_build(c: Common, layers_fn: Callable[[], list[Any]], dataset: Any,
+def _sequential_build(c: Common, fns_fn: Callable[[], list[Any]], dataset: Any,
                       test_fraction: float = 0.2) -> Callable[[int], Any]:
+    """A chain of layer factories; each rank builds only its stages' layers (keyed by layer index)."""
     import torch
 
-    from .staged import partition_sizes, split_sequential
+    from .staged import keyed_layers, meta_layers, partition_sizes, sequential_model
 
     def build(num_stages: int) -> Any:
         train_set, eval_set = dataset.split(test_fraction, seed=0)
-        torch.manual_seed(c.seed)
-        layers = layers_fn()
-        sample = train_set.batch(range(min(32, len(train_set))))[0]
-        sizes = partition_sizes(layers, num_stages, c.partition, sample)
-        sizes = world().bcast(sizes, root=0)  # 'time' differs per rank; rank 0 decides
-        model = split_sequential(layers, sizes, torch.nn.functional.cross_entropy)
+        fns = fns_fn()
+        if c.partition == "time":  # measured: rank 0 builds every layer once and decides
+            sizes = None
+            if world().Get_rank() == 0:
+                sample = train_set.batch(range(min(32, len(train_set))))[0]
+                sizes = partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample)
+            sizes = world().bcast(sizes, root=0)
+        else:  # from shapes alone: layers on the meta device hold no memory
+            sizes = partition_sizes(meta_layers(fns), num_stages, c.partition)
+        model = sequential_model(fns, sizes, torch.nn.functional.cross_entropy, c.seed)
 
         def opt(params: Any) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
@@ -74,7 +80,7 @@ def resnet(c: Common, data: Optional[str], image_size: int, width: int, dp_only:
     even, else one; --dp-only: one stage per bundle, all bundles data-parallel.
     """
     from .data import digits, image_folder
-    from .models.resnet import resnet_layers
+    from .models.resnet import resnet_layer_fns
 
     w = world()
     with agreed(w):
@@ -88,7 +94,7 @@ def resnet(c: Common, data: Optional[str], image_size: int, width: int, dp_only:
             ds, classes = digits(image_size), [str(i) for i in range(10)]
     channels = int(ds.x.shape[1])
     run_model("resnet", c, widths, _sequential_build(
-        c, lambda: resnet_layers(channels, len(classes), width), ds))
+        c, lambda: resnet_layer_fns(channels, len(classes), width), ds))
 
 
 @cli.command()
@@ -98,7 +104,7 @@ def resnet(c: Common, data: Optional[str], image_size: int, width: int, dp_only:
 def mlp(c: Common, hidden: int, depth: int) -> None:
     """A multilayer perceptron on scikit-learn's 8x8 digits (fast; for trying layouts)."""
     from .data import digits
-    from .models.mlp import mlp_layers
+    from .models.mlp import mlp_layer_fns
 
     w = world()
     with agreed(w):
@@ -106,42 +112,62 @@ def mlp(c: Common, hidden: int, depth: int) -> None:
         if depth < 1:
             raise PartitionError(f"--depth must be >= 1, got {depth}")
         ds = digits(8)
-    run_model("mlp", c, widths, _sequential_build(c, lambda: mlp_layers(64, hidden, depth, 10), ds))
+    run_model("mlp", c, widths, _sequential_build(c, lambda: mlp_layer_fns(64, hidden, depth, 10), ds))
 
 
 @cli.command()
 @click.option("-np", "--np", "np_", type=int, required=True, help="Number of ranks.")
 @click.option("--stages", type=int, default=None)
 @click.option("--bundle-shape", default=None, metavar="W0,W1,..")
+@click.option("--tensor", type=int, default=1, show_default=True,
+              help="Ranks that split each replica's tensors.")
+@click.option("--stages-per-rank", type=int, default=1, show_default=True,
+              help="Model stages per stage group.")
+@click.option("--placement", default="looped", show_default=True, metavar="looped|contiguous|P0,P1,..")
 @click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
-def plan(np_: int, stages: Optional[int], bundle_shape: Optional[str], hostfile: Optional[str]) -> None:
+def plan(np_: int, stages: Optional[int], bundle_shape: Optional[str], tensor: int, stages_per_rank: int,
+         placement: str, hostfile: Optional[str]) -> None:
     """Print the rank layout as a table, without training."""
     try:
         if stages is not None and bundle_shape is not None:
             raise LayoutError("give either --stages or --bundle-shape, not both")
         widths = parse_bundle_shape(bundle_shape) if bundle_shape else (1,) * (stages or 1)
-        layout = Layout(np_, widths)
+        layout = Layout(np_, widths, tensor)
+        if stages_per_rank < 1:
+            raise LayoutError(f"--stages-per-rank must be >= 1, got {stages_per_rank}")
+        pl = parse_placement(placement, layout.num_stages * stages_per_rank, layout.num_stages) \
+            if stages_per_rank > 1 else None
         hosts = place_ranks(read_hostfile(hostfile), np_) if hostfile else None
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
-    click.echo(render_plan(layout, hosts))
+    click.echo(render_plan(layout, hosts, pl))
 
 
-def render_plan(layout: Layout, hosts: Optional[list[str]] = None) -> str:
-    """The layout as a table: one row per rank, then the groups."""
-    head = f"{'rank':>5} {'bundle':>6} {'stage':>5} {'replica':>7}" + ("  host" if hosts else "")
+def render_plan(layout: Layout, hosts: Optional[list[str]] = None,
+                placement: Optional[Placement] = None) -> str:
+    """The layout as a table: one row per rank, then the groups (and the placement of stages)."""
+    tp = layout.tensor > 1
+    head = f"{'rank':>5} {'bundle':>6} {'stage':>5} {'replica':>7}" + (f" {'tensor':>6}" if tp else "") \
+        + ("  host" if hosts else "")
     lines = [f"{layout.describe()}", head]
     for r in range(layout.world_size):
         c = layout.coord(r)
-        lines.append(f"{r:>5} {c.bundle:>6} {c.stage:>5} {c.replica:>7}"
+        lines.append(f"{r:>5} {c.bundle:>6} {c.stage:>5} {c.replica:>7}" + (f" {c.tensor:>6}" if tp else "")
                      + (f"  {hosts[r]}" if hosts else ""))
     lines.append("bundle groups: " + " ".join(str(layout.bundle_members(b))
                                               for b in range(layout.num_bundles)))
     lines.append("stage groups:  " + " ".join(str(layout.stage_members(b, s))
                                               for b in range(layout.num_bundles)
                                               for s in range(layout.num_stages)))
+    if tp:
+        lines.append("tensor groups: " + " ".join(
+            str(layout.tensor_members(b, s, q)) for b in range(layout.num_bundles)
+            for s in range(layout.num_stages) for q in range(layout.widths[s])))
     lines.append("data groups:   " + " ".join(str(g) for g in layout.all_data_groups())
                  + "   (Horovod process sets)")
+    if placement is not None:
+        lines.append(f"model stages:  {placement.num_stages}, {placement.describe()} "
+                     "(stage group = position)")
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ class GradSync:
                     copies *= lay.tensor
             elif not isinstance(owner, Sharded):
                 copies *= lay.tensor
-            total += float(p.grad.detach().double().pow(2).sum()) / copies
+            total += _square_sum(p.grad) / copies
         return total
 
     def guard(self, clip: float, world_sum: WorldSum) -> tuple[bool, float]:
@@ -184,6 +184,12 @@ class GradSync:
                 arr = t.detach().cpu().contiguous()
                 self.groups.tied[ps].Bcast(_np(arr), root=0)
                 t.data.copy_(arr)
+
+
+def _square_sum(t: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """Sum of squares in float64, a chunk at a time (a whole float64 copy of a big layer is costly)."""
+    flat = t.detach().reshape(-1)
+    return sum(float(c.double().pow_(2).sum()) for c in flat.split(chunk))
 
 
 def _sorted_by_tie(ps: Sequence[nn.Parameter]) -> list[nn.Parameter]:

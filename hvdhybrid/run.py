@@ -27,6 +27,7 @@ import click
 from .data import DataError
 from .errors import USER_ERRORS, UserError
 from .launcher import LAYOUT_FILE_ENV
+from .placement import Placement, PlacementError
 from .schedule import SCHEDULES
 from .topology import Layout, LayoutError, parse_bundle_shape
 
@@ -99,6 +100,8 @@ class Common:
 
     stages: Optional[int]
     bundle_shape: Optional[str]
+    stages_per_rank: int
+    placement: str
     microbatches: int
     schedule: str
     fp16: bool
@@ -141,6 +144,11 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
                      help="Pipeline stages per bundle, one rank each (default: the model's)."),
         click.option("--bundle-shape", default=None, metavar="W0,W1,..",
                      help="Ranks per stage, e.g. 2,1: 2 front ranks, 1 rear rank."),
+        click.option("--stages-per-rank", type=int, default=1, show_default=True,
+                     help="Model stages per stage group: cut the model finer than the ranks "
+                          "(with --placement)."),
+        click.option("--placement", default="looped", show_default=True, metavar="looped|contiguous|P0,P1,..",
+                     help="Which stage group runs each model stage when --stages-per-rank > 1."),
         click.option("--microbatches", "-m", type=int, default=default_microbatches, show_default=True,
                      help="Microbatches per pass through the pipeline."),
         click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="1f1b",
@@ -201,6 +209,14 @@ def resolve_widths(c: Common, world_size: int, default: tuple[int, ...]) -> tupl
     return default
 
 
+def parse_placement(text: str, num_stages: int, num_groups: int) -> Placement:
+    """``--placement`` for ``num_stages`` model stages on ``num_groups`` stage groups, or a one-line error."""
+    try:
+        return Placement.parse(text, num_stages, num_groups)
+    except PlacementError as e:
+        raise PlacementError(f"--placement: {e} (stage groups are the positions)") from None
+
+
 def _check_out(out: str, resume: bool) -> None:
     """Never write into another run's directory; on resume, insist there is a run to resume."""
     holds_run = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "checkpoints"))
@@ -240,8 +256,13 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
                 raise DataError("--resume needs --out: the directory of the run to continue")
             out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _check_out(out, c.resume)
-    with agreed(w):  # every rank builds the same model; failures here happen on all ranks alike
-        built: Built = build(layout.num_stages)
+        if c.stages_per_rank < 1:
+            raise LayoutError(f"--stages-per-rank must be >= 1, got {c.stages_per_rank}")
+        n_model = layout.num_stages * c.stages_per_rank
+        placement = parse_placement(c.placement, n_model, layout.num_stages) \
+            if c.stages_per_rank > 1 else None
+    with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
+        built: Built = build(n_model)
     out = w.bcast(out, root=0)
     assert out is not None
     cfg.out = out
@@ -250,7 +271,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         if os.environ.get(LAYOUT_FILE_ENV):
             _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
     w.Barrier()
-    _train(w, name, c, cfg, layout, built, device, threads)
+    _train(w, name, c, cfg, layout, placement, built, device, threads)
 
 
 def _write_layout(path: str, layout: Layout) -> None:
@@ -259,8 +280,8 @@ def _write_layout(path: str, layout: Layout) -> None:
         json.dump({str(x.rank): x.tag() for x in coords}, f)
 
 
-def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, built: Built, device: Any,
-           threads: int) -> None:
+def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, placement: Optional[Placement],
+           built: Built, device: Any, threads: int) -> None:
     import torch
 
     from . import hvd
@@ -280,7 +301,7 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, built
         # collective, and it starts Horovod: a rank failing here must not leave its peers waiting
         groups = ProcessGroups.create(layout, w)
         model, train_set = built.model, built.train_set
-        trainer = Trainer(groups, model, built.optimizer_fn, cfg, device)
+        trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
         if c.resume:
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))
@@ -293,9 +314,12 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, built
                      f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
                      f"accumulate {cfg.accumulate}, fp16 compression "
                      f"{'on' if cfg.fp16 else 'off'}, device {device}, {threads} thread(s)/rank")
+            if placement is not None:
+                log.info(f"{model.graph.num_stages} model stages placed {c.placement}: "
+                         f"{placement.describe()}")
             if built.describe:
                 log.info(built.describe)
-            n_params = sum(p.numel() for s in model.stages for p in s.parameters())
+            n_params = model.parameter_count()
             sets = ", ".join(f"{len(d)} {k}" for k, d in built.eval_sets.items())
             log.info(f"{n_params:,} parameters; {len(train_set)} training rows"
                      f"{', ' + sets if sets else ''} rows; output in {out}")

@@ -7,10 +7,12 @@ changes the result.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "resnet_layers"]
+__all__ = ["BasicBlock", "resnet_layers", "resnet_layer_fns"]
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -35,16 +37,33 @@ class BasicBlock(nn.Module):
         return torch.relu(self.n2(self.conv2(y)) + self.short(x))
 
 
-def resnet_layers(in_channels: int, num_classes: int, width: int = 16,
-                  blocks: tuple[int, ...] = (2, 2, 2)) -> list[nn.Module]:
-    """Stem, residual blocks (width doubling, stride 2 between groups), pooled linear head."""
-    layers: list[nn.Module] = [nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU())]
+def resnet_layer_fns(in_channels: int, num_classes: int, width: int = 16,
+                     blocks: tuple[int, ...] = (2, 2, 2)) -> list[Callable[[], nn.Module]]:
+    """Factories of the stem, residual blocks (width doubling, stride 2 between groups), pooled head.
+
+    Factories, not modules, so that a rank builds only the layers of its own
+    stages (:func:`hvdhybrid.staged.sequential_model`).
+    """
+    def stem() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU())
+
+    def block(cin: int, cout: int, stride: int) -> Callable[[], nn.Module]:
+        return lambda: BasicBlock(cin, cout, stride)
+
+    def head(c: int) -> Callable[[], nn.Module]:
+        return lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    fns: list[Callable[[], nn.Module]] = [stem]
     c = width
     for g, n in enumerate(blocks):
         cout = width * (2 ** g)
         for b in range(n):
-            layers.append(BasicBlock(c, cout, 2 if (b == 0 and g > 0) else 1))
+            fns.append(block(c, cout, 2 if (b == 0 and g > 0) else 1))
             c = cout
-    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)))
-    return layers
+    return fns + [head(c)]
+
+
+def resnet_layers(in_channels: int, num_classes: int, width: int = 16,
+                  blocks: tuple[int, ...] = (2, 2, 2)) -> list[nn.Module]:
+    """The layers of :func:`resnet_layer_fns`, built in order under the current RNG."""
+    return [f() for f in resnet_layer_fns(in_channels, num_classes, width, blocks)]

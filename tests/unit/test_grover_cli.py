@@ -99,7 +99,8 @@ def test_config_mismatch_names_the_fields(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- layouts
 def common(**kw: object) -> Common:
-    base = dict(stages=None, bundle_shape=None, microbatches=1, schedule="1f1b", fp16=True, accumulate=1,
+    base = dict(stages=None, bundle_shape=None, stages_per_rank=1, placement="looped",
+                microbatches=1, schedule="1f1b", fp16=True, accumulate=1,
                 steps=1, batch_size=8, lr=0.1, seed=0, out=None, device="cpu", partition="params",
                 threads=1, save_params=False, progress=False, checkpoint_every=0, keep=1, resume=False,
                 timeout=10.0, clip_grad=0.0)

@@ -73,7 +73,8 @@ def test_other_exceptions_pass_through_without_the_collective() -> None:
 
 def common(**kw: Any) -> Common:
     base: dict[str, Any] = dict(
-        stages=None, bundle_shape=None, microbatches=2, schedule="gpipe", fp16=False, accumulate=2,
+        stages=None, bundle_shape=None, stages_per_rank=1, placement="looped",
+        microbatches=2, schedule="gpipe", fp16=False, accumulate=2,
         steps=7, batch_size=48, lr=0.1, seed=3, out="runs/x", device="cpu", partition="params",
         threads=0, save_params=False, progress=False, checkpoint_every=5, keep=2, resume=False,
         timeout=9.0, clip_grad=1.5)
