@@ -1,6 +1,6 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover]
+    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory]
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -63,13 +63,25 @@ def grover() -> list[dict]:
     return res
 
 
+def memory() -> list[dict]:
+    """Peak RSS per rank: a 4-stage pipeline of a ~1 GB MLP (keyed build, build-then-drop) vs 1 process."""
+    return _run([PY, os.path.join(HERE, "memory.py"), "--width", "6144", "--depth", "9"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
-    ap.add_argument("--only", choices=["pipeline", "grover"], help="run one part only")
+    ap.add_argument("--only", choices=["pipeline", "grover", "memory"], help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
+    if a.only in (None, "memory"):
+        res += memory()
+        if a.only == "memory":
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=2)
+            return
     gres = grover() if a.only != "pipeline" else []
     if a.only == "grover":
         if a.json:

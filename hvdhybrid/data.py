@@ -88,10 +88,6 @@ class Sampler:
         self.pos += self.batch_size
         return out
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.n // self.batch_size
-
 
 def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size:

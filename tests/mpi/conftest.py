@@ -19,6 +19,20 @@ def world() -> Any:
     return mpi_world()
 
 
+def pytest_runtest_logreport(report: Any) -> None:
+    """A test that fails on some ranks only would leave the others waiting in its collectives
+    (pytest -x exits without an exception, so ``python -m mpi4py`` does not abort): print the
+    failure here, then end every rank at once."""
+    if report.failed:
+        import sys
+
+        w = mpi_world()
+        sys.stderr.write(f"\n[rank {w.Get_rank()}] {report.nodeid} {report.when} failed:\n"
+                         f"{report.longreprtext}\n")
+        sys.stderr.flush()
+        w.Abort(1)
+
+
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     from hvdhybrid import hvd
 

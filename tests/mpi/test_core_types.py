@@ -172,7 +172,7 @@ def test_column_parallel_shards_match_one_process(world: Any, widths: tuple[int,
     worst = None
     if world.Get_rank() == 0:
         assert full is not None and sorted(full) == sorted(n for n, _ in m.named_parameters())
-        worst = max(float((full[n] - p).abs().max()) for n, p in m.named_parameters())
+        worst = max(float((full[n] - p.detach()).abs().max()) for n, p in m.named_parameters())
     worst = world.bcast(worst, root=0)  # every rank fails alike: none is left waiting
     assert worst <= TOL, f"max |param - reference| = {worst:.3g}"
 

@@ -10,6 +10,7 @@ import torch
 from hvdhybrid.executor import Executor, StageShapeError
 from hvdhybrid.graph import StageGraph
 from hvdhybrid.p2p import P2P, MsgKey
+from hvdhybrid.placement import Placement
 from hvdhybrid.schedule import forward_only
 from hvdhybrid.topology import Layout
 
@@ -66,7 +67,8 @@ def test_receiver_names_stages_microbatch_and_shapes_instead_of_hanging(world: A
                 return torch.ones(x.shape[0], feat)
 
         module = Front() if c.stage == 0 else torch.nn.Identity()
-        ex = Executor(graph, layout, c, module, P2P(comm, 1, torch.device("cpu")))
+        ex = Executor(graph, layout, Placement.identity(2), c, {c.stage: module},
+                      P2P(comm, 1, torch.device("cpu")))
 
         def batch(mb: int) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.zeros(2, 3), torch.zeros(2)

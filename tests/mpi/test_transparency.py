@@ -123,8 +123,12 @@ def test_fp32_matches_single_process(world: Any, case: str, widths: tuple[int, .
     assert worst <= FP32_TOL, f"max |param - reference| = {worst:.3g}"
 
 
-@pytest.mark.parametrize("case,widths", [("chain", (1,)), ("chain", (1, 1)), ("forkjoin", (1, 1, 2))])
+@pytest.mark.parametrize("case,widths", [("chain", (1,)), ("chain", (1, 1)), ("chain", (2,)),
+                                         ("taskpair", (1, 1)), ("forkjoin", (1, 1, 2))])
 def test_fp16_compression_within_bound(world: Any, case: str, widths: tuple[int, ...]) -> None:
+    """Only where gradients really cross bundles in float16 (one bundle never compresses)."""
+    if world.Get_size() // sum(widths) < 2:
+        pytest.skip(f"world {world.Get_size()} holds one bundle of widths {widths}: nothing to compress")
     worst = run_layout(world, case, widths, "1f1b", 4, 1, fp16=True)
     assert worst <= FP16_BOUND, f"max |param - reference| = {worst:.3g} with fp16 compression"
     if world.Get_rank() == 0:

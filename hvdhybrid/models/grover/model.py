@@ -189,12 +189,3 @@ def init_(module: nn.Module) -> None:
             nn.init.xavier_normal_(p)
         elif n.endswith("bias"):
             nn.init.zeros_(p)
-
-
-def per_molecule_mean(values: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
-    """Mean of per-row values within each molecule, then over molecules (molecules weigh the same)."""
-    padded, mask, _ = pad_by_scope(values.unsqueeze(-1), scope)
-    per_mol = (padded.squeeze(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)
-    has = (mask.sum(1) > 0).float()
-    return (per_mol * has).sum() / max(1, scope.shape[0])
-
