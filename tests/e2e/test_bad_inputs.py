@@ -42,7 +42,7 @@ def corrupt_copy(base: str) -> str:
     if not os.path.exists(dst):
         shutil.copytree(src, dst)
         for step in os.listdir(os.path.join(dst, "checkpoints")):
-            shard = os.path.join(dst, "checkpoints", step, "rank-00001.pt")
+            shard = os.path.join(dst, "checkpoints", step, "stage-001.pt")
             if os.path.exists(shard):
                 data = open(shard, "rb").read()
                 open(shard, "wb").write(data[: len(data) // 2])  # truncated
