@@ -214,7 +214,8 @@ def parse_placement(text: str, num_stages: int, num_groups: int) -> Placement:
     try:
         return Placement.parse(text, num_stages, num_groups)
     except PlacementError as e:
-        raise PlacementError(f"--placement: {e} (stage groups are the positions)") from None
+        raise PlacementError(
+            f"--placement: {e} (positions: the stage groups of --stages/--bundle-shape)") from None
 
 
 def _check_out(out: str, resume: bool) -> None:

@@ -144,8 +144,10 @@ class NamedState:
                 full = whole(src, "params")
                 got = _cut(full, _shard(owner))
                 if got.shape != p.shape:
-                    raise CheckpointError(f"checkpoint {src} has shape {tuple(full.shape)}, this "
-                                          f"model's has {tuple(p.shape)}: another configuration")
+                    raise CheckpointError(
+                        f"the checkpoint's {src} has shape {tuple(full.shape)}, this model's has "
+                        f"{tuple(p.shape)}: it is of another model size; resume with the model "
+                        "options it was trained with")
                 with torch.no_grad():
                     p.copy_(got)
                 st0 = read(pieces(src)[0]["file"])["optimizer"].get(src, {})

@@ -118,7 +118,7 @@ CASES: list[Case] = [
      "holds no run to resume"),
     ("--resume with another model size",
      lambda b: mpirun(2, *MLP, "--hidden", "64", "--bundle-shape", "2", "--resume", "--out", prior_run(b)),
-     "this model's has (64, 64): another configuration"),
+     "this model's has (64, 64): it is of another model size"),
     ("--stages-per-rank below 1",
      lambda b: mpirun(2, *MLP, "--stages", "2", "--stages-per-rank", "0", "--out", f"{b}/x"),
      "--stages-per-rank must be >= 1, got 0"),
