@@ -1,0 +1,121 @@
+"""The schedule language: actions, plans, the one dependency rule, and what a complete plan is.
+
+An action is ``F`` (forward of one microbatch), ``B`` (its backward) or ``W``
+(the weight gradient, when split from ``B``) on one model stage, printed as
+``2F0`` (stage 2, forward, microbatch 0) as torch.distributed.pipelining does.
+A :data:`Plan` holds one ordered list per position (stage group). Pure: no MPI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import InputError
+from .graph import StageGraph
+from .placement import Placement, PlacementError
+
+__all__ = ["Action", "Plan", "ScheduleError", "depends_on", "check_placement", "check_complete", "stuck"]
+
+
+class ScheduleError(InputError):
+    """An unknown schedule name, or a plan the simulator proves incomplete, misplaced or deadlocked."""
+
+
+_ACTION = re.compile(r"(\d+)([FBW])(\d+)")
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One unit of pipeline work: ``kind`` (``F``, ``B`` or ``W``) of microbatch ``mb`` on ``stage``.
+
+    Raises:
+        ScheduleError: if ``kind`` is not ``F``, ``B`` or ``W``.
+    """
+
+    stage: int
+    kind: str  # "F" forward, "B" backward (input grad; fused with W when the plan has no W), "W" weight grad
+    mb: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("F", "B", "W"):
+            raise ScheduleError(f"action kind must be 'F', 'B' or 'W', got {self.kind!r}")
+
+    def __str__(self) -> str:
+        return f"{self.stage}{self.kind}{self.mb}"
+
+    @classmethod
+    def parse(cls, text: str) -> Action:
+        """The inverse of ``str``: ``"2F0"`` -> ``Action(2, "F", 0)``.
+
+        Args:
+            text: stage number, one of ``F``/``B``/``W``, microbatch number.
+
+        Returns:
+            The action.
+
+        Raises:
+            ScheduleError: if ``text`` is not of that form.
+        """
+        m = _ACTION.fullmatch(text.strip())
+        if not m:
+            raise ScheduleError(
+                f"cannot read action {text!r}: write stage, F/B/W and microbatch, e.g. '2F0'")
+        return cls(int(m.group(1)), m.group(2), int(m.group(3)))
+
+
+Plan = dict[int, list[Action]]
+"""Position -> that position's ordered action list."""
+
+def depends_on(graph: StageGraph, a: Action) -> list[Action]:
+    """What ``a`` waits for: the whole dependency rule of every schedule, in one place."""
+    if a.kind == "F":
+        return [Action(u, "F", a.mb) for u in graph.upstream(a.stage)]
+    if a.kind == "B":
+        return [Action(a.stage, "F", a.mb)] + [Action(d, "B", a.mb) for d in graph.downstream(a.stage)]
+    return [Action(a.stage, "B", a.mb)]
+
+
+def check_placement(graph: StageGraph, placement: Placement) -> None:
+    """The placement places exactly the graph's stages.
+
+    Raises:
+        PlacementError: naming both counts.
+    """
+    if placement.num_stages != graph.num_stages:
+        raise PlacementError(
+            f"placement {list(placement.positions)} covers {placement.num_stages} stages but the "
+            f"stage graph has {graph.num_stages}; give one position per stage")
+
+
+def check_complete(graph: StageGraph, by_stage: dict[int, list[Action]], microbatches: int,
+                    forward_only: bool) -> None:
+    """Each stage runs F (and B) of every microbatch exactly once, and W for all of them or none."""
+    mbs = range(microbatches)
+    for s in range(graph.num_stages):
+        acts = by_stage.get(s, [])
+        got = set(acts)
+        want = {Action(s, "F", m) for m in mbs}
+        if not forward_only:
+            want |= {Action(s, "B", m) for m in mbs}
+            ws = {Action(s, "W", m) for m in mbs}
+            if got & ws:
+                want |= ws
+        if len(acts) != len(got) or got != want:
+            need = "F" if forward_only else "F and B (and W for all or none)"
+            raise ScheduleError(
+                f"stage {s}: actions {' '.join(map(str, acts)) or '(none)'} are not each {need} of "
+                f"microbatches 0..{microbatches - 1} exactly once")
+
+
+def stuck(graph: StageGraph, placement: Placement, heads: dict[int, list[Action]],
+           done: set[Action]) -> str:
+    """'position 0 at 0B0 waits for 1B0 (on position 1); ...' for a deadlock report."""
+    parts = []
+    for p, acts in sorted(heads.items()):
+        for a in acts:
+            waits = [f"{d} (later on position {p} itself)" if placement.position_of(d.stage) == p
+                     else f"{d} (on position {placement.position_of(d.stage)})"
+                     for d in depends_on(graph, a) if d not in done]
+            parts.append(f"position {p} at {a} waits for {', '.join(waits)}")
+    return "; ".join(parts)
