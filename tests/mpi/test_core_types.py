@@ -258,3 +258,26 @@ def test_evaluation_counts_every_row_at_every_layout(world: Any, widths: tuple[i
     finally:
         groups.close()
     assert n == rows and acc == pytest.approx(expect, abs=1e-12)
+
+
+def test_sharded_checkpoint_resumes_without_tensor_ranks(world: Any) -> None:
+    """Saved with column shards over 2 tensor ranks, resumed whole (tensor 1): slices joined by name."""
+    layout = fits(world, (1,), tensor=2)
+    out = shared_tmp(world)
+    train(world, layout, lambda g: tensor_chain(1, g.tensor), opt=adam, out=out)
+    if world.Get_rank() == 0:
+        from hvdhybrid.checkpoint import Manifest, find_complete
+
+        path, _ = find_complete(os.path.join(out, "checkpoints"))
+        assert path is not None
+        m = Manifest.read(os.path.join(path, "manifest.json"))
+        pieces = m.names["0.0.weight"]
+        assert [(p["file"], p["dim"], p["start"], p["stop"]) for p in pieces] == \
+            [("stage-000-t00.pt", 0, 0, 16), ("stage-000-t01.pt", 0, 16, 32)]
+        assert pieces[0]["shape"] == [32, 16]
+    world.Barrier()
+    trainer = train(world, Layout(world.Get_size(), (1,)), keyed_chain(1), opt=adam, steps=2 * STEPS,
+                    out=out, resume=True)
+    m = keyed_reference()
+    reference(m, m, 2 * STEPS, opt=adam)
+    assert worst_diff(world, trainer.named_parameters(), dict(m.named_parameters())) <= TOL
