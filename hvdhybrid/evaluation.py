@@ -43,7 +43,8 @@ def _forward(trainer: Trainer, data: Dataset, idx: list[int]) -> list[Any]:
     mbs = trainer.cfg.microbatches
     plan = sched.build_forward_only(trainer.graph, mbs, trainer.placement)[trainer.groups.coord.stage]
     with torch.no_grad():
-        res = trainer.executor.run(plan, trainer.batch_fn(data, idx, mbs), mbs, train=False)
+        res = trainer.executor.run(plan, trainer.batch_fn(data, idx, mbs), mbs, train=False,
+                                   rows_fn=trainer.rows_fn(idx, mbs))
     return res.outputs if trainer.is_sink else []
 
 

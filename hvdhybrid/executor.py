@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from . import randomness
 from .graph import StageGraph
 from .p2p import P2P, MsgKey, PendingRecv
 from .placement import Placement
@@ -122,6 +123,7 @@ class Executor:
         self.replica = coord.replica
         self.width = layout.widths[coord.stage]
         self._mailbox: dict[tuple[int, int, int, int], Tensors] = {}
+        self._rows_fn: Optional[Callable[[int], Sequence[int]]] = None
 
     # -- who talks to whom ---------------------------------------------------
     def _w(self, stage: int) -> int:
@@ -149,7 +151,8 @@ class Executor:
 
     # -- one step --------------------------------------------------------------
     def run(self, actions: Sequence[Action], batch_fn: BatchFn, microbatches: int,
-            loss_scale: float = 1.0, train: bool = True) -> StepResult:
+            loss_scale: float = 1.0, train: bool = True,
+            rows_fn: Optional[Callable[[int], Sequence[int]]] = None) -> StepResult:
         """Run ``actions`` (this rank's list of the plan) for one step.
 
         Args:
@@ -159,8 +162,12 @@ class Executor:
             loss_scale: the sink multiplies each microbatch loss by this before
                 backward (``1 / (microbatches * accumulation)``).
             train: build graphs and run backwards; ``False`` runs forwards under no_grad.
+            rows_fn: ``mb -> data-set indices`` of this replica's rows of ``mb``; set for
+                every forward (:func:`randomness.set_rows`) so that keyed dropout
+                draws the same mask for a row on any rank.
         """
         g = self.graph
+        self._rows_fn = rows_fn
         result = StepResult(microbatches=microbatches)
         # Receives first: every header this step will need, before any send.
         fwd: dict[tuple[int, int, int], list[PendingRecv]] = {}
@@ -238,6 +245,7 @@ class Executor:
             if any(t is None for t in joined):
                 raise StageShapeError(f"stage {s} got an empty tensor from stage {up}, microbatch {mb}")
             args.append(_unpack(joined))  # type: ignore[arg-type]
+        randomness.set_rows(self._rows_fn(mb) if self._rows_fn is not None else None)
         out = _as_tuple(self.modules[s](*args))
         loss = None
         if s == g.sink:

@@ -5,19 +5,23 @@ its masked atoms) must draw the same numbers whether the global batch runs
 in one process or is cut into bundles, microbatches, stages and replicas.
 So draws are keyed by the run's seed, the optimizer step and a name (a
 layer, a molecule's index in the data set) — all of which every layout
-agrees on. The trainer sets the step before each optimizer step; this is the
-one piece of process-wide state in the package, and it holds only integers.
+agrees on. The trainer sets the step before each optimizer step, and the
+executor sets the data rows a stage is about to compute (their indices in
+the data set) before each forward; this is the one piece of process-wide
+state in the package, and it holds only integers.
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["set_step", "current_step", "generator", "randint"]
+__all__ = ["set_step", "current_step", "set_rows", "current_rows", "generator", "randint"]
 
 _STATE = {"seed": 0, "step": 0}
+_ROWS: dict[str, Optional[tuple[int, ...]]] = {"rows": None}
 
 
 def set_step(seed: int, step: int) -> None:
@@ -27,6 +31,15 @@ def set_step(seed: int, step: int) -> None:
 
 def current_step() -> int:
     return _STATE["step"]
+
+
+def set_rows(rows: Optional[Sequence[int]]) -> None:
+    """The data-set indices of the rows the next forward computes, in order (None: unknown)."""
+    _ROWS["rows"] = None if rows is None else tuple(int(r) for r in rows)
+
+
+def current_rows() -> Optional[tuple[int, ...]]:
+    return _ROWS["rows"]
 
 
 def _key(*names: object) -> int:

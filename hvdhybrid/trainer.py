@@ -163,14 +163,22 @@ class Trainer:
     # -- data ------------------------------------------------------------------
     def batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
         """``mb -> (inputs, targets)``: this replica's rows of microbatch ``mb`` of ``indices``."""
+        rows = self.rows_fn(indices, microbatches)
+
+        def fn(mb: int) -> tuple[Any, Any]:
+            x, y = data.batch(rows(mb))
+            return _to(x, self.device), _to(y, self.device)
+        return fn
+
+    def rows_fn(self, indices: list[int], microbatches: int) -> Callable[[int], list[int]]:
+        """``mb -> data-set indices`` of this replica's rows of microbatch ``mb`` of ``indices``."""
         layout, c = self.groups.layout, self.groups.coord
         width = layout.widths[c.stage]
 
-        def fn(mb: int) -> tuple[Any, Any]:
+        def fn(mb: int) -> list[int]:
             lo, hi = replica_rows(len(indices), layout.num_bundles, c.bundle, microbatches,
                                   mb, width, c.replica)
-            x, y = data.batch(indices[lo:hi])
-            return _to(x, self.device), _to(y, self.device)
+            return indices[lo:hi]
         return fn
 
     # -- one optimizer step ----------------------------------------------------
@@ -186,7 +194,8 @@ class Trainer:
         for a in range(cfg.accumulate):
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
             res = self.executor.run(self.plan, self.batch_fn(data, part, cfg.microbatches),
-                                    cfg.microbatches, 1.0 / (cfg.microbatches * cfg.accumulate))
+                                    cfg.microbatches, 1.0 / (cfg.microbatches * cfg.accumulate),
+                                    rows_fn=self.rows_fn(part, cfg.microbatches))
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
         self.sync.sync()
