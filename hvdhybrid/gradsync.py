@@ -163,6 +163,26 @@ class GradSync:
                     p.grad.mul_(coef)
         return True, norm
 
+    def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Collective: every copy's optimizer state becomes bundle 0's (row replica 0's).
+
+        Called after a resume (at the start the state is empty: it is made by
+        the first step from gradients that are already equal everywhere).
+        """
+        tensors = _state_tensors(optimizer, self.params)
+        if self.groups.rows.Get_size() > 1:
+            for t in tensors:
+                arr = t.detach().cpu().contiguous()
+                self.groups.rows.Bcast(_np(arr), root=0)
+                t.copy_(arr)
+        if self.groups.data_set is not None and tensors:
+            from . import hvd
+
+            c = self.groups.coord
+            root = self.groups.layout.rank_of(0, c.stage, c.replica, c.tensor)
+            hvd.broadcast_(tensors, root, self.groups.data_set,
+                           name=f"optim.s{c.stage}.r{c.replica}.t{c.tensor}")
+
     def broadcast_parameters(self, modules: dict[int, nn.Module]) -> None:
         """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage."""
         tensors = [t for s in self.stages for t in list(modules[s].parameters()) + list(modules[s].buffers())]
@@ -184,6 +204,15 @@ class GradSync:
                 arr = t.detach().cpu().contiguous()
                 self.groups.tied[ps].Bcast(_np(arr), root=0)
                 t.data.copy_(arr)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """The optimizer's state tensors of ``params``, in an order every copy agrees on."""
+    out = []
+    for p in params:
+        st = optimizer.state.get(p, {})  # type: ignore[call-overload]
+        out += [st[k] for k in sorted(st) if torch.is_tensor(st[k])]
+    return out
 
 
 def _square_sum(t: torch.Tensor, chunk: int = 1 << 20) -> float:

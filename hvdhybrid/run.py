@@ -121,6 +121,8 @@ class Common:
     resume: bool
     timeout: float
     clip_grad: float
+    warmup: int
+    lr_schedule: str
 
     def train_config(self, name: str) -> TrainConfig:
         """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
@@ -133,7 +135,8 @@ class Common:
                            accumulate=self.accumulate, schedule=self.schedule, fp16=self.fp16,
                            seed=self.seed, progress=self.progress, model_name=name,
                            checkpoint_every=self.checkpoint_every, keep=self.keep,
-                           timeout=self.timeout, clip_grad=self.clip_grad)
+                           timeout=self.timeout, clip_grad=self.clip_grad, warmup=self.warmup,
+                           lr_schedule=self.lr_schedule)
 
 
 def common_options(default_steps: int, default_batch: int, default_lr: float,
@@ -185,6 +188,11 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
                      help="Seconds a rank may wait for a peer before the job is stopped."),
         click.option("--clip-grad", type=float, default=default_clip, show_default=True,
                      help="Clip the whole model's gradient to this L2 norm (0: off)."),
+        click.option("--warmup", type=int, default=0, show_default=True,
+                     help="Steps of linear learning-rate warmup from 0 to --lr."),
+        click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
+                     default="constant", show_default=True,
+                     help="After the warmup: keep --lr, or decay it to 0 at the last step."),
     ]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import randomness
+from . import lr_schedule, randomness
 from . import schedule as sched
 from .data import Dataset, Sampler
 from .executor import Executor
@@ -62,6 +62,8 @@ class TrainConfig:
     keep: int = 3  # complete checkpoints kept
     timeout: float = 300.0  # seconds a point-to-point wait may take before it is an error
     clip_grad: float = 0.0  # clip the whole model's gradient to this global L2 norm (0: off)
+    warmup: int = 0  # steps of linear learning-rate warmup
+    lr_schedule: str = "constant"  # after warmup: constant, linear or cosine decay to 0 at `steps`
 
     def validate(self, num_bundles: int, widths: tuple[int, ...]) -> int:
         """Check the batch arithmetic; return rows per pass (batch_size / accumulate).
@@ -76,6 +78,7 @@ class TrainConfig:
                              f"{self.checkpoint_every} and {self.keep}")
         if not self.clip_grad >= 0:
             raise BatchError(f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
+        lr_schedule.check(self.lr_schedule, self.warmup, self.steps)
         if self.accumulate < 1:
             raise BatchError(f"--accumulate must be >= 1, got {self.accumulate}")
         if self.batch_size % self.accumulate:
@@ -143,6 +146,8 @@ class Trainer:
         self.sync = GradSync(groups, placement, self.modules, cfg.fp16)
         self.sync.broadcast_parameters(self.modules)
         self.optimizer = optimizer_fn(self.sync.params)
+        for g in self.optimizer.param_groups:  # the base of the schedule; saved with the groups
+            g.setdefault("initial_lr", g["lr"])
         self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},
                                 {s: model.stage_buffers(s, m) for s, m in self.modules.items()},
                                 self.optimizer)
@@ -201,6 +206,9 @@ class Trainer:
         self.sync.sync()
         ok, norm = self.sync.guard(cfg.clip_grad, self.world_sum)
         if ok:
+            f = lr_schedule.factor(self.step + 1, cfg.steps, cfg.warmup, cfg.lr_schedule)
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * f
             self.optimizer.step()
         else:
             self.skipped_steps += 1
@@ -376,6 +384,7 @@ class Trainer:
             (lay.world_size, lay.widths, lay.tensor, self.placement.positions)
         if same:
             set_rng_state(common["rng"][world.Get_rank()])
+        self.sync.broadcast_optimizer_state(self.optimizer)  # every copy continues from bundle 0's
         self.step = int(common["step"])
         self._resume_sampler = common["sampler"]
         self.sampler = None

@@ -281,3 +281,42 @@ def test_sharded_checkpoint_resumes_without_tensor_ranks(world: Any) -> None:
     m = keyed_reference()
     reference(m, m, 2 * STEPS, opt=adam)
     assert worst_diff(world, trainer.named_parameters(), dict(m.named_parameters())) <= TOL
+
+
+def test_lr_schedule_continues_after_a_resume_at_another_layout(world: Any) -> None:
+    """Warmup 2 + cosine over 6 steps: 3 steps at one layout, a checkpoint, 3 at another."""
+    from hvdhybrid.lr_schedule import factor
+
+    out = shared_tmp(world)
+    ds = data()
+    groups = ProcessGroups.create(Layout(world.Get_size(), (1,)), world)
+    try:
+        cfg = TrainConfig(steps=6, batch_size=BATCH, microbatches=2, fp16=False, progress=False,
+                          timeout=60, out=out, model_name="chain", warmup=2, lr_schedule="cosine")
+        first = Trainer(groups, keyed_chain(1), sgd, cfg)
+        first.sampler = Sampler(len(ds), BATCH, seed=0)
+        for _ in range(3):
+            first.train_step(ds, first.sampler.next())
+        first.save_checkpoint()
+    finally:
+        groups.close()
+    widths = (1, 1) if world.Get_size() % 2 == 0 else (1,)
+    groups = ProcessGroups.create(Layout(world.Get_size(), widths), world)
+    try:
+        trainer = Trainer(groups, keyed_chain(len(widths)), sgd, cfg)
+        assert trainer.resume(os.path.join(out, "checkpoints")) is not None and trainer.step == 3
+        trainer.fit(ds)
+    finally:
+        groups.close()
+    m = keyed_reference()
+    o = sgd(m.parameters())
+    sampler = Sampler(len(ds), BATCH, seed=0)
+    for t in range(1, 7):
+        for g in o.param_groups:
+            g["lr"] = 0.1 * factor(t, 6, 2, "cosine")
+        x, y = ds.batch(sampler.next())
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    assert worst_diff(world, trainer.named_parameters(), dict(m.named_parameters())) <= TOL
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == 0.1

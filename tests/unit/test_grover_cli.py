@@ -103,7 +103,7 @@ def common(**kw: object) -> Common:
                 microbatches=1, schedule="1f1b", fp16=True, accumulate=1,
                 steps=1, batch_size=8, lr=0.1, seed=0, out=None, device="cpu", partition="params",
                 threads=1, save_params=False, progress=False, checkpoint_every=0, keep=1, resume=False,
-                timeout=10.0, clip_grad=0.0)
+                timeout=10.0, clip_grad=0.0, warmup=0, lr_schedule="constant")
     base.update(kw)
     return Common(**base)  # type: ignore[arg-type]
 

@@ -77,7 +77,7 @@ def common(**kw: Any) -> Common:
         microbatches=2, schedule="gpipe", fp16=False, accumulate=2,
         steps=7, batch_size=48, lr=0.1, seed=3, out="runs/x", device="cpu", partition="params",
         threads=0, save_params=False, progress=False, checkpoint_every=5, keep=2, resume=False,
-        timeout=9.0, clip_grad=1.5)
+        timeout=9.0, clip_grad=1.5, warmup=2, lr_schedule="cosine")
     base.update(kw)
     return Common(**base)
 
