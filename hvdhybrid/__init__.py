@@ -1,6 +1,20 @@
-"""hvdhybrid: hybrid-parallel (pipeline x task x data) training on MPI and Horovod."""
+"""hvdhybrid: hybrid-parallel (pipeline x tensor x data) training on MPI and Horovod.
+
+The public API (imported on first use, so ``import hvdhybrid`` stays light)::
+
+    init, finish, world_size        join the launch: layout and process groups (api.py)
+    Layout, Placement, StageGraph   rank arithmetic, stage placement, the stage graph
+    StagedModel, sequential_model, split_sequential, Tie
+                                    a model cut into stages (keyed per-stage builds, ties)
+    Trainer, TrainConfig            the training loop (fit, or train_step from your own loop)
+    KeyedDropout, keyed_dropouts    dropout that does not depend on the layout
+    TensorDataset, Sampler          data as index -> rows, the global-batch sampler
+"""
+
+from __future__ import annotations
 
 import os as _os
+from typing import TYPE_CHECKING, Any
 
 # Large torch CPU allocations (activations that travel between stages) on transparent
 # huge pages: Open MPI's single-copy transfers of such buffers run up to 1.5x faster
@@ -8,3 +22,35 @@ import os as _os
 _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "init": "api", "finish": "api", "world_size": "api",
+    "Layout": "topology", "Placement": "placement", "StageGraph": "graph",
+    "StagedModel": "staged", "sequential_model": "staged", "split_sequential": "staged", "Tie": "ownership",
+    "Trainer": "trainer", "TrainConfig": "trainer",
+    "KeyedDropout": "dropout", "keyed_dropouts": "dropout",
+    "TensorDataset": "data", "Sampler": "data",
+}
+
+__all__ = ["KeyedDropout", "Layout", "Placement", "Sampler", "StageGraph", "StagedModel", "TensorDataset",
+           "Tie", "TrainConfig", "Trainer", "__version__", "finish", "init", "keyed_dropouts",
+           "sequential_model", "split_sequential", "world_size"]
+
+if TYPE_CHECKING:
+    from .api import finish, init, world_size
+    from .data import Sampler, TensorDataset
+    from .dropout import KeyedDropout, keyed_dropouts
+    from .graph import StageGraph
+    from .ownership import Tie
+    from .placement import Placement
+    from .staged import StagedModel, sequential_model, split_sequential
+    from .topology import Layout
+    from .trainer import TrainConfig, Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'hvdhybrid' has no attribute {name!r}")

@@ -1,0 +1,60 @@
+"""The public Python API: join the current launch, describe a model, train it (or step it yourself).
+
+    groups = hvdhybrid.init(widths=(1, 1))       # under mpirun/horovodrun: layout and groups
+    model = hvdhybrid.sequential_model(layer_fns, [2, 2], loss_fn, seed=0)
+    trainer = hvdhybrid.Trainer(groups, model, make_optimizer, hvdhybrid.TrainConfig(...))
+    trainer.fit(dataset)                         # or trainer.train_step(dataset, indices) in a loop
+    hvdhybrid.finish(groups)
+
+Everything here is re-exported by ``hvdhybrid`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from .groups import ProcessGroups, check_launch, mpi_world
+from .topology import Layout
+
+__all__ = ["init", "finish", "world_size"]
+
+
+def world_size() -> int:
+    """Ranks in this launch (1 when started without mpirun)."""
+    w = mpi_world()
+    check_launch(w)
+    return int(w.Get_size())
+
+
+def init(widths: Optional[Sequence[int]] = None, stages: Optional[int] = None, tensor: int = 1,
+         world: Any = None) -> ProcessGroups:
+    """Collective: the layout and process groups of the current launch.
+
+    Args:
+        widths: ranks per stage group of a bundle (``--bundle-shape``), or
+        stages: that many stage groups of one rank (``--stages``); neither: one.
+        tensor: ranks that split each replica's tensors.
+        world: the communicator to split (default ``MPI.COMM_WORLD``).
+
+    Returns:
+        This rank's :class:`ProcessGroups` (``.layout``, ``.coord``, the communicators).
+
+    Raises:
+        LayoutError: the launch's world size does not fit (the message names sizes that do).
+    """
+    w = world if world is not None else mpi_world()
+    check_launch(w)
+    if widths is not None and stages is not None:
+        from .topology import LayoutError
+
+        raise LayoutError("give either widths or stages, not both")
+    layout = Layout(w.Get_size(), tuple(widths) if widths is not None else (1,) * (stages or 1), tensor)
+    return ProcessGroups.create(layout, w)
+
+
+def finish(groups: ProcessGroups) -> None:
+    """Collective: free the groups and shut Horovod down (after a barrier)."""
+    from . import hvd
+
+    groups.close()
+    hvd.shutdown(groups.world)

@@ -1,0 +1,26 @@
+"""The README's own-model example runs as written, and gives one process's result at 4 ranks."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from conftest import ROOT, run
+
+EXAMPLE = os.path.join(ROOT, "docs", "examples", "own_loop.py")
+
+
+def test_own_model_and_loop_example_matches_one_process() -> None:
+    one = run([sys.executable, EXAMPLE])
+    assert one.rc == 0, one.err[-3000:]
+    r = run(["mpirun", "-np", "4", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
+             sys.executable, EXAMPLE], extra_env={"PYTHONPATH": ROOT})
+    assert r.rc == 0, r.err[-3000:]
+    losses = [float(v) for v in re.findall(r"step \d+ loss ([\d.]+)", one.out)]
+    assert len(losses) == 4 and losses[-1] < losses[0], one.out
+    c1 = float(re.search(r"checksum ([\d.]+)", one.out).group(1))  # type: ignore[union-attr]
+    c4 = float(re.search(r"checksum ([\d.]+)", r.out).group(1))  # type: ignore[union-attr]
+    assert abs(c1 - c4) <= 1e-6 * c1, (c1, c4)
+    losses4 = [float(v) for v in re.findall(r"step \d+ loss ([\d.]+)", r.out)]
+    assert len(losses4) == 4 and all(abs(a - b) <= 2e-4 for a, b in zip(losses, losses4)), (losses, losses4)
