@@ -47,11 +47,16 @@ def _sequential_build(c: Common, fns_fn: Callable[[], list[Any]], dataset: Any,
         train_set, eval_set = dataset.split(test_fraction, seed=0)
         fns = fns_fn()
         if c.partition == "time":  # measured: rank 0 builds every layer once and decides
-            sizes = None
+            got: tuple[Any, Optional[str]] = (None, None)
             if world().Get_rank() == 0:
                 sample = train_set.batch(range(min(32, len(train_set))))[0]
-                sizes = partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample)
-            sizes = world().bcast(sizes, root=0)
+                try:
+                    got = (partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample), None)
+                except PartitionError as e:
+                    got = (None, str(e))
+            sizes, error = world().bcast(got, root=0)  # every rank fails alike, or none does
+            if error:
+                raise PartitionError(error)
         else:  # from shapes alone: layers on the meta device hold no memory
             sizes = partition_sizes(meta_layers(fns), num_stages, c.partition)
         model = sequential_model(fns, sizes, torch.nn.functional.cross_entropy, c.seed)

@@ -184,7 +184,8 @@ class GradSync:
                            name=f"optim.s{c.stage}.r{c.replica}.t{c.tensor}")
 
     def broadcast_parameters(self, modules: dict[int, nn.Module]) -> None:
-        """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage."""
+        """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage
+        (the value one process keeps for it), wherever that stage is placed."""
         tensors = [t for s in self.stages for t in list(modules[s].parameters()) + list(modules[s].buffers())]
         uniq = list({id(t): t for t in tensors}.values())
         if self.groups.rows.Get_size() > 1:
@@ -201,8 +202,9 @@ class GradSync:
                            name=f"params.s{c.stage}.r{c.replica}.t{c.tensor}")
         for ps, ts in self._remote_ties():
             for t in ts:
+                first = owner_of(t).first  # type: ignore[union-attr]
                 arr = t.detach().cpu().contiguous()
-                self.groups.tied[ps].Bcast(_np(arr), root=0)
+                self.groups.tied[ps].Bcast(_np(arr), root=ps.index(self.placement.position_of(first)))
                 t.data.copy_(arr)
 
 

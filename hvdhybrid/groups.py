@@ -120,7 +120,7 @@ class ProcessGroups:
 
         Every rank passes the same sets (they come from the model). Within a
         set, rank ``i`` of the new communicator is the counterpart in the
-        ``i``-th stage group of the set, so root 0 is the first stage's.
+        ``i``-th stage group of the (sorted) set.
         """
         from mpi4py import MPI
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .graph import StageGraph
-from .ownership import Tie, tag
+from .ownership import Sharded, Tie, Tied, owner_of, tag
 from .partition import STRATEGIES, PartitionError
 
 __all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequential",
@@ -84,7 +84,9 @@ class StagedModel:
         m = self.stages[stage] if self.stages is not None else self.builder(stage)  # type: ignore[misc]
         for t in self.ties:
             if stage in t.names:
-                tag(self._param(stage, m, t.names[stage]), t.ownership())
+                p = self._param(stage, m, t.names[stage])
+                prev = owner_of(p)  # a tensor-parallel layer may have sharded it already
+                tag(p, Tied(t.name, t.stages, prev if isinstance(prev, Sharded) else None))
         return m
 
     def _param(self, stage: int, module: nn.Module, full: str) -> nn.Parameter:

@@ -154,14 +154,22 @@ class NamedState:
                 state: dict[str, Any] = {}
                 for k in st0:
                     v = whole(src, "optimizer", k)
-                    if torch.is_tensor(v) and v.shape == full.shape and v.dim() > 0:
-                        v = _cut(v, _shard(owner)).clone().to(p.device)
+                    if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the CPU
+                        if v.shape == full.shape and v.dim() > 0:
+                            v = _cut(v, _shard(owner))
+                        v = v.clone().to(p.device)
                     state[k] = v
                 if state:
                     self.optimizer.state[p] = state  # type: ignore[index]
             for n, b in self.named_buffers[s].items():
+                saved = whole(n, "buffers")
+                if saved.shape != b.shape:
+                    raise CheckpointError(
+                        f"the checkpoint's buffer {n} has shape {tuple(saved.shape)}, this model's has "
+                        f"{tuple(b.shape)}: it is of another model size; resume with the model options "
+                        "it was trained with")
                 with torch.no_grad():
-                    b.copy_(whole(n, "buffers"))
+                    b.copy_(saved)
         for g, h in zip(self.optimizer.param_groups, hyper):
             g.update({k: v for k, v in h.items() if k != "params"})
 

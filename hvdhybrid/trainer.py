@@ -160,6 +160,7 @@ class Trainer:
         self.stop_signal = 0  # set by a stop signal on this rank
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
+        self._last_checkpoint = -1  # the step of the last checkpoint written or resumed from
 
     def train_mode(self, on: bool) -> None:
         for m in self.modules.values():
@@ -328,9 +329,12 @@ class Trainer:
         return os.path.join(self.cfg.out, "checkpoints")
 
     def _saved_at(self, step: int) -> bool:
-        from .checkpoint import step_dir
+        """Whether a complete checkpoint of ``step`` exists: one this run wrote or resumed from.
 
-        return os.path.exists(os.path.join(step_dir(self._ckpt_root(), step), "manifest.json"))
+        Decided from what every rank did alike, never from each rank's view of
+        the disk (a file system that is not coherent would split the ranks).
+        """
+        return self._last_checkpoint == step
 
     def save_checkpoint(self) -> str:
         """Collective: write this step's checkpoint, by name, once per stage (see :mod:`state`)."""
@@ -350,6 +354,7 @@ class Trainer:
                                lambda: inject_failure(world.Get_rank(), self.step, "ckpt"))
         if world.Get_rank() == 0:
             self.log.info(f"checkpoint step {self.step} written to {path}")
+        self._last_checkpoint = self.step
         return path
 
     def resume(self, where: str) -> Optional[str]:
@@ -386,6 +391,7 @@ class Trainer:
             set_rng_state(common["rng"][world.Get_rank()])
         self.sync.broadcast_optimizer_state(self.optimizer)  # every copy continues from bundle 0's
         self.step = int(common["step"])
+        self._last_checkpoint = self.step
         self._resume_sampler = common["sampler"]
         self.sampler = None
         return path

@@ -93,7 +93,8 @@ def fits(world: Any, widths: tuple[int, ...], tensor: int = 1) -> Layout:
 
 # -- tied parameters ---------------------------------------------------------------------------
 TIED = [(2, (1, 1), None), (2, (2, 2), None), (4, (1, 1, 1, 1), None),
-        (4, (1, 1), "looped"), (4, (1,), "contiguous")]
+        (4, (1, 1), "looped"), (4, (1,), "contiguous"),
+        (2, (1, 1), "1,0"), (4, (1, 1), "1,0,1,0")]  # the tie's first stage on the higher position
 
 
 @pytest.mark.parametrize("k,widths,placement", TIED,
