@@ -10,11 +10,32 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder"]
+__all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder", "read_text"]
 
 
 class DataError(InputError):
     """A data file or folder that cannot be used, named with what is wrong."""
+
+
+def read_text(path: str, what: str = "a text file") -> str:
+    """The whole file as text, or one DataError naming the file and what is wrong with it.
+
+    A file with NUL bytes is called binary; one that is not UTF-8 is named
+    with the line and byte where decoding failed (a leading BOM is dropped).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror}); pass {what}") from None
+    if b"\x00" in raw[:65536]:
+        raise DataError(f"{path}: is not a text file (it holds NUL bytes: binary data?); pass {what}")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"save it as UTF-8 and pass {what}") from None
 
 
 class Dataset(Protocol):

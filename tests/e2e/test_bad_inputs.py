@@ -49,6 +49,13 @@ def corrupt_copy(base: str) -> str:
     return dst
 
 
+def raw_file(base: str, name: str, data: bytes) -> str:
+    p = os.path.join(base, name)
+    with open(p, "wb") as f:
+        f.write(data)
+    return p
+
+
 def bad_hostfile(base: str) -> str:
     p = os.path.join(base, "hosts")
     open(p, "w").write("# two nodes\nnode1 slots=2\nnode2:2\n")
@@ -140,6 +147,14 @@ CASES: list[Case] = [
     ("GROVER: an empty SMILES file",
      lambda b: mpirun(2, *GROVER_PT, "--data", molecules(b, "empty.csv", "\n"), "--out", f"{b}/x"),
      "empty.csv: the file is empty"),
+    ("GROVER: a file of random bytes",
+     lambda b: mpirun(2, *GROVER_FT, "--data", raw_file(b, "blob.csv", bytes(range(256)) * 64),
+                      "--label-cols", "y", "--out", f"{b}/x"),
+     "blob.csv: is not a text file"),
+    ("GROVER: a file that is not UTF-8",
+     lambda b: run([HVDTRAIN, *GROVER_FT, "--data", raw_file(b, "latin.csv", b"smiles,y\nCCO,1\n\xe9CC,2\n"),
+                    "--label-cols", "y", "--out", f"{b}/x"]),
+     "latin.csv:3: is not UTF-8 text"),
     ("GROVER: no SMILES parses",
      lambda b: run([HVDTRAIN, *GROVER_PT, "--data", molecules(b, "junk.smi", "C1CC(\nxyz\n"),
                     "--out", f"{b}/x"]),

@@ -51,3 +51,24 @@ def test_image_folder(tmp_path) -> None:
         image_folder(str(tmp_path), 8)
     with pytest.raises(DataError, match="does not exist"):
         image_folder(str(tmp_path / "nope"), 8)
+
+
+def test_read_text_names_a_binary_or_non_utf8_file(tmp_path) -> None:
+    """Regression: a file of random bytes given to `grover finetune` ended in a csv.Error traceback."""
+    import pytest
+
+    from hvdhybrid.data import DataError, read_text
+
+    binary = tmp_path / "blob.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"blob.csv: is not a text file \(it holds NUL bytes"):
+        read_text(str(binary), "a CSV file")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"smiles,y\nCCO,1\n\xe9CC,2\n")
+    with pytest.raises(DataError, match=r"latin.csv:3: is not UTF-8 text \(byte 0xe9 at offset 15\)"):
+        read_text(str(latin), "a CSV file")
+    with pytest.raises(DataError, match="cannot read it"):
+        read_text(str(tmp_path / "missing.csv"))
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffsmiles\nCCO\n".encode("utf-8"))
+    assert read_text(str(bom)) == "smiles\nCCO\n"

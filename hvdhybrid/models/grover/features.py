@@ -27,7 +27,7 @@ from rdkit.Chem import Descriptors, Fragments
 from rdkit.Chem.Scaffolds import MurckoScaffold
 from rdkit.rdBase import BlockLogs
 
-from hvdhybrid.data import DataError
+from hvdhybrid.data import DataError, read_text
 
 __all__ = [
     "ATOM_FDIM", "BOND_FDIM", "BOND_INPUT_FDIM", "N_MOTIFS", "atom_features", "bond_features",
@@ -286,17 +286,20 @@ def _read_rows(path: str) -> tuple[Rows, bool]:
     a .smi file and its first line has a comma); other files are split on whitespace."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; pass the path of a CSV or .smi file of SMILES")
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        text = f.read()
+    text = read_text(path, "a CSV or .smi file of SMILES")
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
     rows: Rows = []
     is_csv = path.lower().endswith(".csv") or (not path.lower().endswith(".smi") and "," in first)
     if is_csv:
-        reader, start = csv.reader(io.StringIO(text)), 1
-        for cells in reader:
-            if any(c.strip() for c in cells):
-                rows.append((start, [c.strip() for c in cells]))
-            start = reader.line_num + 1
+        reader, start = csv.reader(io.StringIO(text, newline="")), 1
+        try:
+            for cells in reader:
+                if any(c.strip() for c in cells):
+                    rows.append((start, [c.strip() for c in cells]))
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not a CSV file the reader can take ({e}); "
+                            "pass a CSV or .smi file of SMILES") from None
     else:
         rows = [(i, ln.split()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     if not rows:
