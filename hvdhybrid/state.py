@@ -59,6 +59,12 @@ def _cut(full: torch.Tensor, shard: Optional[Sharded]) -> torch.Tensor:
     return full.narrow(shard.dim, n * shard.index, n)
 
 
+def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:
+    return CheckpointError(
+        f"the checkpoint's {name} has shape {tuple(saved.shape)}, this model's has {tuple(mine.shape)}: "
+        "it is of another model size; resume with the model options it was trained with")
+
+
 @dataclass
 class NamedState:
     """One rank's parameters, buffers and optimizer state, by full-model name.
@@ -144,10 +150,7 @@ class NamedState:
                 full = whole(src, "params")
                 got = _cut(full, _shard(owner))
                 if got.shape != p.shape:
-                    raise CheckpointError(
-                        f"the checkpoint's {src} has shape {tuple(full.shape)}, this model's has "
-                        f"{tuple(p.shape)}: it is of another model size; resume with the model "
-                        "options it was trained with")
+                    raise _other_size(src, full, p)
                 with torch.no_grad():
                     p.copy_(got)
                 st0 = read(pieces(src)[0]["file"])["optimizer"].get(src, {})
@@ -164,10 +167,7 @@ class NamedState:
             for n, b in self.named_buffers[s].items():
                 saved = whole(n, "buffers")
                 if saved.shape != b.shape:
-                    raise CheckpointError(
-                        f"the checkpoint's buffer {n} has shape {tuple(saved.shape)}, this model's has "
-                        f"{tuple(b.shape)}: it is of another model size; resume with the model options "
-                        "it was trained with")
+                    raise _other_size(f"buffer {n}", saved, b)
                 with torch.no_grad():
                     b.copy_(saved)
         for g, h in zip(self.optimizer.param_groups, hyper):
