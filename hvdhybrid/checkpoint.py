@@ -33,8 +33,8 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["CheckpointError", "Manifest", "atomic_write", "shard_name", "step_dir",
-           "write_manifest", "find_complete", "verify", "prune", "load_shard", "encode_shard",
+__all__ = ["CheckpointError", "Manifest", "atomic_write", "step_dir",
+           "write_manifest", "find_complete", "verify", "prune", "encode_shard",
            "save_collective", "resolve_resume", "load_file"]
 
 FORMAT = 2
@@ -46,10 +46,6 @@ class CheckpointError(InputError):
 
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step-{step:06d}")
-
-
-def shard_name(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
 
 
 def _fsync_dir(path: str) -> None:
@@ -178,11 +174,6 @@ def prune(root: str, keep: int) -> None:
     for n in names:
         if n not in keep_set and n < oldest_kept:
             shutil.rmtree(os.path.join(root, n), ignore_errors=True)
-
-
-def load_shard(path: str, rank: int) -> dict[str, Any]:
-    """The shard of ``rank`` (format-level helper for tests and tools)."""
-    return load_file(path, shard_name(rank))
 
 
 def load_file(path: str, name: str) -> dict[str, Any]:

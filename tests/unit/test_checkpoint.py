@@ -13,14 +13,14 @@ from hvdhybrid.checkpoint import (
     atomic_write,
     encode_shard,
     find_complete,
-    load_shard,
+    load_file,
     prune,
     sha256,
-    shard_name,
     step_dir,
     verify,
     write_manifest,
 )
+from hvdhybrid.state import stage_file
 
 
 def make(root: str, step: int, ranks: int = 2, manifest: bool = True) -> str:
@@ -29,8 +29,8 @@ def make(root: str, step: int, ranks: int = 2, manifest: bool = True) -> str:
     shards = {}
     for r in range(ranks):
         data = encode_shard({"step": step, "rank": r, "w": torch.full((3,), float(step))})
-        atomic_write(os.path.join(d, shard_name(r)), data)
-        shards[shard_name(r)] = (sha256(data), len(data))
+        atomic_write(os.path.join(d, stage_file(r, 0, 1)), data)
+        shards[stage_file(r, 0, 1)] = (sha256(data), len(data))
     if manifest:
         write_manifest(root, Manifest(step, "mlp", ranks, (1, 1), shards))
     return d
@@ -49,7 +49,7 @@ def test_latest_points_at_the_newest_complete_and_shards_load(tmp_path) -> None:
     d = make(root, 4)
     assert open(os.path.join(root, "latest")).read().strip() == "step-000004"
     assert verify(d).step == 4
-    assert torch.equal(load_shard(d, 1)["w"], torch.full((3,), 4.0))
+    assert torch.equal(load_file(d, stage_file(1, 0, 1))["w"], torch.full((3,), 4.0))
 
 
 @pytest.mark.parametrize("damage", ["no-manifest", "truncated", "corrupt", "missing-shard"])
@@ -57,7 +57,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_reason(tmp_path, damage: 
     root = str(tmp_path)
     good = make(root, 2)
     bad = make(root, 4, manifest=damage != "no-manifest")
-    shard = os.path.join(bad, shard_name(1))
+    shard = os.path.join(bad, stage_file(1, 0, 1))
     if damage == "truncated":
         data = open(shard, "rb").read()
         open(shard, "wb").write(data[: len(data) // 2])
@@ -93,6 +93,6 @@ def test_unreadable_manifest_and_wrong_format(tmp_path) -> None:
     open(os.path.join(d, "manifest.json"), "w").write("{not json")
     with pytest.raises(CheckpointError, match="unreadable manifest"):
         verify(d)
-    torch.save({"format": 99}, os.path.join(d, shard_name(0)))
+    torch.save({"format": 99}, os.path.join(d, stage_file(0, 0, 1)))
     with pytest.raises(CheckpointError, match="format 99"):
-        load_shard(d, 0)
+        load_file(d, stage_file(0, 0, 1))
