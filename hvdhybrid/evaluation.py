@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 
 from . import randomness
-from . import schedule as sched
 from .data import Dataset
 from .slicing import BatchError, replica_rows
 
@@ -41,9 +40,8 @@ def unit_rows(trainer: Trainer) -> int:
 def _forward(trainer: Trainer, data: Dataset, idx: list[int]) -> list[Any]:
     """Forward-only run of one batch; the (output, targets) of this rank's sink microbatches."""
     mbs = trainer.cfg.microbatches
-    plan = sched.build_forward_only(trainer.graph, mbs, trainer.placement)[trainer.groups.coord.stage]
     with torch.no_grad():
-        res = trainer.executor.run(plan, trainer.batch_fn(data, idx, mbs), mbs, train=False,
+        res = trainer.executor.run(trainer.eval_plan, trainer.batch_fn(data, idx, mbs), mbs, train=False,
                                    rows_fn=trainer.rows_fn(idx, mbs))
     return res.outputs if trainer.is_sink else []
 

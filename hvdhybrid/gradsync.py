@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .groups import ProcessGroups
-from .ownership import Sharded, Tied, owner_of
+from .ownership import Tied, owner_of, shard_of
 from .placement import Placement
 
 __all__ = ["GradSync", "WorldSum"]
@@ -78,26 +78,20 @@ class GradSync:
                 if p.requires_grad and id(p) not in seen:  # a tie on one rank is one object
                     seen.add(id(p))
                     self.params.append(p)
+        # tied parameters whose holders are on other ranks, by stage-group set, in an order
+        # every holder agrees on (fixed for the run: computed once, not every step)
+        by: dict[tuple[int, ...], list[nn.Parameter]] = {}
+        for p in self.params:
+            owner = owner_of(p)
+            if isinstance(owner, Tied) and len(placement.groups_of(owner.stages)) > 1:
+                by.setdefault(placement.groups_of(owner.stages), []).append(p)
+        self.remote_ties = [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
 
     def _grads(self) -> list[torch.Tensor]:
         for p in self.params:
             if p.grad is None:  # a parameter this rank's rows never touched still takes part
                 p.grad = torch.zeros_like(p)
         return [p.grad for p in self.params if p.grad is not None]
-
-    def tie_groups(self, p: nn.Parameter) -> tuple[int, ...]:
-        """The stage groups that hold tied ``p`` (one entry: the tie is local to this rank)."""
-        owner = owner_of(p)
-        assert isinstance(owner, Tied)
-        return tuple(sorted({self.placement.position_of(s) for s in owner.stages}))
-
-    def _remote_ties(self) -> list[tuple[tuple[int, ...], list[nn.Parameter]]]:
-        """Tied parameters whose holders are on other ranks, by stage-group set, in agreed order."""
-        by: dict[tuple[int, ...], list[nn.Parameter]] = {}
-        for p in self.params:
-            if isinstance(owner_of(p), Tied) and len(self.tie_groups(p)) > 1:
-                by.setdefault(self.tie_groups(p), []).append(p)
-        return [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
 
     def sync(self) -> None:
         """Average every gradient over its row group, sum ties, then average over the data group."""
@@ -107,7 +101,7 @@ class GradSync:
         width = self.groups.rows.Get_size()
         if width > 1:
             _allreduce(self.groups.rows, grads, divide=width)
-        for ps, ts in self._remote_ties():
+        for ps, ts in self.remote_ties:
             _allreduce(self.groups.tied[ps], [t.grad for t in ts if t.grad is not None])
         if self.groups.data_set is not None:
             from . import hvd
@@ -132,14 +126,9 @@ class GradSync:
             if p.grad is None:
                 continue
             owner = owner_of(p)
-            copies = lay.widths[c.stage] * lay.num_bundles
-            if isinstance(owner, Tied):
-                if owner.first not in self.stages:
-                    continue
-                if owner.shard is None:
-                    copies *= lay.tensor
-            elif not isinstance(owner, Sharded):
-                copies *= lay.tensor
+            if isinstance(owner, Tied) and owner.first not in self.stages:
+                continue
+            copies = lay.widths[c.stage] * lay.num_bundles * (lay.tensor if shard_of(owner) is None else 1)
             total += _square_sum(p.grad) / copies
         return total
 
@@ -169,43 +158,37 @@ class GradSync:
         Called after a resume (at the start the state is empty: it is made by
         the first step from gradients that are already equal everywhere).
         """
-        tensors = _state_tensors(optimizer, self.params)
+        self._from_bundle0(_state_tensors(optimizer, self.params), "optim")
+
+    def broadcast_parameters(self, modules: dict[int, nn.Module]) -> None:
+        """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage
+        (the value one process keeps for it), wherever that stage is placed."""
+        tensors = [t for s in self.stages for t in list(modules[s].parameters()) + list(modules[s].buffers())]
+        self._from_bundle0([t.data for t in {id(t): t for t in tensors}.values()], "params")
+        for ps, ts in self.remote_ties:
+            for t in ts:
+                first = owner_of(t).first  # type: ignore[union-attr]
+                _bcast(self.groups.tied[ps], [t.data], root=ps.index(self.placement.position_of(first)))
+
+    def _from_bundle0(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Collective: ``tensors`` become row replica 0's, then bundle 0's (in place)."""
         if self.groups.rows.Get_size() > 1:
-            for t in tensors:
-                arr = t.detach().cpu().contiguous()
-                self.groups.rows.Bcast(_np(arr), root=0)
-                t.copy_(arr)
+            _bcast(self.groups.rows, tensors, root=0)
         if self.groups.data_set is not None and tensors:
             from . import hvd
 
             c = self.groups.coord
             root = self.groups.layout.rank_of(0, c.stage, c.replica, c.tensor)
             hvd.broadcast_(tensors, root, self.groups.data_set,
-                           name=f"optim.s{c.stage}.r{c.replica}.t{c.tensor}")
+                           name=f"{what}.s{c.stage}.r{c.replica}.t{c.tensor}")
 
-    def broadcast_parameters(self, modules: dict[int, nn.Module]) -> None:
-        """Make every copy start equal: row replica 0 of bundle 0, and a tie's first stage
-        (the value one process keeps for it), wherever that stage is placed."""
-        tensors = [t for s in self.stages for t in list(modules[s].parameters()) + list(modules[s].buffers())]
-        uniq = list({id(t): t for t in tensors}.values())
-        if self.groups.rows.Get_size() > 1:
-            for t in uniq:
-                arr = t.detach().cpu().contiguous()
-                self.groups.rows.Bcast(_np(arr), root=0)
-                t.data.copy_(arr)
-        if self.groups.data_set is not None:
-            from . import hvd
 
-            c = self.groups.coord
-            root = self.groups.layout.rank_of(0, c.stage, c.replica, c.tensor)
-            hvd.broadcast_([t.data for t in uniq], root, self.groups.data_set,
-                           name=f"params.s{c.stage}.r{c.replica}.t{c.tensor}")
-        for ps, ts in self._remote_ties():
-            for t in ts:
-                first = owner_of(t).first  # type: ignore[union-attr]
-                arr = t.detach().cpu().contiguous()
-                self.groups.tied[ps].Bcast(_np(arr), root=ps.index(self.placement.position_of(first)))
-                t.data.copy_(arr)
+def _bcast(comm: Any, tensors: Sequence[torch.Tensor], root: int) -> None:
+    """In-place MPI broadcast of each tensor from ``root`` of ``comm`` (buffer calls, through the CPU)."""
+    for t in tensors:
+        arr = t.detach().cpu().contiguous()
+        comm.Bcast(_np(arr), root=root)
+        t.copy_(arr)
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:

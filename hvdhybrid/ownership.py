@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Replicated", "Sharded", "Tied", "Ownership", "Tie", "tag", "owner_of"]
+__all__ = ["Replicated", "Sharded", "Tied", "Ownership", "Tie", "tag", "owner_of", "shard_of"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,12 @@ def owner_of(param: torch.Tensor) -> Ownership:
     """The tag of ``param``; untagged parameters are replicated."""
     owner: Ownership = getattr(param, _ATTR, Replicated())
     return owner
+
+
+def shard_of(owner: Ownership) -> Optional[Sharded]:
+    """The slice a rank holds: a sharded parameter's, a tied one's if it is sharded too, else None."""
+    if isinstance(owner, Sharded):
+        return owner
+    if isinstance(owner, Tied):
+        return owner.shard
+    return None

@@ -18,6 +18,7 @@ half the model; contiguous keeps most edges local (no transfer) instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 from .errors import InputError
 
@@ -217,6 +218,10 @@ class Placement:
         if not 0 <= stage < self.num_stages:
             raise PlacementError(f"stage {stage} does not exist; the placement covers {self.num_stages}")
         return self.positions[stage]
+
+    def groups_of(self, stages: Iterable[int]) -> tuple[int, ...]:
+        """The positions (stage groups) that run ``stages``, ascending, each once."""
+        return tuple(sorted({self.position_of(s) for s in stages}))
 
     def local_edge(self, src: int, dst: int) -> bool:
         """Whether stages ``src`` and ``dst`` run on the same position (their edge needs no transfer)."""

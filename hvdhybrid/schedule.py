@@ -160,10 +160,16 @@ SCHEDULES: dict[str, StageSchedule] = {
 # -- build -----------------------------------------------------------------------------------
 
 
-def _default(graph: StageGraph, placement: Optional[Placement], microbatches: int) -> Placement:
+def _plan(fn: StageSchedule, graph: StageGraph, microbatches: int, placement: Optional[Placement],
+          forward_only: bool) -> Plan:
+    """Per-stage lists from ``fn``, merged per position, proven by :func:`simulate`."""
     if microbatches < 1:
         raise ScheduleError(f"a step needs at least one microbatch, got {microbatches}")
-    return Placement.identity(graph.num_stages) if placement is None else placement
+    placement = Placement.identity(graph.num_stages) if placement is None else placement
+    per_stage = {s: fn(graph, s, microbatches) for s in range(graph.num_stages)}
+    plan = merge(graph, placement, per_stage, microbatches, forward_only=forward_only)
+    simulate(graph, placement, plan, microbatches, forward_only=forward_only)
+    return plan
 
 
 def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[Placement] = None) -> Plan:
@@ -188,11 +194,7 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
     except KeyError:
         raise ScheduleError(
             f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
-    placement = _default(graph, placement, microbatches)
-    per_stage = {s: fn(graph, s, microbatches) for s in range(graph.num_stages)}
-    plan = merge(graph, placement, per_stage, microbatches)
-    simulate(graph, placement, plan, microbatches)
-    return plan
+    return _plan(fn, graph, microbatches, placement, forward_only=False)
 
 
 def build_forward_only(graph: StageGraph, microbatches: int, placement: Optional[Placement] = None) -> Plan:
@@ -210,8 +212,4 @@ def build_forward_only(graph: StageGraph, microbatches: int, placement: Optional
         ScheduleError: on fewer than one microbatch.
         PlacementError: if the placement does not cover the graph's stages.
     """
-    placement = _default(graph, placement, microbatches)
-    per_stage = {s: forward_only(graph, s, microbatches) for s in range(graph.num_stages)}
-    plan = merge(graph, placement, per_stage, microbatches, forward_only=True)
-    simulate(graph, placement, plan, microbatches, forward_only=True)
-    return plan
+    return _plan(forward_only, graph, microbatches, placement, forward_only=True)

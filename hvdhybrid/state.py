@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, Manifest, load_file
-from .ownership import Sharded, Tied, owner_of
+from .ownership import Sharded, Tied, owner_of, shard_of
 
 __all__ = ["NamedState", "stage_file", "COMMON", "rng_state", "set_rng_state", "check_model"]
 
@@ -32,14 +32,6 @@ COMMON = "common.pt"
 
 def stage_file(stage: int, tensor_rank: int, tensor: int) -> str:
     return f"stage-{stage:03d}.pt" if tensor == 1 else f"stage-{stage:03d}-t{tensor_rank:02d}.pt"
-
-
-def _shard(owner: Any) -> Optional[Sharded]:
-    if isinstance(owner, Sharded):
-        return owner
-    if isinstance(owner, Tied):
-        return owner.shard
-    return None
 
 
 def _piece(file: str, kind: str, t: torch.Tensor, shard: Optional[Sharded]) -> dict[str, Any]:
@@ -97,7 +89,7 @@ class NamedState:
                 st = self.optimizer.state.get(p, {})  # type: ignore[call-overload]
                 optim[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
                             for k, v in st.items()}
-                names[n] = [_piece(fname, "param", p, _shard(owner))]
+                names[n] = [_piece(fname, "param", p, shard_of(owner))]
             buffers = {n: b.detach().cpu().clone() for n, b in self.named_buffers[s].items()}
             for n, b in buffers.items():
                 names[n] = [_piece(fname, "buffer", b, None)]
@@ -148,7 +140,7 @@ class NamedState:
                 owner = owner_of(p)
                 src = owner.name if isinstance(owner, Tied) else n
                 full = whole(src, "params")
-                got = _cut(full, _shard(owner))
+                got = _cut(full, shard_of(owner))
                 if got.shape != p.shape:
                     raise _other_size(src, full, p)
                 with torch.no_grad():
@@ -159,7 +151,7 @@ class NamedState:
                     v = whole(src, "optimizer", k)
                     if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the CPU
                         if v.shape == full.shape and v.dim() > 0:
-                            v = _cut(v, _shard(owner))
+                            v = _cut(v, shard_of(owner))
                         v = v.clone().to(p.device)
                     state[k] = v
                 if state:

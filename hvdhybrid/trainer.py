@@ -24,7 +24,7 @@ from .faults import inject_failure
 from .gradsync import GradSync
 from .groups import ProcessGroups
 from .log import get_logger
-from .ownership import Sharded, Tied, owner_of
+from .ownership import Sharded, owner_of, shard_of
 from .p2p import P2P
 from .placement import Placement, PlacementError
 from .slicing import BatchError, check_batch, replica_rows
@@ -130,9 +130,7 @@ class Trainer:
         # -- build only this rank's stages (after the groups exist), then share local ties
         self.modules = {s: model.build(s).to(self.device) for s in placement.stages_on(c.stage)}
         model.share_local_ties(self.modules)
-        groups.add_tied([tuple(sorted({placement.position_of(s) for s in t.stages}))
-                         for t in model.ties
-                         if len({placement.position_of(s) for s in t.stages}) > 1])
+        groups.add_tied([ps for ps in (placement.groups_of(t.stages) for t in model.ties) if len(ps) > 1])
 
         def describe(local: int) -> str:
             return layout.coord(c.bundle * layout.bundle_size + local).tag()
@@ -143,6 +141,7 @@ class Trainer:
         self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
                                  model.loss_fn)
         self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches, placement)[c.stage]
+        self.eval_plan = sched.build_forward_only(self.graph, cfg.microbatches, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.fp16)
         self.sync.broadcast_parameters(self.modules)
         self.optimizer = optimizer_fn(self.sync.params)
@@ -409,9 +408,7 @@ class Trainer:
         if (c.bundle, c.replica) == (0, 0):
             for names in self.state.named_params.values():
                 for n, p in names.items():
-                    owner = owner_of(p)
-                    shard = owner if isinstance(owner, Sharded) else \
-                        owner.shard if isinstance(owner, Tied) else None
+                    shard = shard_of(owner_of(p))
                     if shard is None and c.tensor != 0:
                         continue
                     mine[n] = (p.detach().cpu().clone(), shard)
