@@ -96,3 +96,14 @@ def test_grover_resumes_from_task_parallel_into_one_rank(tmp_path) -> None:
     assert r.rc == 0, r.err[-3000:]
     assert "resumed from" in r.err
     assert max_diff(params(tp), params(one)) <= 1e-5
+
+
+def test_zero_bubble_and_lr_schedule_through_the_cli_match_one_process(tmp_path) -> None:
+    """`--schedule zb1` (W split from B) with `--warmup 2 --lr-schedule cosine`, 2 bundles x 2 stages."""
+    flags = ["--steps", "6", "--warmup", "2", "--lr-schedule", "cosine", "--save-params"]
+    one, four = str(tmp_path / "one"), str(tmp_path / "four")
+    r = run([HVDTRAIN, *BASE, *flags, "--out", one])
+    assert r.rc == 0, r.err[-3000:]
+    r = mpirun(4, *BASE, *flags, "--bundle-shape", "1,1", "--schedule", "zb1", "--out", four)
+    assert r.rc == 0, r.err[-3000:]
+    assert max_diff(params(four), params(one)) <= 1e-5
