@@ -14,6 +14,7 @@ from .errors import USER_ERRORS, UserError
 from .groups import LaunchError
 from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
+from .models.bert.commands import bert
 from .models.grover.commands import grover
 from .partition import PartitionError
 from .placement import Placement
@@ -206,6 +207,7 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
 
 
 cli.add_command(grover)
+cli.add_command(bert)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

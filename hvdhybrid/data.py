@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -10,7 +12,8 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder", "read_text"]
+__all__ = ["DataError", "Dataset", "TensorDataset", "Sampler", "digits", "image_folder", "read_csv_rows",
+           "read_text", "split_indices"]
 
 
 class DataError(InputError):
@@ -38,6 +41,29 @@ def read_text(path: str, what: str = "a text file") -> str:
                         f"save it as UTF-8 and pass {what}") from None
 
 
+def read_csv_rows(path: str, what: str) -> list[tuple[int, list[str]]]:
+    """(1-based line, stripped cells) of every non-blank CSV row, or one DataError naming the file.
+
+    Missing, binary, non-UTF-8, malformed or empty files are each one line that says to pass ``what``.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; pass {what}")
+    text = read_text(path, what)
+    rows: list[tuple[int, list[str]]] = []
+    reader, start = csv.reader(io.StringIO(text, newline="")), 1
+    try:
+        for cells in reader:
+            if any(c.strip() for c in cells):
+                rows.append((start, [c.strip() for c in cells]))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not a CSV file the reader can take ({e}); "
+                        f"pass {what}") from None
+    if not rows:
+        raise DataError(f"{path}: the file is empty; pass {what}")
+    return rows
+
+
 class Dataset(Protocol):
     def __len__(self) -> int: ...
 
@@ -61,11 +87,16 @@ class TensorDataset:
         return self.x[idx], self.y[idx]
 
     def split(self, test_fraction: float, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
-        """A fixed train/test split (independent of the training seed)."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        n_test = int(round(len(self) * test_fraction))
-        te, tr = perm[:n_test], perm[n_test:]
+        """A fixed train/test split (independent of the training seed; see :func:`split_indices`)."""
+        tr, te = split_indices(len(self), test_fraction, seed)
         return TensorDataset(self.x[tr], self.y[tr]), TensorDataset(self.x[te], self.y[te])
+
+
+def split_indices(n: int, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) row indices of ``n`` rows: a seeded permutation, its first share is the test set."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(n * test_fraction))
+    return perm[n_test:], perm[:n_test]
 
 
 class Sampler:

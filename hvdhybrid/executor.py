@@ -25,8 +25,9 @@ neighbouring stage groups (tensor-parallel layers keep their outputs whole).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import nn
@@ -105,11 +106,14 @@ class Executor:
         modules: this rank's stages, ``stage -> module``.
         p2p: transport on the bundle communicator.
         loss_fn: ``loss_fn(output, target)``, a mean over rows; used on the sink only.
+        autocast: a factory of the context each forward and loss runs in (mixed
+            precision, :mod:`precision`); default: none.
     """
 
     def __init__(self, graph: StageGraph, layout: Layout, placement: Placement, coord: RankCoord,
                  modules: dict[int, nn.Module], p2p: P2P,
-                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None) -> None:
+                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
         if graph.num_stages != placement.num_stages:
             raise ValueError(f"graph has {graph.num_stages} stages, placement {placement.num_stages}")
         if placement.num_positions != layout.num_stages:
@@ -120,6 +124,7 @@ class Executor:
             raise ValueError(f"rank {coord.rank} runs stages {mine}, got modules of {sorted(modules)}")
         self.graph, self.layout, self.placement, self.coord = graph, layout, placement, coord
         self.modules, self.p2p, self.loss_fn = modules, p2p, loss_fn
+        self.autocast = autocast
         self.replica = coord.replica
         self.width = layout.widths[coord.stage]
         self._mailbox: dict[tuple[int, int, int, int], Tensors] = {}
@@ -246,13 +251,17 @@ class Executor:
                 raise StageShapeError(f"stage {s} got an empty tensor from stage {up}, microbatch {mb}")
             args.append(_unpack(joined))  # type: ignore[arg-type]
         randomness.set_rows(self._rows_fn(mb) if self._rows_fn is not None else None)
-        out = _as_tuple(self.modules[s](*args))
+        with self.autocast():
+            out = _as_tuple(self.modules[s](*args))
         loss = None
         if s == g.sink:
             if train:
                 if self.loss_fn is None:
                     raise ValueError("the sink stage needs a loss function")
-                loss = self.loss_fn(_unpack(out), targets)
+                with self.autocast():
+                    loss = self.loss_fn(_unpack(out), targets)
+                if loss.dtype in (torch.float16, torch.bfloat16):
+                    loss = loss.float()
                 result.loss_sum += float(loss.detach())
                 loss = loss * loss_scale
             else:

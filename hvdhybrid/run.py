@@ -123,6 +123,7 @@ class Common:
     clip_grad: float
     warmup: int
     lr_schedule: str
+    precision: str
 
     def train_config(self, name: str) -> TrainConfig:
         """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
@@ -136,7 +137,7 @@ class Common:
                            seed=self.seed, progress=self.progress, model_name=name,
                            checkpoint_every=self.checkpoint_every, keep=self.keep,
                            timeout=self.timeout, clip_grad=self.clip_grad, warmup=self.warmup,
-                           lr_schedule=self.lr_schedule)
+                           lr_schedule=self.lr_schedule, precision=self.precision)
 
 
 def common_options(default_steps: int, default_batch: int, default_lr: float,
@@ -193,6 +194,9 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
         click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
                      default="constant", show_default=True,
                      help="After the warmup: keep --lr, or decay it to 0 at the last step."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True,
+                     help="bf16: autocast; fp16: autocast with dynamic loss scaling (for GPUs)."),
     ]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -321,7 +325,7 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
         if rank == 0:
             log.info(f"{name}: {layout.describe()}, schedule {cfg.schedule}, "
                      f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
-                     f"accumulate {cfg.accumulate}, fp16 compression "
+                     f"accumulate {cfg.accumulate}, precision {cfg.precision}, fp16 compression "
                      f"{'on' if cfg.fp16 else 'off'}, device {device}, {threads} thread(s)/rank")
             if placement is not None:
                 log.info(f"{model.graph.num_stages} model stages placed {c.placement}: "

@@ -14,7 +14,7 @@ groups exist. Two ways to give the same initial parameters as one process:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ __all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequentia
            "sequential_model", "keyed", "keyed_layers", "meta_layers"]
 
 LayerFn = Callable[[], nn.Module]
+T = TypeVar("T")
 
 
 class Part(nn.Module):
@@ -183,7 +184,7 @@ def split_sequential(layers: Sequence[nn.Module], sizes: Sequence[int],
     return StagedModel(StageGraph.chain(len(sizes)), parts, loss_fn)
 
 
-def keyed(seed: int, key: int, fn: LayerFn) -> nn.Module:
+def keyed(seed: int, key: int, fn: Callable[[], T]) -> T:
     """Build ``fn()`` under a generator seeded by ``(seed, key)``; the global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed((seed * 1_000_003 + key * 7_919 + 17) % (2 ** 63))

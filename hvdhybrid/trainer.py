@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import lr_schedule, randomness
+from . import lr_schedule, precision, randomness
 from . import schedule as sched
 from .data import Dataset, Sampler
 from .executor import Executor
@@ -64,6 +64,7 @@ class TrainConfig:
     clip_grad: float = 0.0  # clip the whole model's gradient to this global L2 norm (0: off)
     warmup: int = 0  # steps of linear learning-rate warmup
     lr_schedule: str = "constant"  # after warmup: constant, linear or cosine decay to 0 at `steps`
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast, dynamic loss scaling)
 
     def validate(self, num_bundles: int, widths: tuple[int, ...]) -> int:
         """Check the batch arithmetic; return rows per pass (batch_size / accumulate).
@@ -79,6 +80,7 @@ class TrainConfig:
         if not self.clip_grad >= 0:
             raise BatchError(f"--clip-grad must be >= 0 (0: off), got {self.clip_grad}")
         lr_schedule.check(self.lr_schedule, self.warmup, self.steps)
+        precision.check(self.precision)
         if self.accumulate < 1:
             raise BatchError(f"--accumulate must be >= 1, got {self.accumulate}")
         if self.batch_size % self.accumulate:
@@ -138,8 +140,9 @@ class Trainer:
         self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.timeout,
                        me=c.tag(), describe_peer=describe)
         self.p2p.check_tags(cfg.microbatches)
+        self.precision = precision.Precision(cfg.precision)
         self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
-                                 model.loss_fn)
+                                 model.loss_fn, self.precision.autocast(self.device))
         self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches, placement)[c.stage]
         self.eval_plan = sched.build_forward_only(self.graph, cfg.microbatches, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.fp16)
@@ -196,15 +199,22 @@ class Trainer:
         self.train_mode(True)
         randomness.set_step(cfg.seed, self.step + 1)  # draws keyed by step, not by layout
         loss_sum = 0.0
+        scale = self.precision.loss_scale  # fp16: the dynamic loss scale; else 1
         for a in range(cfg.accumulate):
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
             res = self.executor.run(self.plan, self.batch_fn(data, part, cfg.microbatches),
-                                    cfg.microbatches, 1.0 / (cfg.microbatches * cfg.accumulate),
+                                    cfg.microbatches, scale / (cfg.microbatches * cfg.accumulate),
                                     rows_fn=self.rows_fn(part, cfg.microbatches))
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
         self.sync.sync()
+        if scale != 1.0:  # unscale the averaged gradients before the norm, the clip and the step
+            for p in self.sync.params:
+                if p.grad is not None:
+                    p.grad.div_(scale)
         ok, norm = self.sync.guard(cfg.clip_grad, self.world_sum)
+        if self.precision.scaler is not None:
+            self.precision.scaler.update(ok)  # from the agreed norm: the same on every rank
         if ok:
             f = lr_schedule.factor(self.step + 1, cfg.steps, cfg.warmup, cfg.lr_schedule)
             for g in self.optimizer.param_groups:
@@ -213,8 +223,9 @@ class Trainer:
         else:
             self.skipped_steps += 1
             if self.groups.world.Get_rank() == 0:
+                more = f"; loss scale now {self.precision.loss_scale:g}" if self.precision.scaler else ""
                 self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {norm}); "
-                                 f"step skipped ({self.skipped_steps} so far)")
+                                 f"step skipped ({self.skipped_steps} so far{more})")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         loss = self._step_end(loss_sum / (cfg.microbatches * cfg.accumulate))
@@ -346,7 +357,8 @@ class Trainer:
         if world.Get_rank() == 0:
             files[COMMON] = {"model": self.cfg.model_name, "step": self.step, "rng": rngs,
                              "sampler": self.sampler.state() if self.sampler else self._resume_sampler,
-                             "hyper": self.state.hyperparameters()}
+                             "hyper": self.state.hyperparameters(),
+                             "scaler": self.precision.scaler.state() if self.precision.scaler else None}
         facts = Manifest(self.step, self.cfg.model_name, lay.world_size, lay.widths, {}, lay.tensor,
                          {}, self.placement.positions)
         path = save_collective(world, self._ckpt_root(), self.step, facts, files, names, self.cfg.keep,
@@ -389,6 +401,8 @@ class Trainer:
         if same:
             set_rng_state(common["rng"][world.Get_rank()])
         self.sync.broadcast_optimizer_state(self.optimizer)  # every copy continues from bundle 0's
+        if self.precision.scaler is not None and common.get("scaler"):
+            self.precision.scaler.load_state(common["scaler"])
         self.step = int(common["step"])
         self._last_checkpoint = self.step
         self._resume_sampler = common["sampler"]

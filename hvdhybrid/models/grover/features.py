@@ -8,9 +8,7 @@ atom/bond table is zero padding. Labels for pre-training are the atom/bond conte
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import math
 import os
@@ -27,7 +25,7 @@ from rdkit.Chem import Descriptors, Fragments
 from rdkit.Chem.Scaffolds import MurckoScaffold
 from rdkit.rdBase import BlockLogs
 
-from hvdhybrid.data import DataError, read_text
+from hvdhybrid.data import DataError, read_csv_rows, read_text
 
 __all__ = [
     "ATOM_FDIM", "BOND_FDIM", "BOND_INPUT_FDIM", "N_MOTIFS", "atom_features", "bond_features",
@@ -284,27 +282,18 @@ Rows = list[tuple[int, list[str]]]
 def _read_rows(path: str) -> tuple[Rows, bool]:
     """(1-based line, cells) of every non-blank row, and whether the file is CSV (a .csv file, or not
     a .smi file and its first line has a comma); other files are split on whitespace."""
+    what = "a CSV or .smi file of SMILES"
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; pass the path of a CSV or .smi file of SMILES")
-    text = read_text(path, "a CSV or .smi file of SMILES")
+        raise DataError(f"{path}: no such file; pass the path of {what}")
+    text = read_text(path, what)
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
-    rows: Rows = []
     is_csv = path.lower().endswith(".csv") or (not path.lower().endswith(".smi") and "," in first)
     if is_csv:
-        reader, start = csv.reader(io.StringIO(text, newline="")), 1
-        try:
-            for cells in reader:
-                if any(c.strip() for c in cells):
-                    rows.append((start, [c.strip() for c in cells]))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: not a CSV file the reader can take ({e}); "
-                            "pass a CSV or .smi file of SMILES") from None
-    else:
-        rows = [(i, ln.split()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        return read_csv_rows(path, what), True
+    rows: Rows = [(i, ln.split()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     if not rows:
         raise DataError(f"{path}: the file is empty; pass a file with one SMILES per line")
-    return rows, is_csv
+    return rows, False
 
 
 def _parse(smiles: str) -> Optional[Chem.Mol]:

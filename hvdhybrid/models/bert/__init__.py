@@ -1,0 +1,1 @@
+"""BERT-family encoders fine-tuned for text classification (``hvdtrain bert``)."""
