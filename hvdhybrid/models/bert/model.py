@@ -111,8 +111,11 @@ def _mounts(spec: BertSpec, unit: str) -> list[tuple[str, nn.Module]]:
         return [("bert.embeddings", BertEmbeddings(cfg))]
     if unit == "head":
         p = cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob
-        return [("bert.pooler", BertPooler(cfg)), ("dropout", nn.Dropout(p)),
+        head = [("bert.pooler", BertPooler(cfg)), ("dropout", nn.Dropout(p)),
                 ("classifier", nn.Linear(cfg.hidden_size, cfg.num_labels))]
+        for _, m in head:  # as Hugging Face initialises a new head; the pooler is then loaded
+            _init_linear(m, cfg.initializer_range)
+        return head
     i = int(unit.split(".")[1])
     return [(f"bert.encoder.layer.{i}", BertLayer(cfg, layer_idx=i))]
 
@@ -153,7 +156,7 @@ def _load(spec: BertSpec, stage: nn.Module) -> None:
                     break
 
 
-def _init_head(module: nn.Module, std: float) -> None:
+def _init_linear(module: nn.Module, std: float) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, std)
@@ -169,8 +172,6 @@ class BertStage(nn.Module):
         self.num_heads = int(spec.config.num_attention_heads)
         for u in self.units:
             for path, m in keyed(spec.seed, spec.units().index(u), functools.partial(_mounts, spec, u)):
-                if u == "head":
-                    _init_head(m, spec.config.initializer_range)
                 _mount(self, path, m)
         keyed_dropouts(self)
         _load(spec, self)
