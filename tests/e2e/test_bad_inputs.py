@@ -78,6 +78,8 @@ def molecules(base: str, name: str, text: str) -> str:
 
 LABELLED = "id,smiles,pic50,flag,note\na,CCO,5.1,1,\nb,c1ccccc1,6.2,0,\nc,CC(=O)O,x7,2,\n"
 GROVER_FT = ["grover", "finetune", "--config", "tiny", "--steps", "1", "--no-progress"]
+BERT = ["bert", "--steps", "1", "--batch-size", "4", "--max-len", "8", "--no-progress"]
+REVIEWS = "text,label\ngreat film,pos\ndull,neg\nfine,pos\nbad,neg\n"
 GROVER_PT = ["grover", "pretrain", "--config", "tiny", "--steps", "1", "--no-progress"]
 
 # (name, how the user gets there, what the message must say)
@@ -184,6 +186,27 @@ CASES: list[Case] = [
     ("GROVER: more pipeline stages than layers",
      lambda b: mpirun(4, *GROVER_FT, "--stages", "4", "--out", f"{b}/x"),
      "cannot split 2 GTransformer layers per view into 4 stages"),
+    ("BERT: a missing CSV",
+     lambda b: mpirun(2, *BERT, "--data", f"{b}/nope.csv", "--out", f"{b}/x"),
+     "nope.csv: no such file"),
+    ("BERT: a file of random bytes",
+     lambda b: mpirun(2, *BERT, "--data", raw_file(b, "blob.csv", bytes(range(256)) * 64), "--out", f"{b}/x"),
+     "blob.csv: is not a text file"),
+    ("BERT: a missing text column",
+     lambda b: run([HVDTRAIN, *BERT, "--data", molecules(b, "rev.csv", REVIEWS), "--text-col", "review",
+                    "--out", f"{b}/x"]),
+     "rev.csv:1: no text column 'review'; the columns are 'text', 'label': pass --text-col"),
+    ("BERT: a row without a label",
+     lambda b: run([HVDTRAIN, *BERT, "--data", molecules(b, "rev2.csv", REVIEWS + "so-so,\n"),
+                    "--out", f"{b}/x"]),
+     "rev2.csv:6: the label ('label') is empty"),
+    ("BERT: one label value only",
+     lambda b: run([HVDTRAIN, *BERT, "--data", molecules(b, "rev3.csv", "text,label\na,x\nb,x\n"),
+                    "--out", f"{b}/x"]),
+     "classification needs at least 2"),
+    ("BERT: a model directory that is not one",
+     lambda b: mpirun(2, *BERT, "--model", b, "--out", f"{b}/x"),
+     "not a model directory"),
 ]
 
 

@@ -22,9 +22,9 @@ from hvdhybrid.trainer import TrainConfig, Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS, BATCH, ACC, CLIP, LR = 3, 16, 4, 0.5, 0.05
-# bf16 autocast against one process in bf16: measured worst |difference| 4.9e-4 after 3 steps (the
-# order of bf16 rounding in gradients summed over another split of rows); the bound leaves 4x room.
-BF16_BOUND = 2e-3
+# bf16 autocast against one process in bf16: measured worst |difference| 7.8e-5 after 3 steps at
+# 2 and 4 ranks (bf16 rounding of gradients summed over another split of rows); 6x room.
+BF16_BOUND = 5e-4
 
 
 @lru_cache(maxsize=1)
