@@ -9,18 +9,22 @@ Run from the repository root with OMP_NUM_THREADS=1 and HF_HUB_OFFLINE=1 (and, a
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 for mpirun):
 
     torchrun --nproc-per-node 2 bench/bert_peers.py ddp [options]
-    mpirun -np 2 --oversubscribe -x PATH -x PYTHONPATH -x OMP_NUM_THREADS \\
+    mpirun -np 2 --oversubscribe -x PATH -x PYTHONPATH -x OMP_NUM_THREADS -x HF_HUB_OFFLINE \\
         python bench/bert_peers.py horovod [--no-fp16-compression] [options]
-    torchrun --nproc-per-node 2 bench/bert_peers.py accelerate [options]
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no bench/bert_peers.py accelerate [options]
     python bench/bert_peers.py single [options]
 
 options: --batch 32 --max-len 64 --steps 10 --warmup 2 --precision fp32|bf16
 
-Accelerate: ``accelerate launch --cpu --num_processes 2`` starts only ONE process here (accelerate
-1.15 hands --cpu to its simple launcher, which ignores --num_processes; multi-CPU needs an
-``accelerate config`` file or --mpirun_hostfile). torchrun is what works: Accelerator(cpu=True) reads
-torchrun's environment, sets up gloo and reports DistributedType.MULTI_CPU with 2 processes; the
-script checks that it really got the processes it was launched with.
+Accelerate on CPU (1.15): ``accelerate launch --cpu --num_processes 2`` starts ONE process (--cpu
+picks the simple launcher, which ignores --num_processes unless --mpirun_hostfile is given), so
+accelerate mode refuses to run on 1 process. ``--multi_gpu`` needs no GPU: it only means "launch
+through torchrun", and Accelerator(cpu=True) then sets up gloo (DistributedType.MULTI_CPU). Plain
+``torchrun --nproc-per-node 2 bench/bert_peers.py accelerate`` is the same thing, and
+``accelerate launch --cpu --num_processes 2 --num_machines 1 --mpirun_hostfile FILE`` (FILE:
+``localhost slots=2``) works too, through mpirun. --precision decides the mixed precision: the
+script passes it to Accelerator, which overrides the launcher's --mixed_precision.
 """
 
 from __future__ import annotations
@@ -138,9 +142,8 @@ def run(a: argparse.Namespace) -> tuple[int, int, Callable[[], None], Callable[[
 
     acc = Accelerator(cpu=True, mixed_precision="bf16" if a.precision == "bf16" else "no")
     rank, procs = acc.process_index, acc.num_processes
-    want = int(os.environ.get("WORLD_SIZE", "1"))
-    if procs != want:
-        raise SystemExit(f"accelerate runs {procs} process(es) but the launcher started {want}")
+    if procs < 2:
+        raise SystemExit("accelerate mode got 1 process; launch it as the module docstring says")
     model = load_model()
     model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-5))
     step = train_step(model, opt, batches(a.max_len, a.batch, rank, procs), acc.autocast, acc.backward)

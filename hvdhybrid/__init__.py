@@ -9,6 +9,8 @@ The public API (imported on first use, so ``import hvdhybrid`` stays light)::
     Trainer, TrainConfig            the training loop (fit, or train_step from your own loop)
     KeyedDropout, keyed_dropouts    dropout that does not depend on the layout
     TensorDataset, Sampler          data as index -> rows, the global-batch sampler
+    Job                             what a build function returns to `hvdtrain run MODULE:FN`
+    Precision                       fp32 / bf16 / fp16 (with dynamic loss scaling), TrainConfig.precision
 """
 
 from __future__ import annotations
@@ -29,20 +31,22 @@ _EXPORTS = {
     "StagedModel": "staged", "sequential_model": "staged", "split_sequential": "staged", "Tie": "ownership",
     "Trainer": "trainer", "TrainConfig": "trainer",
     "KeyedDropout": "dropout", "keyed_dropouts": "dropout",
-    "TensorDataset": "data", "Sampler": "data",
+    "TensorDataset": "data", "Sampler": "data", "Job": "job", "Precision": "precision",
 }
 
-__all__ = ["KeyedDropout", "Layout", "Placement", "Sampler", "StageGraph", "StagedModel", "TensorDataset",
-           "Tie", "TrainConfig", "Trainer", "__version__", "finish", "init", "keyed_dropouts",
-           "sequential_model", "split_sequential", "world_size"]
+__all__ = ["Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler", "StageGraph", "StagedModel",
+           "TensorDataset", "Tie", "TrainConfig", "Trainer", "__version__", "finish", "init",
+           "keyed_dropouts", "sequential_model", "split_sequential", "world_size"]
 
 if TYPE_CHECKING:
     from .api import finish, init, world_size
     from .data import Sampler, TensorDataset
     from .dropout import KeyedDropout, keyed_dropouts
     from .graph import StageGraph
+    from .job import Job
     from .ownership import Tie
     from .placement import Placement
+    from .precision import Precision
     from .staged import StagedModel, sequential_model, split_sequential
     from .topology import Layout
     from .trainer import TrainConfig, Trainer

@@ -37,38 +37,50 @@ def _classify(out: Any, y: Any) -> tuple[float, int]:
     return float((out.argmax(-1) == y).sum()), int(y.shape[0])
 
 
+def _layer_sizes(c: Common, fns: list[Any], num_stages: int, sample: Callable[[], Any]) -> list[int]:
+    """Layers per stage for ``--partition``; ``time`` is measured on rank 0 and shared.
+
+    ``sample()`` gives a batch of inputs to time the layers on.
+    """
+    from .staged import keyed_layers, meta_layers, partition_sizes
+
+    if c.partition != "time":  # from shapes alone: layers on the meta device hold no memory
+        return partition_sizes(meta_layers(fns), num_stages, c.partition)
+    got: tuple[Any, Optional[str]] = (None, None)
+    if world().Get_rank() == 0:
+        try:
+            got = (partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample()), None)
+        except PartitionError as e:
+            got = (None, str(e))
+    sizes, error = world().bcast(got, root=0)  # every rank fails alike, or none does
+    if error:
+        raise PartitionError(error)
+    return list(sizes)
+
+
+def _accuracy_eval(metric: Callable[[Any, Any], tuple[float, int]]) -> Callable[[Any, Any], dict[str, float]]:
+    def evaluate(trainer: Any, data: Any) -> dict[str, float]:
+        value, rows = trainer.evaluate(data, metric, 256)
+        return {"accuracy" if metric is _classify else "metric": value, "rows": rows}
+    return evaluate
+
+
 def _sequential_build(c: Common, fns_fn: Callable[[], list[Any]], dataset: Any,
                       test_fraction: float = 0.2) -> Callable[[int], Any]:
     """A chain of layer factories; each rank builds only its stages' layers (keyed by layer index)."""
     import torch
 
-    from .staged import keyed_layers, meta_layers, partition_sizes, sequential_model
+    from .staged import sequential_model
 
     def build(num_stages: int) -> Any:
         train_set, eval_set = dataset.split(test_fraction, seed=0)
         fns = fns_fn()
-        if c.partition == "time":  # measured: rank 0 builds every layer once and decides
-            got: tuple[Any, Optional[str]] = (None, None)
-            if world().Get_rank() == 0:
-                sample = train_set.batch(range(min(32, len(train_set))))[0]
-                try:
-                    got = (partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample), None)
-                except PartitionError as e:
-                    got = (None, str(e))
-            sizes, error = world().bcast(got, root=0)  # every rank fails alike, or none does
-            if error:
-                raise PartitionError(error)
-        else:  # from shapes alone: layers on the meta device hold no memory
-            sizes = partition_sizes(meta_layers(fns), num_stages, c.partition)
+        sizes = _layer_sizes(c, fns, num_stages, lambda: train_set.batch(range(min(32, len(train_set))))[0])
         model = sequential_model(fns, sizes, torch.nn.functional.cross_entropy, c.seed)
 
         def opt(params: Any) -> torch.optim.Optimizer:
             return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-
-        def evaluate(trainer: Any, data: Any) -> dict[str, float]:
-            acc, rows = trainer.evaluate(data, _classify, 256)
-            return {"accuracy": acc, "rows": rows}
-        return Built(model, train_set, {"eval": eval_set}, evaluate, opt)
+        return Built(model, train_set, {"eval": eval_set}, _accuracy_eval(_classify), opt)
     return build
 
 
@@ -119,6 +131,47 @@ def mlp(c: Common, hidden: int, depth: int) -> None:
             raise PartitionError(f"--depth must be >= 1, got {depth}")
         ds = digits(8)
     run_model("mlp", c, widths, _sequential_build(c, lambda: mlp_layer_fns(64, hidden, depth, 10), ds))
+
+
+@cli.command(name="run")
+@common_options(default_steps=100, default_batch=32, default_lr=1e-3)
+@click.argument("target")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE",
+              help="Passed to the build function as a keyword (a string); repeat for more.")
+def run_job(c: Common, target: str, args: tuple[str, ...]) -> None:
+    """Train the model of any build function: TARGET is pkg.module:build or path/to/file.py:build.
+
+    The function is called on every rank as build(stages=K, **args) and returns
+    an hvdhybrid.Job (model: a StagedModel or a list of layer factories;
+    train_set; optional loss_fn, optimizer, eval_set, metric). Every common
+    option applies. Example: hvdtrain run docs/examples/build_fn.py:build --stages 2
+    """
+    import torch
+
+    from .job import call_build, layers_or_model, load_target, parse_args
+    from .staged import StagedModel, sequential_model
+
+    w = world()
+    with agreed(w):
+        widths = resolve_widths(c, w.Get_size(), (1,))
+        fn, kwargs = load_target(target), parse_args(args)
+
+    def build(num_stages: int) -> Built:
+        job = call_build(fn, num_stages, kwargs)
+        model = layers_or_model(job)
+        if not isinstance(model, StagedModel):
+            fns = list(model)
+            ds = job.train_set
+            sizes = _layer_sizes(c, fns, num_stages, lambda: ds.batch(range(min(32, len(ds))))[0])
+            model = sequential_model(fns, sizes, job.loss_fn or torch.nn.functional.cross_entropy, c.seed)
+
+        def opt(params: Any) -> torch.optim.Optimizer:
+            return job.optimizer(params) if job.optimizer else torch.optim.AdamW(params, lr=c.lr)
+        sets = {"eval": job.eval_set} if job.eval_set is not None else {}
+        return Built(model, job.train_set, sets, _accuracy_eval(job.metric or _classify), opt,
+                     f"run {target}: {model.graph.num_stages} stage(s)")
+
+    run_model(f"run:{target.rpartition(':')[2]}", c, widths, build)
 
 
 @cli.command()

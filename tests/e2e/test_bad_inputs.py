@@ -207,6 +207,18 @@ CASES: list[Case] = [
     ("BERT: a model directory that is not one",
      lambda b: mpirun(2, *BERT, "--model", b, "--out", f"{b}/x"),
      "not a model directory"),
+    ("run: a target without a function",
+     lambda b: run([HVDTRAIN, "run", "docs/examples/build_fn.py", "--out", f"{b}/x"]),
+     "is not MODULE:FUNCTION"),
+    ("run: a module that does not import",
+     lambda b: mpirun(2, "run", "nopkg.train:build", "--out", f"{b}/x"),
+     "cannot import 'nopkg.train'"),
+    ("run: a function that is not there",
+     lambda b: run([HVDTRAIN, "run", "docs/examples/build_fn.py:make", "--out", f"{b}/x"]),
+     "has no function 'make'; its functions: build"),
+    ("run: an --arg the function does not take",
+     lambda b: mpirun(2, "run", "docs/examples/build_fn.py:build", "--arg", "depth=3", "--out", f"{b}/x"),
+     "does not fit its signature"),
 ]
 
 
