@@ -123,7 +123,8 @@ class Common:
     clip_grad: float
     warmup: int
     lr_schedule: str
-    precision: str
+    precision: str = "fp32"
+    epochs: Optional[int] = None
 
     def train_config(self, name: str) -> TrainConfig:
         """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
@@ -163,6 +164,9 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
                      help="Passes whose gradients add up to one optimizer step."),
         click.option("--steps", type=int, default=default_steps, show_default=True,
                      help="Optimizer steps (in all, counting those before a resume)."),
+        click.option("--epochs", type=int, default=None,
+                     help="Train this many passes over the training rows instead (sets --steps to "
+                          "epochs x rows // batch size; each epoch is a new shuffle)."),
         click.option("--batch-size", type=int, default=default_batch, show_default=True,
                      help="Global batch of one optimizer step (all bundles, all passes)."),
         click.option("--lr", type=float, default=default_lr, show_default=True),
@@ -230,6 +234,16 @@ def parse_placement(text: str, num_stages: int, num_groups: int) -> Placement:
             f"--placement: {e} (positions: the stage groups of --stages/--bundle-shape)") from None
 
 
+def steps_for_epochs(epochs: int, rows: int, batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` passes over ``rows`` (the sampler drops a partial last batch)."""
+    if epochs < 1:
+        raise DataError(f"--epochs must be >= 1, got {epochs}")
+    if batch_size > rows:
+        raise DataError(f"--batch-size {batch_size} is larger than the {rows} training rows; "
+                        f"use --batch-size {rows} or less")
+    return epochs * (rows // batch_size)
+
+
 def _check_out(out: str, resume: bool) -> None:
     """Never write into another run's directory; on resume, insist there is a run to resume."""
     holds_run = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "checkpoints"))
@@ -276,6 +290,9 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
             if c.stages_per_rank > 1 else None
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(n_model)
+        if c.epochs is not None:
+            cfg.steps = steps_for_epochs(c.epochs, len(built.train_set), c.batch_size)
+            cfg.validate(layout.num_bundles, layout.widths)
     out = w.bcast(out, root=0)
     assert out is not None
     cfg.out = out

@@ -92,3 +92,14 @@ def test_train_config_carries_every_option_it_shares_with_trainconfig() -> None:
     for name in shared:
         assert getattr(cfg, name) == getattr(c, name), name
     assert cfg.validate(1, (1,)) == 24
+
+
+def test_epochs_count_whole_batches_of_the_training_rows() -> None:
+    from hvdhybrid.data import DataError
+    from hvdhybrid.run import steps_for_epochs
+
+    assert steps_for_epochs(3, 100, 32) == 9  # the sampler drops the partial last batch
+    with pytest.raises(DataError, match="--epochs must be >= 1"):
+        steps_for_epochs(0, 100, 32)
+    with pytest.raises(DataError, match="larger than the 10 training rows"):
+        steps_for_epochs(1, 10, 32)
