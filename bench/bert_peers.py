@@ -168,7 +168,8 @@ def main() -> None:
     if rank == 0:
         s = median(times)
         emit({"name": f"bert-{a.mode}", "procs": procs, "batch": a.batch, "max_len": a.max_len,
-              "precision": a.precision, "step_s": s, "samples_s": a.batch / s})
+              "precision": a.precision, "step_s": s, "samples_s": a.batch / s,
+              **({"fp16_compression": a.fp16_compression} if a.mode == "horovod" else {})})
     teardown()
 
 

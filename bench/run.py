@@ -1,6 +1,6 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory]
+    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert]
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -20,7 +20,7 @@ PY = sys.executable
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{HERE}",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{HERE}", HF_HUB_OFFLINE="1",
                OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
 
@@ -36,7 +36,58 @@ def _run(cmd: list[str]) -> list[dict]:
 
 def mpirun(n: int, script: str, *args: str) -> list[str]:
     return ["mpirun", "-np", str(n), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-            PY, os.path.join(HERE, script), *args]
+            "-x", "HF_HUB_OFFLINE", PY, os.path.join(HERE, script), *args]
+
+
+def _hvdtrain_bert(precision: str, batch: int, max_len: int, steps: int, warmup: int) -> dict:
+    """`hvdtrain bert` on 2 bundles: the median step time of its metrics.jsonl after ``warmup`` steps."""
+    import statistics
+    import tempfile
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-bert-"), "run")
+    cmd = ["mpirun", "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", "-x",
+           "HF_HUB_OFFLINE", PY, "-m", "hvdhybrid", "bert", "--steps", str(steps + warmup), "--batch-size",
+           str(batch), "--max-len", str(max_len), "--limit", "2048", "--precision", precision,
+           "--clip-grad", "0", "--lr", "2e-5", "--no-progress", "--out", out]
+    _run(cmd)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    step_s = statistics.median(batch / r["samples_per_s"] for r in rows[warmup:])
+    return {"name": "bert-hvdhybrid", "procs": 2, "batch": batch, "max_len": max_len, "precision": precision,
+            "step_s": step_s, "samples_s": batch / step_s}
+
+
+def bert(steps: int = 10, warmup: int = 2, batch: int = 32, max_len: int = 64) -> list[dict]:
+    """BERT fine-tuning samples/s: hvdtrain bert on 2 bundles against DDP, Horovod, Accelerate, 1 process."""
+    peers = os.path.join(HERE, "bert_peers.py")
+    opts = ["--batch", str(batch), "--max-len", str(max_len), "--steps", str(steps), "--warmup", str(warmup)]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
+    accelerate = shutil.which("accelerate", path=os.path.dirname(PY)) or "accelerate"
+    res: list[dict] = []
+    for prec in ("fp32", "bf16"):
+        p = [*opts, "--precision", prec]
+        res.append(_hvdtrain_bert(prec, batch, max_len, steps, warmup))
+        res += _run([PY, peers, "single", *p])
+        res += _run([torchrun, "--nproc-per-node", "2", peers, "ddp", *p])
+        res += _run(mpirun(2, "bert_peers.py", "horovod", *p))
+        res += _run(mpirun(2, "bert_peers.py", "horovod", "--no-fp16-compression", *p))
+        res += _run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no", peers, "accelerate", *p])
+    print(f"\nBERT fine-tuning (all-MiniLM-L6-v2, 2 labels), global batch {batch}, {max_len} tokens, "
+          "AdamW, 2 processes x 1 thread unless noted\n")
+    print("| run | precision | s/step | samples/s | vs fastest 2-process peer |")
+    print("|---|---|---|---|---|")
+    for prec in ("fp32", "bf16"):
+        rows = [r for r in res if r["precision"] == prec]
+        peers_2 = [r for r in rows if r["procs"] == 2 and r["name"] != "bert-hvdhybrid"]
+        best = max(r["samples_s"] for r in peers_2)
+        for r in rows:
+            name = r["name"] + (" (no fp16 compression)" if r.get("fp16_compression") is False else "")
+            print(f"| {name} | {prec} | {r['step_s']:.3f} | {r['samples_s']:.1f} "
+                  f"| {r['samples_s'] / best:.2f}x |")
+    ours = {r["precision"]: r["step_s"] for r in res if r["name"] == "bert-hvdhybrid"}
+    print(f"\nhvdtrain bert bf16 vs fp32 step time: {ours['fp32'] / ours['bf16']:.2f}x faster")
+    return res
 
 
 def grover() -> list[dict]:
@@ -72,9 +123,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
-    ap.add_argument("--only", choices=["pipeline", "grover", "memory"], help="run one part only")
+    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert"], help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
+    if a.only in (None, "bert"):
+        res += bert()
+        if a.only == "bert":
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(res, f, indent=2)
+            return
     if a.only in (None, "memory"):
         res += memory()
         if a.only == "memory":

@@ -24,3 +24,16 @@ def test_own_model_and_loop_example_matches_one_process() -> None:
     assert abs(c1 - c4) <= 1e-6 * c1, (c1, c4)
     losses4 = [float(v) for v in re.findall(r"step \d+ loss ([\d.]+)", r.out)]
     assert len(losses4) == 4 and all(abs(a - b) <= 2e-4 for a, b in zip(losses, losses4)), (losses, losses4)
+
+
+def test_a_horovod_script_ported_to_hvdhybrid_trains_the_same_parameters() -> None:
+    """docs/examples: the plain Horovod script and its port, both at 2 ranks with fp16 compression."""
+    def checksum(script: str) -> float:
+        r = run(["mpirun", "-np", "2", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
+                 sys.executable, os.path.join(ROOT, "docs", "examples", script)],
+                extra_env={"PYTHONPATH": ROOT})
+        assert r.rc == 0, r.err[-3000:]
+        return float(re.search(r"checksum ([\d.]+)", r.out).group(1))  # type: ignore[union-attr]
+
+    plain, ported = checksum("horovod_script.py"), checksum("horovod_ported.py")
+    assert abs(plain - ported) <= 1e-6 * plain, (plain, ported)
