@@ -12,12 +12,16 @@ calls ``randomness.set_step`` and ``randomness.set_rows`` itself.
 
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 from torch import nn
 
 from . import randomness
 
-__all__ = ["KeyedDropout", "keyed_dropouts"]
+__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts"]
+
+Index = Union[int, slice]
 
 
 class KeyedDropout(nn.Module):
@@ -46,18 +50,69 @@ class KeyedDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        rows = randomness.current_rows()
-        if rows is None or len(rows) != x.shape[0]:
-            got = "no rows" if rows is None else f"{len(rows)} rows"
-            raise RuntimeError(
-                f"KeyedDropout {self.name!r}: input has {x.shape[0]} rows along dim 0 but the runtime "
-                f"set {got}; the first dimension must be the batch rows (set "
-                "hvdhybrid.randomness.set_rows(indices) in a loop of your own)")
-        keep = torch.empty((len(rows),) + tuple(x.shape[1:]), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            g = randomness.generator("dropout", self.name, r)
-            keep[i] = torch.rand(x.shape[1:], generator=g) >= self.p
-        return x * keep.to(x.device) / (1.0 - self.p)
+        rows = _rows(self.name, x.shape[0], "the first dimension must be the batch rows")
+        return keyed_drop(x, self.p, self.name, [(r, (i,)) for i, r in enumerate(rows)])
+
+
+def _rows(name: str, n: int, hint: str) -> tuple[int, ...]:
+    rows = randomness.current_rows()
+    if rows is None or len(rows) != n:
+        got = "no rows" if rows is None else f"{len(rows)} rows"
+        raise RuntimeError(
+            f"keyed dropout {name!r}: the input holds {n} data rows but the runtime set {got}; {hint} "
+            "(in a loop of your own, call hvdhybrid.randomness.set_rows(indices))")
+    return rows
+
+
+def keyed_drop(x: torch.Tensor, p: float, name: str,
+               pieces: Sequence[tuple[int, tuple[Index, ...]]]) -> torch.Tensor:
+    """Dropout on ``x`` whose mask in ``x[index]`` is drawn for data row ``row``, for each (row, index).
+
+    The mask of a piece depends only on (seed, step, ``name``, row) and the piece's shape,
+    so it is the same in any batch, microbatch or rank that computes that row. Elements
+    outside every piece are kept (padding).
+    """
+    keep = torch.ones(x.shape, dtype=torch.bool)
+    for row, index in pieces:
+        g = randomness.generator("dropout", name, row)
+        keep[index] = torch.rand(keep[index].shape, generator=g) >= p
+    return x * keep.to(x.device) / (1.0 - p)
+
+
+class SegmentDropout(nn.Module):
+    """Keyed dropout on rows packed by data row: ``x[start:start+size]`` belongs to row ``i``
+    of the batch for ``scope[i] = (start, size)`` (a molecule's atoms in a graph batch).
+
+    Args:
+        p: probability of zeroing an element.
+        name: the layer's name, unique in the model.
+    """
+
+    def __init__(self, p: float, name: str) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.name = float(p), name
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, name={self.name!r}"
+
+    def forward(self, x: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        rows = _rows(self.name, scope.shape[0], "scope must hold one (start, size) per batch row")
+        return keyed_drop(x, self.p, self.name,
+                          [(r, (slice(a, a + n),)) for r, (a, n) in zip(rows, scope.tolist())])
+
+    def square(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Dropout on padded ``[rows, ..., L, L]`` (attention probabilities): row ``i`` keyed on its
+        ``sizes[i] x sizes[i]`` corner, whatever the padded length ``L`` of this batch."""
+        if not self.training or self.p == 0.0:
+            return x
+        rows = _rows(self.name, x.shape[0], "the first dimension must be the batch rows")
+        lead: tuple[Index, ...] = (slice(None),) * (x.dim() - 3)
+        corners = [(r, (i, *lead, slice(0, n), slice(0, n))) for i, (r, n) in enumerate(zip(rows, sizes))]
+        return keyed_drop(x, self.p, self.name, corners)
 
 
 def keyed_dropouts(module: nn.Module, prefix: str = "") -> int:

@@ -6,6 +6,7 @@ global batch; the runs under test go through the runtime with each layout.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -48,16 +49,19 @@ def finetune_parts(descriptors: bool = False) -> tuple[GroverNet, FinetuneSet]:
     return net, FinetuneSet(ms, y, features=feats)
 
 
-def pretrain_parts() -> tuple[GroverNet, PretrainSet]:
+def pretrain_parts(dropout: float = 0.0) -> tuple[GroverNet, PretrainSet]:
+    """``dropout``: on every dropout of the model (GROVER base/large use 0.1), keyed by molecule."""
     av, bv = build_vocabs(mols())
     torch.manual_seed(0)
-    net = GroverNet(CFG, PretrainHeads(CFG, len(av), len(bv), 85))
+    cfg = dataclasses.replace(CFG, dropout=dropout)
+    net = GroverNet(cfg, PretrainHeads(cfg, len(av), len(bv), 85))
     return net, PretrainSet(mols(), av, bv)
 
 
 PARTS = {"finetune": (finetune_parts, finetune_loss),
          "finetune-2d": (functools.partial(finetune_parts, descriptors=True), finetune_loss),
-         "pretrain": (pretrain_parts, pretrain_loss)}
+         "pretrain": (pretrain_parts, pretrain_loss),
+         "pretrain-dropout": (functools.partial(pretrain_parts, dropout=0.2), pretrain_loss)}
 
 
 def opt(params: Any) -> torch.optim.Optimizer:
@@ -70,7 +74,9 @@ def reference(task: str) -> dict[str, torch.Tensor]:
     o, sampler = opt(net.parameters()), Sampler(len(ds), BATCH, seed=0)
     for step in range(1, STEPS + 1):
         randomness.set_step(0, step)
-        g, t = ds.batch(sampler.next())
+        idx = sampler.next()
+        randomness.set_rows(idx)
+        g, t = ds.batch(idx)
         o.zero_grad()
         loss_fn(net(g), t).backward()
         o.step()
@@ -114,6 +120,12 @@ def test_grover_layouts_match_one_process(world: Any, task: str, stages: int, ta
     owned = world.allgather(sorted(mine) if groups.coord.bundle == 0 else [])
     names = [n for part in owned for n in part]
     assert sorted(names) == sorted(ref), "stages must partition the model's parameters"
+
+
+def test_grover_dropout_matters(world: Any) -> None:
+    """The dropout variant above is not a no-op: p 0.2 moves the reference's parameters."""
+    with_drop, without = reference("pretrain-dropout"), reference("pretrain")
+    assert max(float((with_drop[n] - without[n]).abs().max()) for n in without) > 1e-3
 
 
 @pytest.mark.parametrize("stages,task_parallel", LAYOUTS, ids=["1", "tp", "pp2", "tp+pp2"])

@@ -17,32 +17,17 @@ layer), so every layout draws what one process draws.
 
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ... import randomness
+from ...dropout import SegmentDropout
 from .config import CONFIGS, GroverConfig
 from .features import ATOM_FDIM, BOND_INPUT_FDIM, GraphBatch
 
-__all__ = ["GroverConfig", "CONFIGS", "MTBlock", "Readout", "pad_by_scope", "exact_attention"]
-
-
-def exact_attention() -> contextlib.AbstractContextManager[None]:
-    """Run scaled dot-product attention with the exact softmax (the "math" kernel).
-
-    torch's CPU flash-attention backward returns NaN once attention logits
-    reach ~1e9 (float32 rounding of ``s - logsumexp`` at that size is worth
-    hundreds, and ``exp`` of it overflows), while its forward stays finite.
-    GROVER pretraining gets there: after ~1400 Adam steps, 805 of 3000 steps
-    were skipped for a NaN gradient. The exact softmax saturates instead,
-    with a finite (zero) gradient. The fused GPU kernels recompute from a
-    saved logsumexp the same way and were never run here, so they are not
-    used either; a molecule's few dozen atoms make the math kernel cheap.
-    """
-    return sdpa_kernel([SDPBackend.MATH])
+__all__ = ["GroverConfig", "CONFIGS", "MTBlock", "Readout", "pad_by_scope"]
 
 
 def zero_pad(x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +94,14 @@ class MTBlock(nn.Module):
         d = cfg.hidden
         self.inp = nn.Linear(in_dim, d)
         self.q, self.k, self.v = (DyMPN(d, edge_view, cfg.hops, f"{key}.{n}") for n in "qkv")
-        self.attn = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+        # the module holds the attention's parameters; its forward is written out in
+        # _attend so that attention dropout is keyed by molecule (see hvdhybrid.dropout)
+        self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_attn = SegmentDropout(cfg.dropout, f"{key}.attn")
+        self.drop_out = SegmentDropout(cfg.dropout, f"{key}.out")
+        self.drop_ffn = SegmentDropout(cfg.dropout, f"{key}.ffn")
         self.edge_view = edge_view
 
     def forward(self, x: torch.Tensor, g: GraphBatch) -> torch.Tensor:
@@ -121,11 +110,32 @@ class MTBlock(nn.Module):
         q, qm, idx = pad_by_scope(self.q(h, g), scope)
         k, _, _ = pad_by_scope(self.k(h, g), scope)
         v, _, _ = pad_by_scope(self.v(h, g), scope)
-        with exact_attention():
-            out, _ = self.attn(q, k, v, key_padding_mask=~qm, need_weights=False)
+        out = self._attend(q, k, v, qm, scope[:, 1].tolist())
         flat = torch.zeros_like(h).index_put((idx[qm],), out[qm])
-        y = self.norm1(h + self.drop(flat))  # long-range residual from the block's input
-        return zero_pad(self.norm2(y + self.drop(self.ffn(y))))
+        y = self.norm1(h + self.drop_out(flat, scope))  # long-range residual from the block's input
+        return zero_pad(self.norm2(y + self.drop_ffn(self.ffn(y), scope)))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                sizes: list[int]) -> torch.Tensor:
+        """``nn.MultiheadAttention`` over each molecule's rows (exact softmax), keyed dropout on the
+        attention probabilities. A padded key gets the lowest finite score, not -inf, so that a
+        molecule without bonds (edge view) gives finite values and gradients."""
+        a = self.attn
+        m, n, e = q.shape
+        heads = a.num_heads
+        w, b = a.in_proj_weight, a.in_proj_bias
+        assert b is not None
+
+        def proj(x: torch.Tensor, i: int) -> torch.Tensor:
+            y = nn.functional.linear(x, w[i * e:(i + 1) * e], b[i * e:(i + 1) * e])
+            return y.view(m, n, heads, e // heads).transpose(1, 2)
+
+        scores = torch.matmul(proj(q, 0), proj(k, 1).transpose(-1, -2)) / math.sqrt(e // heads)
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = self.drop_attn.square(torch.softmax(scores, dim=-1), sizes)
+        out = torch.matmul(probs, proj(v, 2)).transpose(1, 2).reshape(m, n, e)
+        y: torch.Tensor = a.out_proj(out)
+        return y
 
 
 def view_blocks(cfg: GroverConfig, edge_view: bool) -> nn.ModuleList:

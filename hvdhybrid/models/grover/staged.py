@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ...dropout import keyed_dropouts
 from ...graph import StageGraph
 from ...partition import PartitionError
 from ...staged import StagedModel
@@ -77,6 +78,7 @@ class GroverNet(nn.Module):
         self.node_emb = Embeddings(cfg.hidden, edge_view=False)
         self.edge_emb = Embeddings(cfg.hidden, edge_view=True)
         self.heads = heads
+        keyed_dropouts(self)  # the readouts' dropout, keyed by molecule (the blocks key their own)
         init_(self)
 
     def forward(self, g: GraphBatch) -> tuple[torch.Tensor, ...]:
