@@ -126,20 +126,14 @@ def main() -> None:
     ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert"], help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
-    if a.only in (None, "bert"):
-        res += bert()
-        if a.only == "bert":
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(res, f, indent=2)
-            return
-    if a.only in (None, "memory"):
-        res += memory()
-        if a.only == "memory":
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump(res, f, indent=2)
-            return
+    for part, fn in (("bert", bert), ("memory", memory)):
+        if a.only in (None, part):
+            res += fn()
+            if a.only == part:
+                if a.json:
+                    with open(a.json, "w") as f:
+                        json.dump(res, f, indent=2)
+                return
     gres = grover() if a.only != "pipeline" else []
     if a.only == "grover":
         if a.json:

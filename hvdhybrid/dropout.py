@@ -24,7 +24,20 @@ __all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts"]
 Index = Union[int, slice]
 
 
-class KeyedDropout(nn.Module):
+class _Keyed(nn.Module):
+    """A dropout probability and the layer's name, which keys its masks."""
+
+    def __init__(self, p: float, name: str) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.name = float(p), name
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, name={self.name!r}"
+
+
+class KeyedDropout(_Keyed):
     """``nn.Dropout(p)`` whose mask for each data row is keyed by (seed, step, ``name``, row).
 
     The first dimension of the input must be the rows of the batch.
@@ -37,15 +50,6 @@ class KeyedDropout(nn.Module):
         RuntimeError: in training, when no rows were set or their count is not
             the input's first dimension.
     """
-
-    def __init__(self, p: float, name: str) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p, self.name = float(p), name
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, name={self.name!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -79,7 +83,7 @@ def keyed_drop(x: torch.Tensor, p: float, name: str,
     return x * keep.to(x.device) / (1.0 - p)
 
 
-class SegmentDropout(nn.Module):
+class SegmentDropout(_Keyed):
     """Keyed dropout on rows packed by data row: ``x[start:start+size]`` belongs to row ``i``
     of the batch for ``scope[i] = (start, size)`` (a molecule's atoms in a graph batch).
 
@@ -87,15 +91,6 @@ class SegmentDropout(nn.Module):
         p: probability of zeroing an element.
         name: the layer's name, unique in the model.
     """
-
-    def __init__(self, p: float, name: str) -> None:
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p, self.name = float(p), name
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, name={self.name!r}"
 
     def forward(self, x: torch.Tensor, scope: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HVDTRAIN = os.path.join(ROOT, "bin", "hvdtrain")
 BIN = os.path.dirname(sys.executable)
@@ -52,3 +54,13 @@ def mpirun(np_: int, *args: str, hostfile: Optional[str] = None, **kw: object) -
 def horovodrun(np_: int, *args: str, gloo: bool = False, **kw: object) -> Result:
     cmd = ["horovodrun", "-np", str(np_), "-H", f"localhost:{np_}"] + (["--gloo"] if gloo else [])
     return run(cmd + [HVDTRAIN, *args], **kw)  # type: ignore[arg-type]
+
+
+def params(out: str) -> dict[str, torch.Tensor]:
+    """The final parameters a run wrote with --save-params."""
+    return torch.load(os.path.join(out, "params.pt"))
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -7,21 +7,13 @@ import json
 import os
 
 import pytest
-import torch
-from conftest import HVDTRAIN, mpirun, run
+from conftest import HVDTRAIN, max_diff, mpirun, params, run
 
 BERT = ["bert", "--limit", "160", "--max-len", "16", "--batch-size", "16", "--accumulate", "4",
         "--clip-grad", "0.5", "--optimizer", "sgd", "--lr", "0.05", "--steps", "3", "--seed", "2",
         "--no-progress", "--save-params", "--no-fp16-compression"]
 
 
-def params(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "params.pt"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,11 @@ import os
 
 import pytest
 import torch
-from conftest import HVDTRAIN, ROOT, horovodrun, mpirun, run
+from conftest import HVDTRAIN, ROOT, horovodrun, max_diff, mpirun, params, run
 
 FAST = ["--steps", "4", "--batch-size", "32", "--no-progress", "--seed", "3"]
 
 
-def params(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "params.pt"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")

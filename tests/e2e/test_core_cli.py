@@ -8,8 +8,7 @@ import os
 import shutil
 
 import pytest
-import torch
-from conftest import HVDTRAIN, mpirun, run
+from conftest import HVDTRAIN, max_diff, mpirun, params, run
 
 BASE = ["mlp", "--batch-size", "32", "--no-progress", "--seed", "5", "--no-fp16-compression",
         "--microbatches", "2"]
@@ -17,13 +16,6 @@ GROVER_FT = ["grover", "finetune", "--config", "tiny", "--no-progress", "--seed"
              "--optimizer", "sgd", "--no-fp16-compression", "-m", "2"]
 
 
-def params(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "params.pt"))
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
 def summary(out: str) -> dict[str, float]:

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import torch
-from conftest import HVDTRAIN, ROOT, env, mpirun
+from conftest import HVDTRAIN, ROOT, env, mpirun, params
 
 from hvdhybrid.checkpoint import find_complete, verify
 
@@ -20,9 +20,6 @@ BASE = ["mlp", "--bundle-shape", "1,1", "--batch-size", "32", "--no-progress", "
 def losses(out: str) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
 
-
-def params(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "params.pt"))
 
 
 def test_resume_is_exact_bit_for_bit(tmp_path) -> None:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 
-import torch
-from conftest import HVDTRAIN, ROOT, mpirun, run
+from conftest import HVDTRAIN, ROOT, mpirun, params, run
 
 EXAMPLE = os.path.join(ROOT, "docs", "examples", "build_fn.py")
 ARGS = ["--steps", "6", "--no-progress", "--save-params", "--no-fp16-compression", "-m", "2",
         "--arg", "hidden=24"]
 
-
-def params(out: str) -> dict[str, torch.Tensor]:
-    return torch.load(os.path.join(out, "params.pt"))
 
 
 def test_build_fn_file_at_4_ranks_matches_one_rank(tmp_path) -> None:
