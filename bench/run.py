@@ -20,8 +20,10 @@ PY = sys.executable
 
 
 def _env() -> dict[str, str]:
+    # yield_when_idle: what hvdhybrid sets for itself, given to the MPI peers (plain Horovod) too
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{HERE}", HF_HUB_OFFLINE="1",
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_mpi_yield_when_idle="1")
     return env
 
 
