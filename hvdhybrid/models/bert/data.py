@@ -62,7 +62,7 @@ def _labelled(path: str, rows: Sequence[tuple[int, list[str]]], text_col: str, l
     classes = sorted(set(names))
     if len(classes) < 2:
         raise DataError(f"{path}: {len(texts)} rows but {len(classes)} label value(s) "
-                        f"{classes}; classification needs at least 2")
+                        f"{classes}; classification needs at least 2: check --label-col")
     index = {c: i for i, c in enumerate(classes)}
     return LabelledText(texts, [index[n] for n in names], classes, path)
 
