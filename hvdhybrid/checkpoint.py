@@ -88,7 +88,8 @@ class Manifest:
     widths: tuple[int, ...]
     shards: dict[str, tuple[str, int]]  # file name -> (sha256, size)
     tensor: int = 1
-    #: full name -> pieces: {"file", "kind" (param/buffer), "shape" (global), "dim", "start", "stop"}
+    #: full name -> pieces: {"file", "kind" (param/buffer), "shape" (global), "dim", "start", "stop",
+    #: "parts" (the dim is that many blocks; start/stop are within each block)}
     names: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     placement: tuple[int, ...] = ()
 

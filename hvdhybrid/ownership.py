@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Replicated", "Sharded", "Tied", "Ownership", "Tie", "tag", "owner_of", "shard_of"]
+__all__ = ["Replicated", "Sharded", "Tied", "Ownership", "Tie", "cut", "join", "tag", "owner_of", "shard_of"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,38 @@ class Replicated:
 
 @dataclass(frozen=True)
 class Sharded:
-    """Tensor rank ``t`` of ``size`` holds slice ``t`` of dimension ``dim`` (equal slices)."""
+    """Tensor rank ``t`` of ``size`` holds slice ``t`` of dimension ``dim`` (equal slices).
+
+    ``parts > 1``: the dimension is ``parts`` equal blocks (e.g. GPT-2's fused
+    query | key | value projection) and the rank holds slice ``t`` of *each*
+    block, side by side: :func:`cut` and :func:`join` are the one definition.
+    """
 
     dim: int
     size: int
     index: int
+    parts: int = 1
 
     def describe(self) -> str:
-        return f"sharded on dim {self.dim} ({self.index + 1} of {self.size})"
+        blocks = f", in each of {self.parts} blocks" if self.parts > 1 else ""
+        return f"sharded on dim {self.dim} ({self.index + 1} of {self.size}{blocks})"
+
+
+def cut(full: torch.Tensor, shard: Optional[Sharded]) -> torch.Tensor:
+    """The slice of the whole tensor ``full`` that ``shard`` holds (``full`` itself when None)."""
+    if shard is None:
+        return full
+    blocks = full.chunk(shard.parts, shard.dim)
+    n = blocks[0].shape[shard.dim] // shard.size
+    return torch.cat([b.narrow(shard.dim, n * shard.index, n) for b in blocks], shard.dim)
+
+
+def join(pieces: list[torch.Tensor], dim: int, parts: int = 1) -> torch.Tensor:
+    """The whole tensor from every tensor rank's slice, in rank order (inverse of :func:`cut`)."""
+    if parts == 1:
+        return torch.cat(pieces, dim)
+    split = [p.chunk(parts, dim) for p in pieces]
+    return torch.cat([split[r][b] for b in range(parts) for r in range(len(pieces))], dim)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, Manifest, load_file
-from .ownership import Sharded, Tied, owner_of, shard_of
+from .ownership import Sharded, Tied, cut, join, owner_of, shard_of
 
 __all__ = ["NamedState", "stage_file", "COMMON", "rng_state", "set_rng_state", "check_model"]
 
@@ -40,15 +40,8 @@ def _piece(file: str, kind: str, t: torch.Tensor, shard: Optional[Sharded]) -> d
         return {"file": file, "kind": kind, "shape": shape, "dim": None, "start": None, "stop": None}
     n = t.shape[shard.dim]
     shape[shard.dim] = n * shard.size
-    return {"file": file, "kind": kind, "shape": shape, "dim": shard.dim,
+    return {"file": file, "kind": kind, "shape": shape, "dim": shard.dim, "parts": shard.parts,
             "start": n * shard.index, "stop": n * (shard.index + 1)}
-
-
-def _cut(full: torch.Tensor, shard: Optional[Sharded]) -> torch.Tensor:
-    if shard is None:
-        return full
-    n = full.shape[shard.dim] // shard.size
-    return full.narrow(shard.dim, n * shard.index, n)
 
 
 def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:
@@ -132,7 +125,7 @@ class NamedState:
             slice_shape = [[ps[i]["stop"] - ps[i]["start"] if j == dim else d
                             for j, d in enumerate(ps[i]["shape"])] for i in range(len(ps))]
             if all(torch.is_tensor(v) and list(v.shape) == sh for v, sh in zip(vals, slice_shape)):
-                return torch.cat(vals, dim)
+                return join(vals, dim, int(ps[0].get("parts", 1)))
             return vals[0]  # a scalar-like state (Adam's step) rides with every slice alike
 
         for s in sorted(self.named_params):
@@ -140,7 +133,7 @@ class NamedState:
                 owner = owner_of(p)
                 src = owner.name if isinstance(owner, Tied) else n
                 full = whole(src, "params")
-                got = _cut(full, shard_of(owner))
+                got = cut(full, shard_of(owner))
                 if got.shape != p.shape:
                     raise _other_size(src, full, p)
                 with torch.no_grad():
@@ -151,7 +144,7 @@ class NamedState:
                     v = whole(src, "optimizer", k)
                     if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the CPU
                         if v.shape == full.shape and v.dim() > 0:
-                            v = _cut(v, shard_of(owner))
+                            v = cut(v, shard_of(owner))
                         v = v.clone().to(p.device)
                     state[k] = v
                 if state:

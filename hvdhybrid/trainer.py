@@ -24,7 +24,7 @@ from .faults import inject_failure
 from .gradsync import GradSync
 from .groups import ProcessGroups
 from .log import get_logger
-from .ownership import Sharded, owner_of, shard_of
+from .ownership import Sharded, join, owner_of, shard_of
 from .p2p import P2P
 from .placement import Placement, PlacementError
 from .slicing import BatchError, check_batch, replica_rows
@@ -437,7 +437,7 @@ class Trainer:
         for n, ps in pieces.items():
             ps.sort(key=lambda x: x[0])
             shard = ps[0][2]
-            out[n] = ps[0][1] if shard is None else torch.cat([t for _, t, _ in ps], shard.dim)
+            out[n] = ps[0][1] if shard is None else join([t for _, t, _ in ps], shard.dim, shard.parts)
         return out
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
