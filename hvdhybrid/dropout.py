@@ -19,7 +19,7 @@ from torch import nn
 
 from . import randomness
 
-__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts"]
+__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts", "keyed_head_drop"]
 
 Index = Union[int, slice]
 
@@ -80,6 +80,18 @@ def keyed_drop(x: torch.Tensor, p: float, name: str,
     for row, index in pieces:
         g = randomness.generator("dropout", name, row)
         keep[index] = torch.rand(keep[index].shape, generator=g) >= p
+    return x * keep.to(x.device) / (1.0 - p)
+
+
+def keyed_head_drop(x: torch.Tensor, p: float, name: str, heads: int, first: int) -> torch.Tensor:
+    """Keyed dropout on ``x`` = ``[rows, local heads, ...]``, heads ``first ..`` of ``heads`` in all
+    (attention split by heads over tensor ranks): each row's mask is drawn for every head and this
+    rank keeps its heads' part, so the mask does not depend on the tensor split either."""
+    rows = _rows(name, x.shape[0], "the first dimension must be the batch rows")
+    keep = torch.empty(x.shape, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        g = randomness.generator("dropout", name, r)
+        keep[i] = (torch.rand((heads,) + tuple(x.shape[2:]), generator=g) >= p)[first:first + x.shape[1]]
     return x * keep.to(x.device) / (1.0 - p)
 
 
