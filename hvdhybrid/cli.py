@@ -15,6 +15,7 @@ from .groups import LaunchError
 from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
 from .models.bert.commands import bert
+from .models.gpt2.commands import gpt2, merge
 from .models.grover.commands import grover
 from .partition import PartitionError
 from .placement import Placement
@@ -261,6 +262,8 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
 
 cli.add_command(grover)
 cli.add_command(bert)
+cli.add_command(gpt2)
+cli.add_command(merge)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -38,20 +38,25 @@ def unit_rows(trainer: Trainer) -> int:
 
 
 def _forward(trainer: Trainer, data: Dataset, idx: list[int]) -> list[Any]:
-    """Forward-only run of one batch; the (output, targets) of this rank's sink microbatches."""
+    """Forward-only run of one batch; the (output, targets) of this rank's sink microbatches.
+
+    Every tensor rank of the sink gets its outputs (a metric of vocabulary-split logits
+    runs collectives over them); only tensor rank 0's values are counted.
+    """
     mbs = trainer.cfg.microbatches
     with torch.no_grad():
         res = trainer.executor.run(trainer.eval_plan, trainer.batch_fn(data, idx, mbs), mbs, train=False,
                                    rows_fn=trainer.rows_fn(idx, mbs))
-    return res.outputs if trainer.is_sink else []
+    return res.outputs if trainer.graph.sink in trainer.modules else []
 
 
 def _metric(trainer: Trainer, data: Dataset, idx: list[int], metric_fn: MetricFn) -> tuple[float, float]:
     total, count = 0.0, 0.0
     for out, y in _forward(trainer, data, idx):
-        s, n = metric_fn(out, y)
+        with torch.no_grad():
+            s, n = metric_fn(out, y)
         total, count = total + s, count + n
-    return total, count
+    return (total, count) if trainer.is_sink else (0.0, 0.0)
 
 
 def evaluate(trainer: Trainer, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
@@ -112,7 +117,8 @@ def predict(trainer: Trainer, data: Dataset, batch_size: int,
             got = rows(out).detach().cpu()
             if got.shape[0] != hi - lo:
                 raise ValueError(f"predict: rows() gave {got.shape[0]} rows for {hi - lo} data rows")
-            mine.append((start + lo, got))
+            if trainer.is_sink:  # tensor rank 0 of the sink
+                mine.append((start + lo, got))
     parts = trainer.groups.world.gather(mine, root=0)
     if parts is None:
         return None

@@ -92,6 +92,7 @@ class Built:
     optimizer_fn: Callable[..., Any]
     describe: str = ""  # logged once by rank 0, e.g. the named config and its parameter count
     finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
+    checkpoint_extra: Optional[dict[str, Any]] = None  # saved in every checkpoint (merge reads it)
 
 
 @dataclass
@@ -255,7 +256,8 @@ def _check_out(out: str, resume: bool) -> None:
                         "or --resume to continue it")
 
 
-def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[int], Any]) -> None:
+def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[int], Any],
+              tensor: int = 1) -> None:
     """Validate everything, agree across ranks, train, evaluate, write results.
 
     ``build(num_stages)`` returns a :class:`Built`; it runs on every rank with the same seed.
@@ -269,7 +271,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
     # ---- setup phase: everything that can fail on user input, before any group is made
     out = c.out
     with agreed(w):
-        layout = Layout(w.Get_size(), widths)
+        layout = Layout(w.Get_size(), widths, tensor)
         cfg = c.train_config(name)
         cfg.validate(layout.num_bundles, layout.widths)
         if c.timeout <= 0:
@@ -332,6 +334,7 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
         groups = ProcessGroups.create(layout, w)
         model, train_set = built.model, built.train_set
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
+        trainer.checkpoint_extra = dict(built.checkpoint_extra or {})
         if c.resume:
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))

@@ -25,7 +25,8 @@ import torch
 from .checkpoint import CheckpointError, Manifest, load_file
 from .ownership import Sharded, Tied, cut, join, owner_of, shard_of
 
-__all__ = ["NamedState", "stage_file", "COMMON", "rng_state", "set_rng_state", "check_model"]
+__all__ = ["CheckpointReader", "NamedState", "stage_file", "COMMON", "rng_state", "set_rng_state",
+           "check_model"]
 
 COMMON = "common.pt"
 
@@ -48,6 +49,46 @@ def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> Checkpoin
     return CheckpointError(
         f"the checkpoint's {name} has shape {tuple(saved.shape)}, this model's has {tuple(mine.shape)}: "
         "it is of another model size; resume with the model options it was trained with")
+
+
+class CheckpointReader:
+    """Whole tensors by full name from one checkpoint directory: every slice read once, joined."""
+
+    def __init__(self, path: str, manifest: Manifest) -> None:
+        self.path, self.manifest = path, manifest
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def read(self, f: str) -> dict[str, Any]:
+        if f not in self._cache:
+            self._cache[f] = load_file(self.path, f)
+        return self._cache[f]
+
+    def pieces(self, name: str) -> list[dict[str, Any]]:
+        if name not in self.manifest.names:
+            have = sorted(self.manifest.names)[:6]
+            raise CheckpointError(f"the checkpoint has no {name!r} (it has {have}, ...): "
+                                  "it belongs to another model or configuration")
+        return self.manifest.names[name]
+
+    def whole(self, name: str, section: str, key: Optional[str] = None) -> Any:
+        """The value of ``name`` with its slices joined (state shaped like a slice is joined too)."""
+        ps = self.pieces(name)
+        vals = [self.read(p["file"])[section][name] for p in ps]
+        if key is not None:
+            vals = [v.get(key) for v in vals]
+        dim = ps[0]["dim"]
+        if dim is None:
+            return vals[0]
+        slice_shape = [[ps[i]["stop"] - ps[i]["start"] if j == dim else d
+                        for j, d in enumerate(ps[i]["shape"])] for i in range(len(ps))]
+        if all(torch.is_tensor(v) and list(v.shape) == sh for v, sh in zip(vals, slice_shape)):
+            return join(vals, dim, int(ps[0].get("parts", 1)))
+        return vals[0]  # a scalar-like state (Adam's step) rides with every slice alike
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter of the checkpoint, whole, by full name (a tie once, under its first name)."""
+        names = self.manifest.names
+        return {n: self.whole(n, "params") for n, ps in names.items() if ps[0]["kind"] == "param"}
 
 
 @dataclass
@@ -99,34 +140,8 @@ class NamedState:
         Raises:
             CheckpointError: a name this model needs is missing, or its shape differs.
         """
-        cache: dict[str, dict[str, Any]] = {}
-
-        def read(f: str) -> dict[str, Any]:
-            if f not in cache:
-                cache[f] = load_file(path, f)
-            return cache[f]
-
-        def pieces(name: str) -> list[dict[str, Any]]:
-            if name not in manifest.names:
-                have = sorted(manifest.names)[:6]
-                raise CheckpointError(f"the checkpoint has no {name!r} (it has {have}, ...): "
-                                      "it belongs to another model or configuration")
-            return manifest.names[name]
-
-        def whole(name: str, section: str, key: Optional[str] = None) -> Any:
-            """The value of ``name`` with its slices joined (state shaped like a slice is joined too)."""
-            ps = pieces(name)
-            vals = [read(p["file"])[section][name] for p in ps]
-            if key is not None:
-                vals = [v.get(key) for v in vals]
-            dim = ps[0]["dim"]
-            if dim is None:
-                return vals[0]
-            slice_shape = [[ps[i]["stop"] - ps[i]["start"] if j == dim else d
-                            for j, d in enumerate(ps[i]["shape"])] for i in range(len(ps))]
-            if all(torch.is_tensor(v) and list(v.shape) == sh for v, sh in zip(vals, slice_shape)):
-                return join(vals, dim, int(ps[0].get("parts", 1)))
-            return vals[0]  # a scalar-like state (Adam's step) rides with every slice alike
+        r = CheckpointReader(path, manifest)
+        read, pieces, whole = r.read, r.pieces, r.whole
 
         for s in sorted(self.named_params):
             for n, p in self.named_params[s].items():

@@ -25,7 +25,7 @@ from torch import nn
 
 from .ownership import Sharded, tag
 
-__all__ = ["COMM_SECONDS", "allreduce", "copy_to", "reduce_from", "shard_parameter",
+__all__ = ["COMM_SECONDS", "allreduce", "copy_to", "gather_last", "reduce_from", "shard_parameter",
            "vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
 
 COMM_SECONDS = [0.0]  # time spent in tensor-parallel collectives, for the benchmark's share
@@ -78,6 +78,18 @@ def copy_to(x: torch.Tensor, comm: Any) -> torch.Tensor:
 def reduce_from(x: torch.Tensor, comm: Any) -> torch.Tensor:
     """The output of a row-parallel layer: the ranks' partial sums added."""
     return x if comm.Get_size() == 1 else _ReduceFrom.apply(x, comm)  # type: ignore[no-any-return]
+
+
+def gather_last(x: torch.Tensor, comm: Any) -> torch.Tensor:
+    """Every tensor rank's ``x`` side by side along the last dimension (no gradient): whole logits."""
+    if comm.Get_size() == 1:
+        return x
+    t0 = time.perf_counter()
+    host = x.detach().to("cpu", torch.float32).contiguous()
+    parts = torch.empty((comm.Get_size(),) + tuple(host.shape), dtype=torch.float32)
+    comm.Allgather(host.numpy(), parts.numpy())
+    COMM_SECONDS[0] += time.perf_counter() - t0
+    return torch.cat(list(parts), -1)
 
 
 def shard_parameter(full: torch.Tensor, comm: Any, dim: int, parts: int = 1) -> nn.Parameter:

@@ -163,6 +163,8 @@ class Trainer:
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
         self._last_checkpoint = -1  # the step of the last checkpoint written or resumed from
+        #: written into every checkpoint's common file (e.g. the model's Hugging Face config for merging)
+        self.checkpoint_extra: dict[str, Any] = {}
 
     def train_mode(self, on: bool) -> None:
         for m in self.modules.values():
@@ -358,7 +360,8 @@ class Trainer:
             files[COMMON] = {"model": self.cfg.model_name, "step": self.step, "rng": rngs,
                              "sampler": self.sampler.state() if self.sampler else self._resume_sampler,
                              "hyper": self.state.hyperparameters(),
-                             "scaler": self.precision.scaler.state() if self.precision.scaler else None}
+                             "scaler": self.precision.scaler.state() if self.precision.scaler else None,
+                             "extra": self.checkpoint_extra}
         facts = Manifest(self.step, self.cfg.model_name, lay.world_size, lay.widths, {}, lay.tensor,
                          {}, self.placement.positions)
         path = save_collective(world, self._ckpt_root(), self.step, facts, files, names, self.cfg.keep,
