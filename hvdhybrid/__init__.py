@@ -2,7 +2,9 @@
 
 The public API (imported on first use, so ``import hvdhybrid`` stays light)::
 
-    init, finish, world_size        join the launch: layout and process groups (api.py)
+    init, finish, world_size        join the launch: layout and process groups (api.py), with
+                                    data/tensor/pipeline rank and size accessors
+    parallelize_gpt2, merge_gpt2    a stock HF GPT-2 in tensor x pipeline x data; merged checkpoints
     Layout, Placement, StageGraph   rank arithmetic, stage placement, the stage graph
     StagedModel, sequential_model, split_sequential, Tie
                                     a model cut into stages (keyed per-stage builds, ties)
@@ -30,7 +32,7 @@ _os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "init": "api", "finish": "api", "world_size": "api",
+    "init": "api", "finish": "api", "world_size": "api", "parallelize_gpt2": "api", "merge_gpt2": "api",
     "Layout": "topology", "Placement": "placement", "StageGraph": "graph",
     "StagedModel": "staged", "sequential_model": "staged", "split_sequential": "staged", "Tie": "ownership",
     "Trainer": "trainer", "TrainConfig": "trainer",
@@ -40,10 +42,11 @@ _EXPORTS = {
 
 __all__ = ["Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler", "StageGraph", "StagedModel",
            "TensorDataset", "Tie", "TrainConfig", "Trainer", "__version__", "finish", "init",
-           "keyed_dropouts", "sequential_model", "split_sequential", "world_size"]
+           "keyed_dropouts", "merge_gpt2", "parallelize_gpt2", "sequential_model", "split_sequential",
+           "world_size"]
 
 if TYPE_CHECKING:
-    from .api import finish, init, world_size
+    from .api import finish, init, merge_gpt2, parallelize_gpt2, world_size
     from .data import Sampler, TensorDataset
     from .dropout import KeyedDropout, keyed_dropouts
     from .graph import StageGraph

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from .groups import ProcessGroups, check_launch, mpi_world
 from .topology import Layout
 
-__all__ = ["init", "finish", "world_size"]
+__all__ = ["init", "finish", "world_size", "parallelize_gpt2", "merge_gpt2"]
 
 
 def world_size() -> int:
@@ -58,3 +58,28 @@ def finish(groups: ProcessGroups) -> None:
 
     groups.close()
     hvd.shutdown(groups.world)
+
+
+def parallelize_gpt2(model: Any, groups: ProcessGroups) -> Any:
+    """A stock Hugging Face ``GPT2LMHeadModel``, converted in place to the launch's layout:
+    its blocks cut into ``groups.pipeline_size`` stages, each split over ``groups.tensor_size``
+    ranks (heads, MLP, vocabulary). Returns the :class:`~hvdhybrid.staged.StagedModel` to train.
+
+    Raises:
+        ConfigError: the tensor size does not divide the heads, hidden size or vocabulary.
+    """
+    from .models.gpt2.model import parallelize
+
+    return parallelize(model, groups)
+
+
+def merge_gpt2(checkpoints: str, out: str) -> Any:
+    """Merge the newest complete checkpoint under ``checkpoints`` (a run directory, its
+    ``checkpoints/`` or one step) into ``out``, which ``GPT2LMHeadModel.from_pretrained`` loads.
+
+    Returns:
+        The merged ``GPT2LMHeadModel``.
+    """
+    from .models.gpt2.commands import merge_checkpoint
+
+    return merge_checkpoint(checkpoints, out)[1]

@@ -152,6 +152,33 @@ class ProcessGroups:
                 comm = self.world.Split(MPI.UNDEFINED, 0)
             self.tied[ps] = comm
 
+    # -- the Megatron/OSLO-style accessors: rank and size in each dimension ---------------------
+    @property
+    def data_rank(self) -> int:
+        """This rank's bundle: its data-parallel rank."""
+        return int(self.coord.bundle)
+
+    @property
+    def data_size(self) -> int:
+        return int(self.layout.num_bundles)
+
+    @property
+    def tensor_rank(self) -> int:
+        return int(self.coord.tensor)
+
+    @property
+    def tensor_size(self) -> int:
+        return int(self.layout.tensor)
+
+    @property
+    def pipeline_rank(self) -> int:
+        """This rank's stage group (its pipeline stage, with one model stage per group)."""
+        return int(self.coord.stage)
+
+    @property
+    def pipeline_size(self) -> int:
+        return int(self.layout.num_stages)
+
     def close(self) -> None:
         """Free the communicators and process sets (collective over the world)."""
         self.world.Barrier()  # nobody removes a set while a peer still reduces on it

@@ -92,7 +92,6 @@ class Built:
     optimizer_fn: Callable[..., Any]
     describe: str = ""  # logged once by rank 0, e.g. the named config and its parameter count
     finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
-    checkpoint_extra: Optional[dict[str, Any]] = None  # saved in every checkpoint (merge reads it)
 
 
 @dataclass
@@ -334,7 +333,6 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
         groups = ProcessGroups.create(layout, w)
         model, train_set = built.model, built.train_set
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
-        trainer.checkpoint_extra = dict(built.checkpoint_extra or {})
         if c.resume:
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))

@@ -68,6 +68,8 @@ class StagedModel:
     builder: Optional[Callable[[int], nn.Module]] = None
     #: parameters shared between stages (e.g. a tied embedding and output layer)
     ties: tuple[Tie, ...] = ()
+    #: saved in every checkpoint's common file (e.g. a Hugging Face config, for merging)
+    checkpoint_extra: Optional[dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         if (self.stages is None) == (self.builder is None):

@@ -164,7 +164,7 @@ class Trainer:
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
         self._last_checkpoint = -1  # the step of the last checkpoint written or resumed from
         #: written into every checkpoint's common file (e.g. the model's Hugging Face config for merging)
-        self.checkpoint_extra: dict[str, Any] = {}
+        self.checkpoint_extra: dict[str, Any] = dict(model.checkpoint_extra or {})
 
     def train_mode(self, on: bool) -> None:
         for m in self.modules.values():

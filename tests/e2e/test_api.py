@@ -37,3 +37,19 @@ def test_a_horovod_script_ported_to_hvdhybrid_trains_the_same_parameters() -> No
 
     plain, ported = checksum("horovod_script.py"), checksum("horovod_ported.py")
     assert abs(plain - ported) <= 1e-6 * plain, (plain, ported)
+
+
+def test_the_oslo_style_gpt2_example_trains_saves_and_merges(tmp_path) -> None:
+    """docs/examples/gpt2_tensor_data.py at tensor 2 x data 2; the merged directory loads."""
+    out = str(tmp_path / "gpt2")
+    r = run(["mpirun", "-np", "4", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
+             sys.executable, os.path.join(ROOT, "docs", "examples", "gpt2_tensor_data.py"), out],
+            extra_env={"PYTHONPATH": ROOT})
+    assert r.rc == 0, r.err[-3000:]
+    assert "data 1/2, tensor 1/2, pipeline 0/1" in r.out
+    losses = [float(v) for v in re.findall(r"step \d+ loss ([\d.]+)", r.out)]
+    assert len(losses) == 4 and losses[-1] < losses[0], r.out
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(os.path.join(out, "merged"))
+    assert model.transformer.wte.weight.shape == (256, 64)

@@ -44,7 +44,8 @@ def reference() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in m.named_parameters()}
 
 
-def run(world: Any, widths: tuple[int, ...], tensor: int, dropout: float) -> Optional[dict[str, torch.Tensor]]:
+def run(world: Any, widths: tuple[int, ...], tensor: int,
+        dropout: float) -> Optional[dict[str, torch.Tensor]]:
     layout = Layout(world.Get_size(), widths, tensor)
     groups = ProcessGroups.create(layout, world)
     n_units = len(unit_names(2))

@@ -14,7 +14,7 @@ from ...errors import USER_ERRORS, UserError
 from ...run import Built, Common, agreed, common_options, resolve_widths, run_model, world
 from .model import CONFIGS
 
-__all__ = ["gpt2", "merge"]
+__all__ = ["gpt2", "merge", "merge_checkpoint"]
 
 
 @click.command()
@@ -98,7 +98,7 @@ def gpt2(c: Common, size: str, tensor: int, data: Optional[str], seq_len: int, d
         return Built(model, train_set, {"test": test_set}, evaluate, opt,
                      f"gpt2 {size}: {config.n_layer} layers, hidden {config.n_embd}, {config.n_head} heads, "
                      f"{n:,} parameters, tensor {tensor}, windows of {seq_len} bytes",
-                     finish=finish, checkpoint_extra={"hf_config": config.to_dict()})
+                     finish=finish)
 
     run_model("gpt2", c, widths, build, tensor)
 
@@ -116,13 +116,21 @@ def merge(ckpt: str, out: str) -> None:
     """Merge a parallel gpt2 checkpoint (a run's --out, its checkpoints/, or one step) into OUT,
     a directory that GPT2LMHeadModel.from_pretrained(OUT) loads (config.json + safetensors)."""
     try:
-        path, model = _resolve(ckpt, out)
+        path, model = merge_checkpoint(ckpt, out)
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
     click.echo(f"merged {path} into {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
-def _resolve(ckpt: str, out: str) -> tuple[str, Any]:
+def merge_checkpoint(ckpt: str, out: str) -> tuple[str, Any]:
+    """Write the newest complete checkpoint under ``ckpt`` to ``out`` as a from_pretrained directory.
+
+    Returns:
+        (the checkpoint directory merged, the merged ``GPT2LMHeadModel``).
+
+    Raises:
+        CheckpointError: ``out`` exists, no checkpoint, or one of another model.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -145,7 +153,7 @@ def _resolve(ckpt: str, out: str) -> tuple[str, Any]:
     manifest = Manifest.read(os.path.join(path, "manifest.json"))
     common = load_file(path, COMMON)
     cfg = (common.get("extra") or {}).get("hf_config")
-    if common.get("model") != "gpt2" or cfg is None:
+    if cfg is None or cfg.get("model_type") != "gpt2":
         raise CheckpointError(f"{path} is a checkpoint of model {common.get('model')!r}, "
                               "not of hvdtrain gpt2")
     params = CheckpointReader(path, manifest).parameters()

@@ -43,7 +43,7 @@ from ...tensor_parallel import (
 )
 
 __all__ = ["CONFIGS", "GPT2Size", "ConfigError", "hf_config", "hf_model", "gpt2_model", "unit_names",
-           "check_tensor"]
+           "check_tensor", "parallelize"]
 
 BYTES = 256  # byte-level vocabulary: no tokenizer files to download
 
@@ -194,11 +194,13 @@ class GPT2Stage(nn.Module):
         return out2
 
 
-def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[], Any]) -> StagedModel:
+def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[], Any],
+               source: Optional[Any] = None) -> StagedModel:
     """A chain of ``len(sizes)`` stages with ``sizes[s]`` units each (embeddings, blocks, head).
 
-    Every rank builds the stock model from ``config`` under ``seed`` (build-then-drop) and keeps
-    its stages' units, split over the tensor communicator ``comm_fn()`` (known once groups exist).
+    Every rank builds the stock model from ``config`` under ``seed`` (build-then-drop), or takes
+    ``source`` (a model the user built: converted in place), and keeps its stages' units, split
+    over the tensor communicator ``comm_fn()`` (known once groups exist).
     """
     units = unit_names(config.n_layer)
     if sum(sizes) != len(units) or any(s < 1 for s in sizes):
@@ -207,7 +209,7 @@ def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[
     last = len(sizes) - 1
 
     def build(stage: int) -> nn.Module:
-        full = hf_model(config, seed)
+        full = source if source is not None else hf_model(config, seed)
         return GPT2Stage(full, units[firsts[stage]:firsts[stage] + sizes[stage]], comm_fn())
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -216,4 +218,21 @@ def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[
         return vocab_parallel_cross_entropy(logits, target, start, comm)
 
     ties = (Tie({0: "transformer.wte.weight", last: "lm_head.weight"}),) if last > 0 else ()
-    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties)
+    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,
+                       checkpoint_extra={"hf_config": config.to_dict()})
+
+
+def parallelize(model: Any, groups: Any) -> StagedModel:
+    """A stock ``GPT2LMHeadModel``, converted in place for the launch's groups: its blocks cut
+    evenly into the layout's pipeline stages, every stage split over the tensor ranks.
+
+    Train it with :class:`~hvdhybrid.trainer.Trainer`; its checkpoints merge with
+    :func:`hvdhybrid.models.gpt2.commands.merge_checkpoint`.
+    """
+    check_tensor(model.config, groups.tensor_size)
+    units = len(unit_names(model.config.n_layer))
+    k = groups.pipeline_size
+    if k > units:
+        raise ConfigError(f"{k} pipeline stages for {units} units (embeddings, blocks, head)")
+    sizes = [units // k + (1 if s < units % k else 0) for s in range(k)]
+    return gpt2_model(model.config, 0, sizes, lambda: groups.tensor, source=model)
