@@ -1,6 +1,6 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert]
+    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert|gpt2]
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -116,6 +116,24 @@ def grover() -> list[dict]:
     return res
 
 
+def gpt2() -> list[dict]:
+    """GPT-2 small step time: tensor 2 (2 ranks x 1 thread) against one rank with 1 and 2 threads."""
+    res: list[dict] = []
+    res += _run(mpirun(1, "gpt2_tensor.py", "--threads", "1"))
+    two = mpirun(1, "gpt2_tensor.py", "--threads", "2")
+    res += _run(two[:3] + ["--bind-to", "none"] + two[3:])  # mpirun binds 1 rank to 1 core by default
+    res += _run(mpirun(2, "gpt2_tensor.py", "--tensor", "2"))
+    one = res[0]["step_s"]
+    r0 = res[0]
+    print(f"\nGPT-2 {r0['size']} (byte vocabulary), batch {r0['batch']} x {r0['seq']} tokens, AdamW\n")
+    print("| run | s/step | speedup vs 1 rank, 1 thread | tensor-parallel communication |")
+    print("|---|---|---|---|")
+    for r in res:
+        print(f"| tensor {r['tensor']}, {r['threads']} thread(s) per rank | {r['step_s']:.2f} "
+              f"| {one / r['step_s']:.2f}x | {r['comm_s']:.3f} s ({100 * r['comm_share']:.1f}%) |")
+    return res
+
+
 def memory() -> list[dict]:
     """Peak RSS per rank: a 4-stage pipeline of a ~1 GB MLP (keyed build, build-then-drop) vs 1 process."""
     return _run([PY, os.path.join(HERE, "memory.py"), "--width", "6144", "--depth", "9"])
@@ -125,10 +143,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
-    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert"], help="run one part only")
+    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert", "gpt2"],
+                    help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
-    for part, fn in (("bert", bert), ("memory", memory)):
+    for part, fn in (("gpt2", gpt2), ("bert", bert), ("memory", memory)):
         if a.only in (None, part):
             res += fn()
             if a.only == part:

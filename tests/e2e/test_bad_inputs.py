@@ -219,6 +219,18 @@ CASES: list[Case] = [
     ("run: an --arg the function does not take",
      lambda b: mpirun(2, "run", "docs/examples/build_fn.py:build", "--arg", "depth=3", "--out", f"{b}/x"),
      "does not fit its signature"),
+    ("GPT-2: --tensor that does not divide the heads",
+     lambda b: mpirun(3, "gpt2", "--tensor", "3", "--steps", "1", "--limit", "40", "--out", f"{b}/x"),
+     "--tensor 3 does not divide the attention heads (4); use --tensor 1 or 2 or 4"),
+    ("GPT-2: --seq-len beyond the context",
+     lambda b: run([HVDTRAIN, "gpt2", "--seq-len", "100", "--steps", "1", "--out", f"{b}/x"]),
+     "--seq-len 100 is longer than the tiny context (64)"),
+    ("merge: a checkpoint of another model",
+     lambda b: run([HVDTRAIN, "merge", prior_run(b), f"{b}/x"]),
+     "not of hvdtrain gpt2"),
+    ("merge: a target that exists",
+     lambda b: run([HVDTRAIN, "merge", prior_run(b), prior_run(b)]),
+     "exists; merge writes a new directory"),
 ]
 
 
