@@ -24,7 +24,7 @@ from .ownership import Sharded, Tie, Tied, owner_of, tag
 from .partition import STRATEGIES, PartitionError
 
 __all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequential",
-           "sequential_model", "keyed", "keyed_layers", "meta_layers"]
+           "sequential_model", "keyed", "keyed_layers", "meta_layers", "mount"]
 
 LayerFn = Callable[[], nn.Module]
 T = TypeVar("T")
@@ -152,6 +152,18 @@ class StagedModel:
                     m = self.builder(s)  # type: ignore[misc]
             total += sum(p.numel() for n, p in self.stage_parameters(s, m).items() if n not in shared)
         return total
+
+
+def mount(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register ``module`` at dotted ``path`` under ``root`` (empty containers made on the way), so a
+    stage's parameters carry the full model's names (``transformer.h.3.attn.c_attn.weight``)."""
+    *parents, leaf = path.split(".")
+    node = root
+    for p in parents:
+        if not hasattr(node, p):
+            node.add_module(p, nn.Module())
+        node = getattr(node, p)
+    node.add_module(leaf, module)
 
 
 def partition_sizes(layers: Sequence[nn.Module], num_stages: int, strategy: str,

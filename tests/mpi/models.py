@@ -19,6 +19,27 @@ def data(rows: int = 288, features: int = 16, classes: int = 5, seed: int = 1) -
     return TensorDataset(x, y)
 
 
+def plain_loop(m: nn.Module, ds: Any, o: torch.optim.Optimizer, loss_fn: Any, steps: int, batch: int,
+               clip: float = 0.0) -> None:
+    """The one-process reference: the sampler's global batches, step and rows set by hand (keyed
+    draws), one backward per step, optional clipping."""
+    from hvdhybrid import randomness
+    from hvdhybrid.data import Sampler
+
+    m.train()
+    sampler = Sampler(len(ds), batch, seed=0)
+    for step in range(1, steps + 1):
+        idx = sampler.next()
+        randomness.set_step(0, step)
+        randomness.set_rows(idx)
+        x, y = ds.batch(idx)
+        o.zero_grad()
+        loss_fn(m(x), y).backward()
+        if clip:
+            nn.utils.clip_grad_norm_(m.parameters(), clip)
+        o.step()
+
+
 def mlp_layers(seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
     return [nn.Sequential(nn.Linear(16, 32), nn.Tanh()), nn.Sequential(nn.Linear(32, 32), nn.Tanh()),
@@ -141,23 +162,6 @@ class _GatherColumns(torch.autograd.Function):
         return g[:, ctx.rank * ctx.cols:(ctx.rank + 1) * ctx.cols].contiguous(), None
 
 
-class _CopyToTensorRanks(torch.autograd.Function):
-    """Forward: identity; backward: sum the input gradient over the tensor ranks (each has a part)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, comm: Any) -> torch.Tensor:  # type: ignore[override]
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
-        from mpi4py import MPI
-
-        out = g.detach().contiguous().clone()
-        ctx.comm.Allreduce(MPI.IN_PLACE, out.numpy(), op=MPI.SUM)
-        return out, None
-
-
 class ColumnLinear(nn.Module):
     """``nn.Linear(fin, fout)`` with its output features split over ``comm`` (rows of the weight)."""
 
@@ -174,7 +178,9 @@ class ColumnLinear(nn.Module):
         tag(self.bias, Sharded(0, size, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _CopyToTensorRanks.apply(x, self.comm)
+        from hvdhybrid.tensor_parallel import copy_to
+
+        x = copy_to(x, self.comm)
         return _GatherColumns.apply(x @ self.weight.t() + self.bias, self.comm)
 
 

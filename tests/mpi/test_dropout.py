@@ -6,12 +6,10 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from models import data
+from models import data, plain_loop
 from mpi4py import MPI
 from torch import nn
 
-from hvdhybrid import randomness
-from hvdhybrid.data import Sampler
 from hvdhybrid.dropout import KeyedDropout
 from hvdhybrid.groups import ProcessGroups
 from hvdhybrid.placement import Placement
@@ -35,18 +33,7 @@ def opt(params: Any) -> torch.optim.Optimizer:
 def reference(clip: float) -> dict[str, torch.Tensor]:
     """One process, the whole global batch, the rows and step set by hand."""
     m = nn.Sequential(*keyed_layers(fns(), 0))
-    ds, o = data(), opt(m.parameters())
-    sampler = Sampler(len(ds), BATCH, seed=0)
-    for step in range(1, STEPS + 1):
-        idx = sampler.next()
-        randomness.set_step(0, step)
-        randomness.set_rows(idx)
-        x, y = ds.batch(idx)
-        o.zero_grad()
-        nn.functional.cross_entropy(m(x), y).backward()
-        if clip:
-            nn.utils.clip_grad_norm_(m.parameters(), clip)
-        o.step()
+    plain_loop(m, data(), opt(m.parameters()), nn.functional.cross_entropy, STEPS, BATCH, clip)
     return {n: p.detach().clone() for n, p in m.named_parameters()}
 
 

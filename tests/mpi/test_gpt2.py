@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
+from models import plain_loop
 from torch import nn
 
 from hvdhybrid.data import Sampler, TensorDataset
@@ -85,21 +86,9 @@ def one_process_with_dropout(p: float) -> dict[str, torch.Tensor]:
     """The same staged code in one process (tensor 1, no runtime), a plain loop with keyed rows."""
     from mpi4py import MPI
 
-    from hvdhybrid import randomness
-
     model = gpt2_model(hf_config("tiny", dropout=p), 0, [len(unit_names(2))], lambda: MPI.COMM_SELF)
     m = model.build(0)
-    m.train()
-    ds, o = data(), opt(m.parameters())
-    sampler = Sampler(len(ds), BATCH, seed=0)
-    for step in range(1, STEPS + 1):
-        idx = sampler.next()
-        randomness.set_step(0, step)
-        randomness.set_rows(idx)
-        x, y = ds.batch(idx)
-        o.zero_grad()
-        model.loss_fn(m(x), y).backward()
-        o.step()
+    plain_loop(m, data(), opt(m.parameters()), model.loss_fn, STEPS, BATCH)
     return {n: p.detach().clone() for n, p in model.stage_parameters(0, m).items()}
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from ...dropout import keyed_dropouts
 from ...errors import InputError
 from ...graph import StageGraph
-from ...staged import StagedModel, keyed
+from ...staged import StagedModel, keyed, mount
 
 __all__ = ["BertSpec", "BertStage", "ModelError", "bert_model", "default_model_dir", "unit_names"]
 
@@ -120,16 +120,6 @@ def _mounts(spec: BertSpec, unit: str) -> list[tuple[str, nn.Module]]:
     return [(f"bert.encoder.layer.{i}", BertLayer(cfg, layer_idx=i))]
 
 
-def _mount(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    node = root
-    for p in parents:
-        if not hasattr(node, p):
-            node.add_module(p, nn.Module())
-        node = getattr(node, p)
-    node.add_module(leaf, module)
-
-
 def _load(spec: BertSpec, stage: nn.Module) -> None:
     """Copy the pretrained tensors of this stage's parameters and buffers from the safetensors file.
 
@@ -172,7 +162,7 @@ class BertStage(nn.Module):
         self.num_heads = int(spec.config.num_attention_heads)
         for u in self.units:
             for path, m in keyed(spec.seed, spec.units().index(u), functools.partial(_mounts, spec, u)):
-                _mount(self, path, m)
+                mount(self, path, m)
         keyed_dropouts(self)
         _load(spec, self)
 

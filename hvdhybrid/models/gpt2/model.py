@@ -33,7 +33,7 @@ from ...dropout import KeyedDropout, keyed_head_drop
 from ...errors import InputError
 from ...graph import StageGraph
 from ...ownership import Tie
-from ...staged import StagedModel
+from ...staged import StagedModel, mount
 from ...tensor_parallel import (
     copy_to,
     reduce_from,
@@ -104,16 +104,6 @@ def unit_names(layers: int) -> list[str]:
     return ["embeddings"] + [f"h.{i}" for i in range(layers)] + ["head"]
 
 
-def _mount(root: nn.Module, path: str, module: nn.Module) -> None:
-    *parents, leaf = path.split(".")
-    node = root
-    for p in parents:
-        if not hasattr(node, p):
-            node.add_module(p, nn.Module())
-        node = getattr(node, p)
-    node.add_module(leaf, module)
-
-
 class GPT2Stage(nn.Module):
     """Consecutive units of a GPT-2, its matrices split over the tensor communicator ``comm``."""
 
@@ -132,14 +122,14 @@ class GPT2Stage(nn.Module):
             if u == "embeddings":
                 emb = t.wte
                 emb.weight = wte = shard_parameter(emb.weight, comm, 0)
-                _mount(self, "transformer.wte", emb)
-                _mount(self, "transformer.wpe", t.wpe)
-                _mount(self, "transformer.drop", KeyedDropout(cfg.embd_pdrop, "transformer.drop"))
+                mount(self, "transformer.wte", emb)
+                mount(self, "transformer.wpe", t.wpe)
+                mount(self, "transformer.drop", KeyedDropout(cfg.embd_pdrop, "transformer.drop"))
             elif u == "head":
-                _mount(self, "transformer.ln_f", t.ln_f)
+                mount(self, "transformer.ln_f", t.ln_f)
                 head = full.lm_head
                 head.weight = wte if wte is not None else shard_parameter(t.wte.weight, comm, 0)
-                _mount(self, "lm_head", head)
+                mount(self, "lm_head", head)
             else:
                 i = int(u.split(".")[1])
                 block = t.h[i]
@@ -152,7 +142,7 @@ class GPT2Stage(nn.Module):
                 m.c_proj.weight = shard_parameter(m.c_proj.weight, comm, 0)
                 a.resid_dropout = KeyedDropout(cfg.resid_pdrop, f"transformer.h.{i}.attn.resid_dropout")
                 m.dropout = KeyedDropout(cfg.resid_pdrop, f"transformer.h.{i}.mlp.dropout")
-                _mount(self, f"transformer.h.{i}", block)
+                mount(self, f"transformer.h.{i}", block)
 
     def forward(self, x: Any) -> Any:
         for u in self.units:
