@@ -1,6 +1,7 @@
 """OSLO's tensor + data parallel GPT-2 workflow on hvdhybrid: groups, a stock Hugging Face model
 parallelized in place, your own loop, a parallel checkpoint, merged for from_pretrained.
-Run: mpirun -np 4 python docs/examples/gpt2_tensor_data.py OUT_DIR   (tensor 2 x data 2)"""
+Run: mpirun -np 4 python -m mpi4py docs/examples/gpt2_tensor_data.py OUT   (tensor 2 x data 2;
+-m mpi4py ends every rank if one raises)"""
 import sys
 
 import torch

@@ -43,7 +43,8 @@ def test_the_oslo_style_gpt2_example_trains_saves_and_merges(tmp_path) -> None:
     """docs/examples/gpt2_tensor_data.py at tensor 2 x data 2; the merged directory loads."""
     out = str(tmp_path / "gpt2")
     r = run(["mpirun", "-np", "4", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
-             sys.executable, os.path.join(ROOT, "docs", "examples", "gpt2_tensor_data.py"), out],
+             sys.executable, "-m", "mpi4py", os.path.join(ROOT, "docs", "examples", "gpt2_tensor_data.py"),
+             out],
             extra_env={"PYTHONPATH": ROOT})
     assert r.rc == 0, r.err[-3000:]
     assert "data 1/2, tensor 1/2, pipeline 0/1" in r.out
