@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .graph import StageGraph
-from .ownership import Sharded, Tie, Tied, owner_of, tag
+from .ownership import Sharded, Tie, Tied, owner_of, shard_of, tag
 from .partition import STRATEGIES, PartitionError
 
 __all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequential",
@@ -141,7 +141,8 @@ class StagedModel:
         return run
 
     def parameter_count(self) -> int:
-        """Parameters of the whole model (tied ones once), without materialising a builder's stages."""
+        """Parameters of the whole model (tied ones once, a sharded one at its whole size), without
+        materialising a builder's stages."""
         total = 0
         shared = {t.names[s] for t in self.ties for s in t.stages[1:]}
         for s in range(self.graph.num_stages):
@@ -150,7 +151,10 @@ class StagedModel:
             else:
                 with torch.device("meta"):
                     m = self.builder(s)  # type: ignore[misc]
-            total += sum(p.numel() for n, p in self.stage_parameters(s, m).items() if n not in shared)
+            # one Parameter under two names (a tie within the stage) counts once
+            unique = {id(p): p for n, p in self.stage_parameters(s, m).items() if n not in shared}
+            total += sum(p.numel() * (shard.size if (shard := shard_of(owner_of(p))) else 1)
+                         for p in unique.values())
         return total
 
 

@@ -56,6 +56,8 @@ def run(world: Any, widths: tuple[int, ...], tensor: int,
         cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=2, fp16=False, progress=False,
                           timeout=60)
         trainer = Trainer(groups, model, opt, cfg)
+        stock = hf_model(hf_config("tiny", dropout=dropout), 0)
+        assert model.parameter_count() == sum(p.numel() for p in stock.parameters())  # shards whole
         trainer.fit(data())
         return trainer.gather_parameters()
     finally:

@@ -94,19 +94,12 @@ def gpt2(c: Common, size: str, tensor: int, data: Optional[str], seq_len: int, d
             if logits is not None:
                 torch.save({"ids": probe.x, "logits": logits}, os.path.join(out, "probe_logits.pt"))
 
-        n = sum(p.numel() for p in _full_params(config, c.seed))
         return Built(model, train_set, {"test": test_set}, evaluate, opt,
                      f"gpt2 {size}: {config.n_layer} layers, hidden {config.n_embd}, {config.n_head} heads, "
-                     f"{n:,} parameters, tensor {tensor}, windows of {seq_len} bytes",
+                     f"tensor {tensor}, windows of {seq_len} bytes",
                      finish=finish)
 
     run_model("gpt2", c, widths, build, tensor)
-
-
-def _full_params(config: Any, seed: int) -> list[Any]:
-    from .model import hf_model
-
-    return list(hf_model(config, seed).parameters())
 
 
 @click.command()
