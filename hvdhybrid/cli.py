@@ -38,11 +38,9 @@ def _classify(out: Any, y: Any) -> tuple[float, int]:
     return float((out.argmax(-1) == y).sum()), int(y.shape[0])
 
 
-def _layer_sizes(c: Common, fns: list[Any], num_stages: int, sample: Callable[[], Any]) -> list[int]:
-    """Layers per stage for ``--partition``; ``time`` is measured on rank 0 and shared.
-
-    ``sample()`` gives a batch of inputs to time the layers on.
-    """
+def _layer_sizes(c: Common, fns: list[Any], num_stages: int, train_set: Any) -> list[int]:
+    """Layers per stage for ``--partition``; ``time`` is measured on rank 0 (on up to 32 training
+    rows) and shared."""
     from .staged import keyed_layers, meta_layers, partition_sizes
 
     if c.partition != "time":  # from shapes alone: layers on the meta device hold no memory
@@ -50,7 +48,8 @@ def _layer_sizes(c: Common, fns: list[Any], num_stages: int, sample: Callable[[]
     got: tuple[Any, Optional[str]] = (None, None)
     if world().Get_rank() == 0:
         try:
-            got = (partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample()), None)
+            sample = train_set.batch(range(min(32, len(train_set))))[0]
+            got = (partition_sizes(keyed_layers(fns, c.seed), num_stages, "time", sample), None)
         except PartitionError as e:
             got = (None, str(e))
     sizes, error = world().bcast(got, root=0)  # every rank fails alike, or none does
@@ -76,7 +75,7 @@ def _sequential_build(c: Common, fns_fn: Callable[[], list[Any]], dataset: Any,
     def build(num_stages: int) -> Any:
         train_set, eval_set = dataset.split(test_fraction, seed=0)
         fns = fns_fn()
-        sizes = _layer_sizes(c, fns, num_stages, lambda: train_set.batch(range(min(32, len(train_set))))[0])
+        sizes = _layer_sizes(c, fns, num_stages, train_set)
         model = sequential_model(fns, sizes, torch.nn.functional.cross_entropy, c.seed)
 
         def opt(params: Any) -> torch.optim.Optimizer:
@@ -162,8 +161,7 @@ def run_job(c: Common, target: str, args: tuple[str, ...]) -> None:
         model = layers_or_model(job)
         if not isinstance(model, StagedModel):
             fns = list(model)
-            ds = job.train_set
-            sizes = _layer_sizes(c, fns, num_stages, lambda: ds.batch(range(min(32, len(ds))))[0])
+            sizes = _layer_sizes(c, fns, num_stages, job.train_set)
             model = sequential_model(fns, sizes, job.loss_fn or torch.nn.functional.cross_entropy, c.seed)
 
         def opt(params: Any) -> torch.optim.Optimizer:

@@ -57,9 +57,9 @@ def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str
             raise DataError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
         if limit is not None and limit < 2:
             raise DataError(f"--limit must be at least 2 rows, got {limit}")
-        spec = BertSpec(model_dir or default_model_dir(), 2, c.seed)
+        path = model_dir or default_model_dir()
         text = read_labelled_csv(data, text_col, label_col) if data else rotten_tomatoes()
-        spec = BertSpec(spec.model_dir, len(text.classes), c.seed)
+        spec = BertSpec(path, len(text.classes), c.seed)
         _ = spec.config  # a bad model directory fails here, on every rank alike
         ds = tokenize(text, spec.model_dir, max_len, limit)
 
