@@ -54,3 +54,13 @@ def test_resume_at_another_layout_continues_as_if_never_stopped(uninterrupted: s
     assert r.rc == 0, r.err[-3000:]
     assert "at step 3" in r.err
     assert max_diff(params(out), params(uninterrupted)) <= 1e-5
+
+
+@pytest.mark.parametrize("np_,layout", [(1, []), (4, ["--tensor", "2", "--stages", "2"])],
+                         ids=["one-rank", "tensor2-pipeline2"])
+def test_layouts_through_the_cli_match(uninterrupted: str, tmp_path, np_: int, layout: list[str]) -> None:
+    """--save-params at one rank and at tensor 2 x pipeline 2 against tensor 2 x data 2 (dropout on)."""
+    out = str(tmp_path / "run")
+    r = mpirun(np_, *GPT2, *layout, "--steps", "6", "--out", out)
+    assert r.rc == 0, r.err[-3000:]
+    assert max_diff(params(out), params(uninterrupted)) <= 1e-5
