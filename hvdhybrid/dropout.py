@@ -19,7 +19,8 @@ from torch import nn
 
 from . import randomness
 
-__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts", "keyed_head_drop"]
+__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts", "keyed_head_drop",
+           "keyed_window_drop"]
 
 Index = Union[int, slice]
 
@@ -83,16 +84,28 @@ def keyed_drop(x: torch.Tensor, p: float, name: str,
     return x * keep.to(x.device) / (1.0 - p)
 
 
-def keyed_head_drop(x: torch.Tensor, p: float, name: str, heads: int, first: int) -> torch.Tensor:
-    """Keyed dropout on ``x`` = ``[rows, local heads, ...]``, heads ``first ..`` of ``heads`` in all
-    (attention split by heads over tensor ranks): each row's mask is drawn for every head and this
-    rank keeps its heads' part, so the mask does not depend on the tensor split either."""
+def keyed_window_drop(x: torch.Tensor, p: float, name: str, whole: Sequence[int],
+                      window: Sequence[Index]) -> torch.Tensor:
+    """Keyed dropout on ``x = [rows, ...]``, a window of each row's whole extent ``whole``.
+
+    Each row's mask is drawn for the whole extent (all heads, every token of the
+    sequence) and ``window`` (one index per dimension after the rows) keeps this
+    call's part: the heads of this tensor rank, the tokens of this token slice.
+    So the mask of an element depends neither on the tensor split nor on the slicing.
+    """
     rows = _rows(name, x.shape[0], "the first dimension must be the batch rows")
     keep = torch.empty(x.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
         g = randomness.generator("dropout", name, r)
-        keep[i] = (torch.rand((heads,) + tuple(x.shape[2:]), generator=g) >= p)[first:first + x.shape[1]]
+        keep[i] = (torch.rand(tuple(whole), generator=g) >= p)[tuple(window)]
     return x * keep.to(x.device) / (1.0 - p)
+
+
+def keyed_head_drop(x: torch.Tensor, p: float, name: str, heads: int, first: int) -> torch.Tensor:
+    """Keyed dropout on ``x`` = ``[rows, local heads, ...]``, heads ``first ..`` of ``heads`` in all
+    (attention split by heads over tensor ranks): each row's mask is drawn for every head and this
+    rank keeps its heads' part, so the mask does not depend on the tensor split either."""
+    return keyed_window_drop(x, p, name, (heads,) + tuple(x.shape[2:]), (slice(first, first + x.shape[1]),))
 
 
 class SegmentDropout(_Keyed):

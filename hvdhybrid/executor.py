@@ -21,11 +21,22 @@ a stage of width ``w_d`` to one of width ``w_u`` is therefore multiplied by
 Tensor ranks: every tensor rank of a replica runs the same actions on the
 same rows; it exchanges activations only with the same tensor rank of the
 neighbouring stage groups (tensor-parallel layers keep their outputs whole).
+
+Token slices (TeraPipe): with ``slices`` lengths given to :meth:`Executor.run`,
+an action names a slice of its microbatch's sequences. The batch stage gets
+the slice's tokens (``inputs[:, start:stop]``), the sink its targets, and
+every stage is called with ``cache=`` the :class:`~hvdhybrid.kvcache.SliceCache`
+of its (stage, microbatch), in which attention keeps the keys and values of
+earlier slices. The sink weighs a slice's loss (a mean over its tokens) by
+its share of the sequence, so the slices' losses sum to the sequence's. A
+backward adds the gradients that later slices left on this slice's keys and
+values to its roots. Messages carry each slice's own shape in their header.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
@@ -34,6 +45,7 @@ from torch import nn
 
 from . import randomness
 from .graph import StageGraph
+from .kvcache import SliceCache
 from .p2p import P2P, MsgKey, PendingRecv
 from .placement import Placement
 from .schedule import Action
@@ -70,6 +82,15 @@ def _unpack(msg: tuple[torch.Tensor, ...]) -> Any:
     return msg[0] if len(msg) == 1 else msg
 
 
+def _tokens(t: Any, cache: SliceCache) -> Any:
+    """The current slice's tokens of a batch of sequences (dimension 1)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[1] != cache.total:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise StageShapeError(f"token slices {list(cache.lengths)} cut dimension 1 of the inputs and "
+                              f"targets into a sequence of {cache.total} tokens, but got {got}")
+    return t[:, cache.start:cache.stop]
+
+
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     """What a local edge hands downstream: a leaf like one received over MPI."""
     out = t.detach()
@@ -93,6 +114,7 @@ class _Saved:
     loss: Optional[torch.Tensor]
     roots: list[torch.Tensor] = field(default_factory=list)  # kept for W after a split B
     grads: list[Optional[torch.Tensor]] = field(default_factory=list)
+    cache: Optional[SliceCache] = None  # token slices: the (stage, microbatch) cache
 
 
 class Executor:
@@ -127,8 +149,9 @@ class Executor:
         self.autocast = autocast
         self.replica = coord.replica
         self.width = layout.widths[coord.stage]
-        self._mailbox: dict[tuple[int, int, int, int], Tensors] = {}
+        self._mailbox: dict[tuple[int, int, int, int, int], Tensors] = {}
         self._rows_fn: Optional[Callable[[int], Sequence[int]]] = None
+        self._slices: Optional[tuple[int, ...]] = None
 
     # -- who talks to whom ---------------------------------------------------
     def _w(self, stage: int) -> int:
@@ -151,13 +174,15 @@ class Executor:
         return [p.dst_replica for p in transfer_pieces(self.width * w_down, self.width, w_down)
                 if p.src_replica == self.replica]
 
-    def _key(self, src: int, dst: int, mb: int, direction: int) -> MsgKey:
-        return MsgKey(self.graph.edge_index(src, dst), mb, direction, src, dst)
+    def _key(self, src: int, dst: int, mb: int, direction: int, sl: int = 0) -> MsgKey:
+        n = len(self._slices) if self._slices else 1
+        return MsgKey(self.graph.edge_index(src, dst), mb, direction, src, dst, sl, n)
 
     # -- one step --------------------------------------------------------------
     def run(self, actions: Sequence[Action], batch_fn: BatchFn, microbatches: int,
             loss_scale: float = 1.0, train: bool = True,
-            rows_fn: Optional[Callable[[int], Sequence[int]]] = None) -> StepResult:
+            rows_fn: Optional[Callable[[int], Sequence[int]]] = None,
+            slices: Optional[Sequence[int]] = None) -> StepResult:
         """Run ``actions`` (this rank's list of the plan) for one step.
 
         Args:
@@ -170,29 +195,42 @@ class Executor:
             rows_fn: ``mb -> data-set indices`` of this replica's rows of ``mb``; set for
                 every forward (:func:`randomness.set_rows`) so that keyed dropout
                 draws the same mask for a row on any rank.
+            slices: token slices (TeraPipe): the length of each slice of every
+                sequence, along dimension 1 of the inputs and targets; the
+                actions name slices of ``0 .. len(slices) - 1``. ``None``: whole sequences.
         """
         g = self.graph
         self._rows_fn = rows_fn
+        self._slices = tuple(slices) if slices is not None and len(slices) > 1 else None
+        if self._slices:
+            for s, m in self.modules.items():
+                if "cache" not in inspect.signature(m.forward).parameters:
+                    raise StageShapeError(
+                        f"stage {s} ({type(m).__name__}) takes no cache= argument: token slices need "
+                        "stages that keep their attention keys and values in a SliceCache "
+                        "(hvdhybrid.models.gpt); run without --slices")
+        units = [(mb, i) for mb in range(microbatches) for i in range(len(self._slices or (0,)))]
         result = StepResult(microbatches=microbatches)
         # Receives first: every header this step will need, before any send.
-        fwd: dict[tuple[int, int, int], list[PendingRecv]] = {}
-        bwd: dict[tuple[int, int, int], list[PendingRecv]] = {}
-        for mb in range(microbatches):
+        fwd: dict[tuple[int, int, int, int], list[PendingRecv]] = {}
+        bwd: dict[tuple[int, int, int, int], list[PendingRecv]] = {}
+        for mb, sl in units:
             for s in self.modules:
                 for up in g.upstream(s):
                     if not self._local(up):
-                        fwd[(up, s, mb)] = [self.p2p.recv(self._peer(up, i), self._key(up, s, mb, 0))
-                                            for i in self._in_peers(up)]
+                        fwd[(up, s, mb, sl)] = [self.p2p.recv(self._peer(up, i), self._key(up, s, mb, 0, sl))
+                                                for i in self._in_peers(up)]
                 if train:
                     for down in g.downstream(s):
                         if not self._local(down):
-                            bwd[(s, down, mb)] = [
-                                self.p2p.recv(self._peer(down, j), self._key(s, down, mb, 1))
+                            bwd[(s, down, mb, sl)] = [
+                                self.p2p.recv(self._peer(down, j), self._key(s, down, mb, 1, sl))
                                 for j in self._out_peers(down)]
         pending = [r for rs in list(fwd.values()) + list(bwd.values()) for r in rs]
-        split_w = {(a.stage, a.mb) for a in actions if a.kind == "W"}
+        split_w = {(a.stage, a.mb, a.slice) for a in actions if a.kind == "W"}
         batches: dict[int, tuple[Any, Any]] = {}
-        saved: dict[tuple[int, int], _Saved] = {}
+        saved: dict[tuple[int, int, int], _Saved] = {}
+        caches: dict[tuple[int, int], SliceCache] = {}
 
         def batch(mb: int) -> tuple[Any, Any]:
             if mb not in batches:
@@ -200,15 +238,24 @@ class Executor:
             return batches[mb]
 
         for act in actions:
-            key = (act.stage, act.mb)
+            key = (act.stage, act.mb, act.slice)
             if act.kind == "F":
+                cache = None
+                if self._slices:
+                    cache = caches.setdefault((act.stage, act.mb), SliceCache(self._slices))
+                    cache.begin(act.slice)
                 with torch.set_grad_enabled(train):
-                    sv = self._forward(act.stage, act.mb, batch, fwd, loss_scale, result, train)
+                    sv = self._forward(act.stage, act.mb, act.slice, batch, fwd, loss_scale, result,
+                                       train, cache)
                 if train:
                     saved[key] = sv
+                if act.slice + 1 == len(self._slices or (0,)) and not train:
+                    caches.pop((act.stage, act.mb), None)
             elif act.kind == "B":
                 sv = saved[key] if key in split_w else saved.pop(key)
-                self._backward(act.stage, act.mb, sv, bwd, weights=key not in split_w)
+                self._backward(act.stage, act.mb, act.slice, sv, bwd, weights=key not in split_w)
+                if act.slice == 0:
+                    caches.pop((act.stage, act.mb), None)
             else:
                 self._weights(act.stage, saved.pop(key))
             for r in pending:
@@ -218,22 +265,25 @@ class Executor:
         self._mailbox.clear()
         return result
 
-    def _forward(self, s: int, mb: int, batch: BatchFn,
-                 fwd: dict[tuple[int, int, int], list[PendingRecv]],
-                 loss_scale: float, result: StepResult, train: bool) -> _Saved:
+    def _forward(self, s: int, mb: int, sl: int, batch: BatchFn,
+                 fwd: dict[tuple[int, int, int, int], list[PendingRecv]],
+                 loss_scale: float, result: StepResult, train: bool,
+                 cache: Optional[SliceCache]) -> _Saved:
         g = self.graph
         needs_batch = s in g.batch_stages or s == g.sink
         inputs, targets = batch(mb) if needs_batch else (None, None)
+        if cache is not None and needs_batch:
+            inputs, targets = _tokens(inputs, cache), _tokens(targets, cache)
         args: list[Any] = [inputs] if s in g.batch_stages else []
         inbound = []
         for up in g.upstream(s):
             if self._local(up):
-                msg = self._mailbox.pop((up, s, mb, 0))
+                msg = self._mailbox.pop((up, s, mb, sl, 0))
                 inbound.append(_Inbound(up, [(LOCAL, msg)]))
                 args.append(_unpack(msg))  # type: ignore[arg-type]
                 continue
             w_up = self._w(up)
-            msgs = [r.wait() for r in fwd.pop((up, s, mb))]
+            msgs = [r.wait() for r in fwd.pop((up, s, mb, sl))]
             pieces = [(self._peer(up, i), m) for i, m in zip(self._in_peers(up), msgs)]
             inbound.append(_Inbound(up, pieces))
             if len(msgs) == 1:
@@ -252,7 +302,7 @@ class Executor:
             args.append(_unpack(joined))  # type: ignore[arg-type]
         randomness.set_rows(self._rows_fn(mb) if self._rows_fn is not None else None)
         with self.autocast():
-            out = _as_tuple(self.modules[s](*args))
+            out = _as_tuple(self.modules[s](*args) if cache is None else self.modules[s](*args, cache=cache))
         loss = None
         if s == g.sink:
             if train:
@@ -262,23 +312,25 @@ class Executor:
                     loss = self.loss_fn(_unpack(out), targets)
                 if loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()
+                if cache is not None:  # a mean over the slice's tokens -> its share of the sequence's mean
+                    loss = loss * (cache.lengths[sl] / cache.total)
                 result.loss_sum += float(loss.detach())
                 loss = loss * loss_scale
             else:
                 result.outputs.append((_unpack(out), targets))
         else:
-            self._send_rows(s, mb, out)
-        return _Saved(inbound, out, loss)
+            self._send_rows(s, mb, sl, out)
+        return _Saved(inbound, out, loss, cache=cache)
 
-    def _send_rows(self, s: int, mb: int, out: tuple[torch.Tensor, ...]) -> None:
+    def _send_rows(self, s: int, mb: int, sl: int, out: tuple[torch.Tensor, ...]) -> None:
         """Send this replica's output rows of ``mb`` to every downstream replica that needs them."""
         for down in self.graph.downstream(s):
             if self._local(down):
-                self._mailbox[(s, down, mb, 0)] = tuple(_leaf(t) for t in out)
+                self._mailbox[(s, down, mb, sl, 0)] = tuple(_leaf(t) for t in out)
                 continue
             w_down = self._w(down)
             if w_down == self.width:
-                self.p2p.send(self._peer(down, self.replica), self._key(s, down, mb, 0), out)
+                self.p2p.send(self._peer(down, self.replica), self._key(s, down, mb, 0, sl), out)
                 continue
             if any(t.dim() == 0 or t.shape[0] != out[0].shape[0] for t in out):
                 raise StageShapeError(
@@ -289,20 +341,21 @@ class Executor:
             for p in transfer_pieces(rows, self.width, w_down):
                 if p.src_replica == self.replica:
                     part = tuple(t[p.src_start:p.src_stop] for t in out)
-                    self.p2p.send(self._peer(down, p.dst_replica), self._key(s, down, mb, 0), part)
+                    self.p2p.send(self._peer(down, p.dst_replica), self._key(s, down, mb, 0, sl), part)
 
-    def _output_grads(self, s: int, mb: int, out: tuple[torch.Tensor, ...],
-                      bwd: dict[tuple[int, int, int], list[PendingRecv]]) -> list[Optional[torch.Tensor]]:
+    def _output_grads(self, s: int, mb: int, sl: int, out: tuple[torch.Tensor, ...],
+                      bwd: dict[tuple[int, int, int, int], list[PendingRecv]]
+                      ) -> list[Optional[torch.Tensor]]:
         """Gradients of ``s``'s outputs of ``mb``: summed over downstream stages, in this replica's frame."""
         grads: list[Optional[torch.Tensor]] = [None] * len(out)
         for down in self.graph.downstream(s):
             if self._local(down):
-                msgs: list[Tensors] = [self._mailbox.pop((s, down, mb, 1))]
+                msgs: list[Tensors] = [self._mailbox.pop((s, down, mb, sl, 1))]
                 plan = [Piece(self.replica, self.replica, 0, out[0].shape[0], 0)]
                 w_down = self.width
             else:
                 w_down = self._w(down)
-                msgs = [r.wait() for r in bwd.pop((s, down, mb))]
+                msgs = [r.wait() for r in bwd.pop((s, down, mb, sl))]
                 if w_down == self.width:
                     plan = [Piece(self.replica, self.replica, 0, out[0].shape[0], 0)]
                 else:
@@ -334,22 +387,28 @@ class Executor:
                     grads[k] = gk if grads[k] is None else grads[k] + gk  # type: ignore[operator]
         return grads
 
-    def _backward(self, s: int, mb: int, sv: _Saved,
-                  bwd: dict[tuple[int, int, int], list[PendingRecv]], weights: bool) -> None:
-        """Input gradients (and, unless a W follows, weight gradients) of ``s`` for ``mb``."""
+    def _backward(self, s: int, mb: int, sl: int, sv: _Saved,
+                  bwd: dict[tuple[int, int, int, int], list[PendingRecv]], weights: bool) -> None:
+        """Input gradients (and, unless a W follows, weight gradients) of ``s`` for ``mb`` (slice ``sl``)."""
         if sv.loss is not None:
             roots: list[torch.Tensor] = [sv.loss]
             grads: list[Optional[torch.Tensor]] = [None]
         else:
-            got = self._output_grads(s, mb, sv.out, bwd)
+            got = self._output_grads(s, mb, sl, sv.out, bwd)
             pairs = [(o, gr) for o, gr in zip(sv.out, got) if gr is not None and o.requires_grad]
             roots, grads = [o for o, _ in pairs], [gr for _, gr in pairs]
+        if sv.cache is not None:  # what later slices' attention sent back to this slice's keys and values
+            for kv, gr in sv.cache.carried(sl):
+                roots.append(kv)
+                grads.append(gr)
         if roots:
             if weights:
                 torch.autograd.backward(roots, grads)
             else:
                 leaves = [t for ib in sv.inbound for _, ts in ib.pieces for t in ts
                           if t is not None and t.requires_grad]
+                if sv.cache is not None:
+                    leaves += sv.cache.used(sl)
                 if leaves:
                     torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
                 sv.roots, sv.grads = roots, grads
@@ -359,9 +418,9 @@ class Executor:
                 grads_in = tuple(t.grad if (t is not None and t.requires_grad) else None
                                  for t in tensors)
                 if peer == LOCAL:
-                    self._mailbox[(ib.src_stage, s, mb, 1)] = grads_in
+                    self._mailbox[(ib.src_stage, s, mb, sl, 1)] = grads_in
                 else:
-                    self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1), grads_in)
+                    self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1, sl), grads_in)
 
     def _weights(self, s: int, sv: _Saved) -> None:
         """The weight gradients of a backward that ran split (``B`` then ``W``)."""

@@ -55,7 +55,8 @@ class MsgKey:
     """What a message is: the edge of the stage graph, the microbatch, the direction.
 
     ``direction`` is 0 for activations (forward) and 1 for gradients (backward).
-    ``src_stage``/``dst_stage`` are for error messages only.
+    ``src_stage``/``dst_stage`` are for error messages only. With token slices,
+    ``slice`` is the slice of the microbatch's sequences, of ``slices``.
     """
 
     edge: int
@@ -63,20 +64,24 @@ class MsgKey:
     direction: int
     src_stage: int = -1
     dst_stage: int = -1
+    slice: int = 0
+    slices: int = 1
 
     def describe(self) -> str:
         what = "activations" if self.direction == 0 else "gradients"
-        return f"{what} of microbatch {self.mb} from stage {self.src_stage} to stage {self.dst_stage}"
+        sl = f" slice {self.slice}" if self.slices > 1 else ""
+        return f"{what} of microbatch {self.mb}{sl} from stage {self.src_stage} to stage {self.dst_stage}"
 
 
 def make_tag(key: MsgKey, part: int, num_edges: int) -> int:
-    """The tag rule: (microbatch, edge, direction, part) -> one MPI tag.
+    """The tag rule: (microbatch and token slice, edge, direction, part) -> one MPI tag.
 
     ``part`` 0 is the header, ``1 + i`` the payload of tensor ``i``. Messages
     with equal tags between the same two ranks (the same key in the next
     step) keep their order: MPI does not let messages overtake each other.
     """
-    return ((key.mb * num_edges + key.edge) * 2 + key.direction) * (MAX_TENSORS + 1) + part
+    unit = key.mb * key.slices + key.slice
+    return ((unit * num_edges + key.edge) * 2 + key.direction) * (MAX_TENSORS + 1) + part
 
 
 def _as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -222,13 +227,15 @@ class P2P:
         tag_ub = comm.Get_attr(MPI.TAG_UB)
         self.tag_ub = int(tag_ub) if tag_ub is not None else 32767
 
-    def check_tags(self, microbatches: int) -> None:
+    def check_tags(self, microbatches: int, slices: int = 1) -> None:
         """Raise before any traffic if the largest tag would exceed MPI's TAG_UB."""
-        top = make_tag(MsgKey(self.num_edges - 1, microbatches - 1, 1), MAX_TENSORS, self.num_edges)
+        top = make_tag(MsgKey(self.num_edges - 1, microbatches - 1, 1, slice=slices - 1, slices=slices),
+                       MAX_TENSORS, self.num_edges)
         if top > self.tag_ub:
+            per = f" x {slices} token slices" if slices > 1 else ""
             raise TransportError(
-                f"{microbatches} microbatches x {self.num_edges} edges need MPI tags up to {top}, "
-                f"but this MPI allows {self.tag_ub}; use fewer microbatches")
+                f"{microbatches} microbatches{per} x {self.num_edges} edges need MPI tags up to {top}, "
+                f"but this MPI allows {self.tag_ub}; use fewer microbatches{' or slices' if per else ''}")
 
     def _recv_buffer(self, peer: int, key: MsgKey, i: int, dtype: torch.dtype,
                      shape: tuple[int, ...]) -> torch.Tensor:

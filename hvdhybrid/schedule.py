@@ -44,6 +44,16 @@ contiguous placement (stages 0,1 on position 0) takes 20::
 
     position 0: 0F0 0F1 2F0 2F1 0F2 2B0 0F3   . 2F2 0B0 2B1   . 2F3 0B1 2B2 2B3 0B2 0B3
     position 1:   . 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 3F2 3B2 1F3 1B1 3F3 3B3 1B2 1B3   .
+
+Token slices (TeraPipe, :func:`sliced`): every schedule also runs with each
+sequence cut into ``S`` slices along the token axis. Each ``F m`` of a
+stage's list becomes the forwards of slices ``0 .. S-1`` of ``m``, each ``B m``
+(and ``W m``) its backwards of slices ``S-1 .. 0``. Stage 1 works on slice
+``i`` while stage 0 works on slice ``i+1``, so one sequence fills the
+pipeline. GPipe, 2 stages, 1 sequence in 4 slices::
+
+    position 0: 0F0 0F0.1 0F0.2 0F0.3     .     . 0B0.3 0B0.2 0B0.1 0B0
+    position 1:   .   1F0 1F0.1 1F0.2 1F0.3 1B0.3 1B0.2 1B0.1   1B0   .
 """
 
 from __future__ import annotations
@@ -56,7 +66,7 @@ from .placement import Placement
 from .simulator import SimResult, merge, simulate
 
 __all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "SimResult", "gpipe", "one_f_one_b",
-           "zero_bubble", "forward_only", "merge", "build", "build_forward_only", "simulate"]
+           "zero_bubble", "forward_only", "sliced", "merge", "build", "build_forward_only", "simulate"]
 
 StageSchedule = Callable[[StageGraph, int, int], list[Action]]
 
@@ -157,22 +167,43 @@ SCHEDULES: dict[str, StageSchedule] = {
 """Training schedules by name: ``name -> per-stage generator (graph, stage, microbatches)``."""
 
 
+def sliced(actions: list[Action], slices: int) -> list[Action]:
+    """A stage's list with every sequence cut into ``slices`` token slices.
+
+    ``F m`` becomes ``F m.0 .. F m.(S-1)``; ``B m`` and ``W m`` become slices
+    ``S-1 .. 0``: a slice's backward needs the key/value gradients of the
+    later slices that attended to it.
+
+    Args:
+        actions: a stage's list with whole sequences (slice 0).
+        slices: token slices per sequence, at least 1.
+
+    Returns:
+        The stage's list over (microbatch, slice) units.
+    """
+    if slices < 1:
+        raise ScheduleError(f"a sequence needs at least one token slice, got {slices}")
+    order = {"F": range(slices), "B": range(slices - 1, -1, -1), "W": range(slices - 1, -1, -1)}
+    return [Action(a.stage, a.kind, a.mb, i) for a in actions for i in order[a.kind]]
+
+
 # -- build -----------------------------------------------------------------------------------
 
 
 def _plan(fn: StageSchedule, graph: StageGraph, microbatches: int, placement: Optional[Placement],
-          forward_only: bool) -> Plan:
-    """Per-stage lists from ``fn``, merged per position, proven by :func:`simulate`."""
+          forward_only: bool, slices: int = 1) -> Plan:
+    """Per-stage lists from ``fn``, sliced, merged per position, proven by :func:`simulate`."""
     if microbatches < 1:
         raise ScheduleError(f"a step needs at least one microbatch, got {microbatches}")
     placement = Placement.identity(graph.num_stages) if placement is None else placement
-    per_stage = {s: fn(graph, s, microbatches) for s in range(graph.num_stages)}
-    plan = merge(graph, placement, per_stage, microbatches, forward_only=forward_only)
-    simulate(graph, placement, plan, microbatches, forward_only=forward_only)
+    per_stage = {s: sliced(fn(graph, s, microbatches), slices) for s in range(graph.num_stages)}
+    plan = merge(graph, placement, per_stage, microbatches, forward_only=forward_only, slices=slices)
+    simulate(graph, placement, plan, microbatches, forward_only=forward_only, slices=slices)
     return plan
 
 
-def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[Placement] = None) -> Plan:
+def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[Placement] = None,
+          slices: int = 1) -> Plan:
     """The plan of training schedule ``name``: per-stage lists, merged per position, proven.
 
     Args:
@@ -180,13 +211,14 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
         graph: the bundle's stage graph.
         microbatches: microbatches per step, at least 1.
         placement: which position runs each stage; ``None`` for one stage per position.
+        slices: token slices per sequence (:func:`sliced`); 1 for whole sequences.
 
     Returns:
         Position -> ordered action list.
 
     Raises:
         ScheduleError: on an unknown name (listing the choices), fewer than one
-            microbatch, or a plan :func:`simulate` rejects.
+            microbatch or slice, or a plan :func:`simulate` rejects.
         PlacementError: if the placement does not cover the graph's stages.
     """
     try:
@@ -194,7 +226,7 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
     except KeyError:
         raise ScheduleError(
             f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
-    return _plan(fn, graph, microbatches, placement, forward_only=False)
+    return _plan(fn, graph, microbatches, placement, forward_only=False, slices=slices)
 
 
 def build_forward_only(graph: StageGraph, microbatches: int, placement: Optional[Placement] = None) -> Plan:

@@ -18,13 +18,14 @@ from .placement import Placement
 __all__ = ["SimResult", "merge", "simulate"]
 
 
-def _priority(a: Action) -> tuple[bool, int, int, int]:
+def _priority(a: Action) -> tuple[bool, int, int, bool, int]:
     """Order of the ready heads of one position, smallest first (the rule is explained in :func:`merge`)."""
-    return (a.kind == "W", a.mb, a.kind != "B", a.stage if a.kind == "F" else -a.stage)
+    older = a.slice if a.kind == "F" else -a.slice  # forwards run slices up, backwards down
+    return (a.kind == "W", a.mb, older, a.kind != "B", a.stage if a.kind == "F" else -a.stage)
 
 
 def merge(graph: StageGraph, placement: Placement, per_stage: dict[int, list[Action]], microbatches: int,
-          forward_only: bool = False) -> Plan:
+          forward_only: bool = False, slices: int = 1) -> Plan:
     """Serialise the per-stage lists of stages that share a position into one list per position.
 
     Lock-step ticks: in each tick every position runs one *ready* head (the
@@ -36,7 +37,9 @@ def merge(graph: StageGraph, placement: Placement, per_stage: dict[int, list[Act
        ``W`` only fills ticks in which nothing else is ready (zero-bubble).
     2. The oldest microbatch first: every stage's list runs microbatches in
        order, so the oldest work is what the other positions wait for next,
-       and finishing it first keeps fewer microbatches in flight.
+       and finishing it first keeps fewer microbatches in flight. Within a
+       microbatch, the token slice the other stages wait for first: the
+       earliest for a forward, the latest for a backward.
     3. ``B`` before ``F``: a backward frees memory and feeds upstream stages.
     4. The action with the longer chain of work after it: for ``F`` the
        earlier stage (its output still has to pass the later stages), for
@@ -57,6 +60,7 @@ def merge(graph: StageGraph, placement: Placement, per_stage: dict[int, list[Act
         per_stage: stage -> that stage's action list (e.g. from :data:`SCHEDULES`).
         microbatches: microbatches per step.
         forward_only: the lists hold forwards only.
+        slices: token slices per sequence (1: not sliced).
 
     Returns:
         The plan: position -> ordered action list.
@@ -74,7 +78,7 @@ def merge(graph: StageGraph, placement: Placement, per_stage: dict[int, list[Act
         wrong = [str(a) for a in acts if a.stage != s]
         if wrong:
             raise ScheduleError(f"the list of stage {s} holds actions of other stages: {' '.join(wrong)}")
-    check_complete(graph, per_stage, microbatches, forward_only)
+    check_complete(graph, per_stage, microbatches, forward_only, slices)
     nxt = {s: 0 for s in range(graph.num_stages)}
     plan: Plan = {p: [] for p in range(placement.num_positions)}
     done: set[Action] = set()
@@ -84,13 +88,13 @@ def merge(graph: StageGraph, placement: Placement, per_stage: dict[int, list[Act
         for p in plan:
             ready = [per_stage[s][nxt[s]] for s in placement.stages_on(p)
                      if nxt[s] < len(per_stage[s])
-                     and all(d in done for d in depends_on(graph, per_stage[s][nxt[s]]))]
+                     and all(d in done for d in depends_on(graph, per_stage[s][nxt[s]], slices))]
             if ready:
                 ran.append((p, min(ready, key=_priority)))
         if not ran:
             heads = {p: [per_stage[s][nxt[s]] for s in placement.stages_on(p) if nxt[s] < len(per_stage[s])]
                      for p in plan}
-            raise ScheduleError(f"per-stage lists deadlock: {stuck(graph, placement, heads, done)}")
+            raise ScheduleError(f"per-stage lists deadlock: {stuck(graph, placement, heads, done, slices)}")
         for p, a in ran:
             plan[p].append(a)
             done.add(a)
@@ -118,7 +122,7 @@ class SimResult:
 
 def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: int,
              forward_only: bool = False, costs: Optional[Callable[[Action], float]] = None,
-             comm: float = 0.0) -> SimResult:
+             comm: float = 0.0, slices: int = 1) -> SimResult:
     """Prove that a plan is complete, correctly placed and deadlock-free; time it.
 
     Every stage must run ``F`` and ``B`` of every microbatch exactly once (only
@@ -127,6 +131,8 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
     Dependencies: ``F m`` needs ``F m`` of every upstream stage; ``B m`` needs
     its own ``F m`` and ``B m`` of every downstream stage; ``W m`` needs its own
     ``B m``. Sends never block, so an action can run as soon as these ran.
+    With token slices, slice ``i`` also needs its own stage's ``F`` of slice
+    ``i-1`` (forward) and ``B`` of slice ``i+1`` (backward): see :mod:`actions`.
 
     Timing is event-driven: each position runs its list in order, and an action
     starts when the position is free and every dependency has finished, plus
@@ -140,6 +146,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
         forward_only: the plan is an evaluation plan (forwards only).
         costs: duration of an action; 1 for every action when ``None``.
         comm: transfer time added to a dependency that crosses positions.
+        slices: token slices per sequence (1: not sliced).
 
     Returns:
         The lock-step timeline, the makespan and every action's finish time.
@@ -167,7 +174,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
                 raise ScheduleError(f"action {a} is in the list of position {p}, but the placement runs "
                                     f"stage {a.stage} on position {placement.position_of(a.stage)}")
             by_stage.setdefault(a.stage, []).append(a)
-    check_complete(graph, by_stage, microbatches, forward_only)
+    check_complete(graph, by_stage, microbatches, forward_only, slices)
 
     # Lock-step: the shape of the plan, and the deadlock proof.
     nxt = {p: 0 for p in lists}
@@ -176,9 +183,9 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
     order: list[Action] = []
     while any(nxt[p] < len(lists[p]) for p in lists):
         heads = {p: [lists[p][nxt[p]]] for p in lists if nxt[p] < len(lists[p])}
-        ran = [a for (a,) in heads.values() if all(d in done for d in depends_on(graph, a))]
+        ran = [a for (a,) in heads.values() if all(d in done for d in depends_on(graph, a, slices))]
         if not ran:
-            raise ScheduleError(f"schedule deadlocks: {stuck(graph, placement, heads, done)}")
+            raise ScheduleError(f"schedule deadlocks: {stuck(graph, placement, heads, done, slices)}")
         row = [""] * npos
         for a in ran:
             p = placement.position_of(a.stage)
@@ -196,7 +203,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
     for a in order:
         p = placement.position_of(a.stage)
         start = free[p]
-        for d in depends_on(graph, a):
+        for d in depends_on(graph, a, slices):
             start = max(start, finish[d] + (comm if placement.position_of(d.stage) != p else 0.0))
         finish[a] = free[p] = start + float(cost(a))
     return SimResult(timeline, max(finish.values(), default=0.0), finish)

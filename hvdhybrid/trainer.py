@@ -65,6 +65,7 @@ class TrainConfig:
     warmup: int = 0  # steps of linear learning-rate warmup
     lr_schedule: str = "constant"  # after warmup: constant, linear or cosine decay to 0 at `steps`
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast, dynamic loss scaling)
+    slices: Optional[tuple[int, ...]] = None  # token slices of every sequence (TeraPipe); None: whole
 
     def validate(self, num_bundles: int, widths: tuple[int, ...]) -> int:
         """Check the batch arithmetic; return rows per pass (batch_size / accumulate).
@@ -139,11 +140,12 @@ class Trainer:
 
         self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.timeout,
                        me=c.tag(), describe_peer=describe)
-        self.p2p.check_tags(cfg.microbatches)
+        n_slices = len(cfg.slices) if cfg.slices else 1
+        self.p2p.check_tags(cfg.microbatches, n_slices)
         self.precision = precision.Precision(cfg.precision)
         self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
                                  model.loss_fn, self.precision.autocast(self.device))
-        self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches, placement)[c.stage]
+        self.plan = sched.build(cfg.schedule, self.graph, cfg.microbatches, placement, n_slices)[c.stage]
         self.eval_plan = sched.build_forward_only(self.graph, cfg.microbatches, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.fp16)
         self.sync.broadcast_parameters(self.modules)
@@ -206,7 +208,7 @@ class Trainer:
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
             res = self.executor.run(self.plan, self.batch_fn(data, part, cfg.microbatches),
                                     cfg.microbatches, scale / (cfg.microbatches * cfg.accumulate),
-                                    rows_fn=self.rows_fn(part, cfg.microbatches))
+                                    rows_fn=self.rows_fn(part, cfg.microbatches), slices=cfg.slices)
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
         self.sync.sync()
