@@ -15,6 +15,7 @@ from .groups import LaunchError
 from .hostfile import place_ranks, read_hostfile
 from .launcher import launch_command, supervise
 from .models.bert.commands import bert
+from .models.gpt.commands import gpt
 from .models.gpt2.commands import gpt2, merge
 from .models.grover.commands import grover
 from .partition import PartitionError
@@ -260,6 +261,7 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
 
 cli.add_command(grover)
 cli.add_command(bert)
+cli.add_command(gpt)
 cli.add_command(gpt2)
 cli.add_command(merge)
 

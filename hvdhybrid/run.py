@@ -92,6 +92,7 @@ class Built:
     optimizer_fn: Callable[..., Any]
     describe: str = ""  # logged once by rank 0, e.g. the named config and its parameter count
     finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
+    slices: Optional[tuple[int, ...]] = None  # token slices of every sequence (TeraPipe); None: whole
 
 
 @dataclass
@@ -291,6 +292,7 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
             if c.stages_per_rank > 1 else None
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(n_model)
+        cfg.slices = built.slices
         if c.epochs is not None:
             cfg.steps = steps_for_epochs(c.epochs, len(built.train_set), c.batch_size)
             cfg.validate(layout.num_bundles, layout.widths)

@@ -144,9 +144,20 @@ class NamedState:
         read, pieces, whole = r.read, r.pieces, r.whole
 
         for s in sorted(self.named_params):
+            # one Parameter under several names (a tie inside the stage): read it under whichever
+            # name the checkpoint has (a checkpoint of another layout may hold the tie once)
+            aliases: dict[int, list[str]] = {}
             for n, p in self.named_params[s].items():
                 owner = owner_of(p)
-                src = owner.name if isinstance(owner, Tied) else n
+                aliases.setdefault(id(p), []).append(owner.name if isinstance(owner, Tied) else n)
+            done: set[int] = set()
+            for n, p in self.named_params[s].items():
+                if id(p) in done:
+                    continue
+                done.add(id(p))
+                owner = owner_of(p)
+                names = aliases[id(p)]
+                src = next((a for a in names if a in manifest.names), names[0])
                 full = whole(src, "params")
                 got = cut(full, shard_of(owner))
                 if got.shape != p.shape:
