@@ -151,7 +151,7 @@ class NamedState:
                 owner = owner_of(p)
                 aliases.setdefault(id(p), []).append(owner.name if isinstance(owner, Tied) else n)
             done: set[int] = set()
-            for n, p in self.named_params[s].items():
+            for p in self.named_params[s].values():
                 if id(p) in done:
                     continue
                 done.add(id(p))
