@@ -8,7 +8,7 @@ step of ``M`` microbatches of ``b`` sequences takes (TeraPipe, Li et al., ICML 2
 
     T = M * sum_i t_i(b) + (K - 1) * max_j t_j(b).
 
-:class:`LatencyModel` predicts ``t(b, l, c) = c0 + b * (c1 * l + c2 * l * (c + l))`` for
+:class:`LatencyModel` predicts ``t(b, l, c) = c0 + b * (c1 * l + c2 * l * (c + l) + c3 * c)`` for
 one stage plus ``d0 + d1 * b * l`` to send the slice's activations and gradients. The
 ``l * (c + l)`` term is the masked attention score block of the slice, so cutting lowers it
 (``sum l_i (c_i + l_i) = (L^2 + sum l_i^2) / 2``): even one stage may gain from slicing
@@ -37,11 +37,11 @@ import numpy as np
 
 from .errors import InputError
 
-__all__ = ["LatencyModel", "PlanError", "SlicePlan", "best_uniform", "brute_force", "fit",
+__all__ = ["LatencyModel", "PlanError", "SlicePlan", "best_uniform", "brute_force", "fit", "lengths_text",
            "parse_slices", "plan_joint", "plan_slices", "residuals", "step_time", "uniform"]
 
 _TIE = 1e-12  # relative difference under which two step times are equal
-_FIELDS = ("c0", "c1", "c2", "d0", "d1")
+_FIELDS = ("c0", "c1", "c2", "d0", "d1", "c3")
 
 
 class PlanError(InputError):
@@ -57,6 +57,7 @@ class LatencyModel:
     c2: float = 0.0
     d0: float = 0.0
     d1: float = 0.0
+    c3: float = 0.0  # per sequence and context token: reading (joining) the cached keys and values
 
     def __post_init__(self) -> None:
         for name in _FIELDS:
@@ -66,7 +67,7 @@ class LatencyModel:
 
     def stage_time(self, b: int, length: int, context: int) -> float:
         """Compute time of one stage on ``b`` sequences' slices of ``length`` tokens after ``context``."""
-        return self.c0 + b * (self.c1 * length + self.c2 * length * (context + length))
+        return self.c0 + b * (self.c1 * length + self.c2 * length * (context + length) + self.c3 * context)
 
     def transfer(self, b: int, length: int) -> float:
         """Point-to-point time of the slice's activations and gradients."""
@@ -83,11 +84,11 @@ class LatencyModel:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LatencyModel:
         """Rebuild a model saved by :meth:`to_dict`."""
-        missing, extra = set(_FIELDS) - set(data), set(data) - set(_FIELDS)
+        missing, extra = set(_FIELDS) - set(data) - {"c3"}, set(data) - set(_FIELDS)
         if missing or extra:
             raise PlanError(f"latency model has keys {sorted(data)}; expected exactly {list(_FIELDS)}")
         try:
-            values = {k: float(data[k]) for k in _FIELDS}
+            values = {k: float(data[k]) for k in _FIELDS if k in data}
         except (TypeError, ValueError):
             raise PlanError(f"latency model {dict(data)} has a non-numeric coefficient; "
                             "give numbers (seconds)") from None
@@ -107,8 +108,16 @@ class SlicePlan:
     def describe(self) -> str:
         """One line, e.g. ``4 slices 96,64,48,48 x 2 microbatches of 4 sequences: 1.234 s``."""
         n, m, b = len(self.lengths), self.microbatches, self.rows
-        return (f"{n} slice{'s' * (n != 1)} {','.join(map(str, self.lengths))} x {m} "
+        return (f"{n} slice{'s' * (n != 1)} {lengths_text(self.lengths)} x {m} "
                 f"microbatch{'es' * (m != 1)} of {b} sequence{'s' * (b != 1)}: {self.predicted:.4g} s")
+
+
+def lengths_text(lengths: Sequence[int]) -> str:
+    """``96,64,48,48`` for a few slices; runs of equal lengths as ``32*64`` (64 slices of 32) past 12."""
+    if len(lengths) <= 12:
+        return ",".join(map(str, lengths))
+    runs = [(v, len(list(g))) for v, g in itertools.groupby(lengths)]
+    return ",".join(f"{v}*{k}" if k > 1 else str(v) for v, k in runs)
 
 
 def _nnls(a: np.ndarray, y: np.ndarray) -> list[float]:
@@ -147,12 +156,12 @@ def fit(samples: Sequence[Sequence[float]], transfers: Sequence[Sequence[float]]
     """
     s = _samples(samples, 4, "(b, l, c, seconds) stage-time")
     bl, c, l_ = s[:, 0] * s[:, 1], s[:, 2], s[:, 1]
-    c0, c1, c2 = _nnls(np.column_stack([np.ones(len(s)), bl, bl * (c + l_)]), s[:, 3])
+    c0, c1, c2, c3 = _nnls(np.column_stack([np.ones(len(s)), bl, bl * (c + l_), s[:, 0] * c]), s[:, 3])
     d0 = d1 = 0.0
     if len(transfers):
         t = _samples(transfers, 3, "(b, l, seconds) transfer")
         d0, d1 = _nnls(np.column_stack([np.ones(len(t)), t[:, 0] * t[:, 1]]), t[:, 2])
-    return LatencyModel(*(max(0.0, v) for v in (c0, c1, c2, d0, d1)))
+    return LatencyModel(*(max(0.0, v) for v in (c0, c1, c2, d0, d1, c3)))
 
 
 def residuals(model: LatencyModel, samples: Iterable[Sequence[float]]) -> list[float]:
@@ -211,7 +220,8 @@ def _costs(model: LatencyModel, units: int, gran: int, rows: int) -> np.ndarray:
     """``S[i, j]``: cost of the slice from grid position ``i`` to ``j`` (inf unless ``i < j``)."""
     c = np.arange(units + 1, dtype=float)[:, None] * gran
     n = np.arange(units + 1, dtype=float)[None, :] * gran - c
-    s = (model.c0 + rows * (model.c1 * n + model.c2 * n * (c + n))) + (model.d0 + model.d1 * rows * n)
+    s = (model.c0 + rows * (model.c1 * n + model.c2 * n * (c + n) + model.c3 * c)
+         + (model.d0 + model.d1 * rows * n))
     return np.where(n > 0, s, np.inf)
 
 

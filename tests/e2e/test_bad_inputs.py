@@ -84,6 +84,16 @@ GROVER_PT = ["grover", "pretrain", "--config", "tiny", "--steps", "1", "--no-pro
 
 # (name, how the user gets there, what the message must say)
 Case = tuple[str, Callable[[str], Result], str]
+GPT = ["gpt", "--stages", "2", "--seq-len", "48", "--steps", "1", "--limit", "40"]
+
+
+def _file(base: str, name: str, data: bytes) -> str:
+    path = os.path.join(base, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
 CASES: list[Case] = [
     ("world not divisible by the bundle",
      lambda b: mpirun(3, *MLP, "--bundle-shape", "2,2", "--out", f"{b}/x"),
@@ -225,6 +235,21 @@ CASES: list[Case] = [
     ("GPT-2: --seq-len beyond the context",
      lambda b: run([HVDTRAIN, "gpt2", "--seq-len", "100", "--steps", "1", "--out", f"{b}/x"]),
      "--seq-len 100 is longer than the tiny context (64)"),
+    ("GPT: slice lengths that do not sum to the sequence",
+     lambda b: mpirun(2, *GPT, "--slices", "16,16", "--out", f"{b}/x"),
+     "--slices 16,16 sums to 32 but the sequence length is 48"),
+    ("GPT: more slices than tokens",
+     lambda b: mpirun(2, *GPT, "--slices", "100", "--out", f"{b}/x"),
+     "--slices 100 is more than the sequence length 48"),
+    ("GPT: a sequence longer than the positions",
+     lambda b: mpirun(2, *GPT, "--seq-len", "300", "--out", f"{b}/x"),
+     "--seq-len 300 is longer than the tiny model's 256 positions"),
+    ("GPT: an empty text file",
+     lambda b: mpirun(2, *GPT, "--data", _file(b, "empty.txt", b""), "--out", f"{b}/x"),
+     "the file is empty; pass a UTF-8 text file"),
+    ("GPT: a file that is not UTF-8",
+     lambda b: mpirun(2, *GPT, "--data", _file(b, "bytes.bin", bytes(range(256)) * 8), "--out", f"{b}/x"),
+     "UTF-8"),
     ("merge: a checkpoint of another model",
      lambda b: run([HVDTRAIN, "merge", prior_run(b), f"{b}/x"]),
      "not of hvdtrain gpt2"),

@@ -27,7 +27,7 @@ FIXED_MODELS = [
     LatencyModel(c0=5.0, c1=0.1, c2=0.01),                  # overhead dominates
     LatencyModel(c0=0.01, c1=0.1, c2=2.0),                  # context dominates
     LatencyModel(c1=1.0),                                   # linear: every slicing sums alike
-    LatencyModel(c0=0.2, c1=0.3, c2=0.05, d0=0.1, d1=0.02),  # everything
+    LatencyModel(c0=0.2, c1=0.3, c2=0.05, d0=0.1, d1=0.02, c3=0.04),  # everything
 ]
 
 
@@ -35,9 +35,9 @@ def _random_models(n: int, seed: int = 1234) -> list[LatencyModel]:
     rng = np.random.default_rng(seed)
     models = []
     for _ in range(n):
-        on = rng.random(5) < 0.8  # switch some terms off
-        scale = np.array([1.0, 0.1, rng.choice([0.001, 0.1, 3.0]), 0.5, 0.05])
-        models.append(LatencyModel(*(float(v) for v in on * scale * rng.exponential(size=5))))
+        on = rng.random(6) < 0.8  # switch some terms off
+        scale = np.array([1.0, 0.1, rng.choice([0.001, 0.1, 3.0]), 0.5, 0.05, 0.02])  # c0 c1 c2 d0 d1 c3
+        models.append(LatencyModel(*(float(v) for v in on * scale * rng.exponential(size=6))))
     return models
 
 
@@ -160,12 +160,12 @@ def _grid(model):
     return stage, transfer
 
 
-@pytest.mark.parametrize("true", [LatencyModel(2e-3, 3e-6, 4e-9, 1e-4, 5e-9),
+@pytest.mark.parametrize("true", [LatencyModel(2e-3, 3e-6, 4e-9, 1e-4, 5e-9, 7e-8),
                                   LatencyModel(1e-3, 0.0, 2e-9, 0.0, 1e-8)])
 def test_fit_recovers_coefficients(true):
     stage, transfer = _grid(true)
     got = fit(stage, transfer)
-    for name in ("c0", "c1", "c2", "d0", "d1"):
+    for name in ("c0", "c1", "c2", "c3", "d0", "d1"):
         want = getattr(true, name)
         assert getattr(got, name) == pytest.approx(want, rel=1e-6, abs=1e-6 * abs(want) + 1e-18), name
     assert max(abs(r) for r in residuals(got, stage)) < 1e-9
@@ -180,9 +180,9 @@ def test_fit_keeps_coefficients_non_negative():
     assert min(got.to_dict().values()) >= 0.0 and got.c1 == 0.0 and got.c2 > 0
     assert max(abs(r) for r in residuals(got, stage)) > 1e-3  # the clipped model cannot fit exactly
     # c0 and c2 are refitted without c1, not merely left where the unconstrained fit put them
-    a = np.array([[1.0, n * (c + n)] for _, n, c, _ in stage])
-    c0, c2 = np.linalg.lstsq(a, np.array([s[3] for s in stage]), rcond=None)[0]
-    assert (got.c0, got.c2) == pytest.approx((c0, c2), rel=1e-6)
+    a = np.array([[1.0, n * (c + n), c] for _, n, c, _ in stage])
+    c0, c2, c3 = np.linalg.lstsq(a, np.array([s[3] for s in stage]), rcond=None)[0]
+    assert c3 >= 0 and (got.c0, got.c2, got.c3) == pytest.approx((c0, c2, c3), rel=1e-6)
 
 
 def test_fit_errors():

@@ -56,6 +56,7 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
 
     from ...data import TensorDataset
     from ...groups import current
+    from ...slice_plan import lengths_text
     from ...staged import partition_sizes
     from ...topology import Layout
     from .data import corpus, unigram_loss
@@ -94,7 +95,7 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
                     "unigram_loss": unigram}
 
         sl = ("whole sequences" if chosen is None
-              else f"{len(chosen)} token slices {','.join(map(str, chosen))}")
+              else f"{len(chosen)} token slices {lengths_text(chosen)}")
         head = TensorDataset(train_set.x[:len(test_set)], train_set.y[:len(test_set)])
         return Built(model, train_set, {"train": head, "test": test_set}, evaluate,
                      opt, f"gpt {name}: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, "
@@ -224,7 +225,8 @@ def _plan_slices(name: str, seq_len: Optional[int], stages: int, batch: int, gra
         info = {"latency": "counted", **info}
     plan = (plan_joint(model, seq_len, stages, batch, granularity=gran) if batch > 1
             else plan_slices(model, seq_len, stages, granularity=gran))
-    uniforms = best_uniform(model, seq_len, stages, plan.rows, plan.microbatches)
+    grid = [n for n in (2 ** k for k in range(12)) if n * gran <= seq_len]  # uniform on the plan's grid
+    uniforms = best_uniform(model, seq_len, stages, plan.rows, plan.microbatches, candidates=grid)
     whole = best_uniform(model, seq_len, stages, plan.rows, plan.microbatches, candidates=[1])[0]
     if as_json:
         click.echo(json.dumps({"config": name, "seq_len": seq_len, "stages": stages, "batch": batch,
