@@ -1,6 +1,6 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert|gpt2]
+    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert|gpt2|gpt]
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -134,6 +134,31 @@ def gpt2() -> list[dict]:
     return res
 
 
+def gpt() -> list[dict]:
+    """TeraPipe: one sequence per step through 2 stages; no slicing, uniform slicings, the planned one."""
+    res = _run(mpirun(2, "gpt_slices.py", "--config", "small", "--seq", "2048", "--uniform", "4,8,16,32"))
+    by = {r["name"]: r for r in res}
+    none, planned = by["gpt-slices-none"]["step_s"], by["gpt-slices-planned"]["step_s"]
+    best = min((r for r in res if r["name"].startswith("gpt-slices-uniform")), key=lambda r: r["step_s"])
+    r0 = res[0]
+    print(f"\nGPT {r0['config']}, one sequence of {r0['seq']} tokens per step, 2 stages "
+          "(2 ranks x 1 thread), GPipe, AdamW\n")
+    print("| slicing | s/step | vs no slicing | predicted s/step | measured / predicted |")
+    print("|---|---|---|---|---|")
+    for r in res:
+        if "predicted_s" in r:
+            sl = r["slices"]
+            shown = f" ({','.join(map(str, sl))})" if len(sl) < 12 else ""
+            name = r["name"].replace("gpt-slices-", "") + shown
+            print(f"| {name} | {r['step_s']:.3f} | {none / r['step_s']:.2f}x | {r['predicted_s']:.3f} "
+                  f"| {r['step_s'] / r['predicted_s']:.2f} |")
+    print(f"| one process, whole model (peer) | {by['gpt-one-process']['step_s']:.3f} | "
+          f"{none / by['gpt-one-process']['step_s']:.2f}x | | |")
+    print(f"\nplanned vs no slicing {none / planned:.2f}x; planned vs the best uniform ({best['name'][11:]}) "
+          f"{best['step_s'] / planned:.2f}x")
+    return res
+
+
 def memory() -> list[dict]:
     """Peak RSS per rank: a 4-stage pipeline of a ~1 GB MLP (keyed build, build-then-drop) vs 1 process."""
     return _run([PY, os.path.join(HERE, "memory.py"), "--width", "6144", "--depth", "9"])
@@ -143,11 +168,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
-    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert", "gpt2"],
+    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert", "gpt2", "gpt"],
                     help="run one part only")
     a = ap.parse_args()
     res: list[dict] = []
-    for part, fn in (("gpt2", gpt2), ("bert", bert), ("memory", memory)):
+    for part, fn in (("gpt", gpt), ("gpt2", gpt2), ("bert", bert), ("memory", memory)):
         if a.only in (None, part):
             res += fn()
             if a.only == part:
