@@ -156,11 +156,16 @@ def fit(samples: Sequence[Sequence[float]], transfers: Sequence[Sequence[float]]
     """
     s = _samples(samples, 4, "(b, l, c, seconds) stage-time")
     bl, c, l_ = s[:, 0] * s[:, 1], s[:, 2], s[:, 1]
-    c0, c1, c2, c3 = _nnls(np.column_stack([np.ones(len(s)), bl, bl * (c + l_), s[:, 0] * c]), s[:, 3])
+    # relative least squares (each row divided by its time): timings span orders of magnitude, and
+    # in absolute seconds the longest slices would drown the per-slice overhead the planner trades off
+    w = 1.0 / np.maximum(s[:, 3], 1e-12)[:, None]
+    a = np.column_stack([np.ones(len(s)), bl, bl * (c + l_), s[:, 0] * c])
+    c0, c1, c2, c3 = _nnls(a * w, s[:, 3] * w[:, 0])
     d0 = d1 = 0.0
     if len(transfers):
         t = _samples(transfers, 3, "(b, l, seconds) transfer")
-        d0, d1 = _nnls(np.column_stack([np.ones(len(t)), t[:, 0] * t[:, 1]]), t[:, 2])
+        wt = 1.0 / np.maximum(t[:, 2], 1e-12)[:, None]
+        d0, d1 = _nnls(np.column_stack([np.ones(len(t)), t[:, 0] * t[:, 1]]) * wt, t[:, 2] * wt[:, 0])
     return LatencyModel(*(max(0.0, v) for v in (c0, c1, c2, d0, d1, c3)))
 
 

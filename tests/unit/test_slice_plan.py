@@ -181,7 +181,8 @@ def test_fit_keeps_coefficients_non_negative():
     assert max(abs(r) for r in residuals(got, stage)) > 1e-3  # the clipped model cannot fit exactly
     # c0 and c2 are refitted without c1, not merely left where the unconstrained fit put them
     a = np.array([[1.0, n * (c + n), c] for _, n, c, _ in stage])
-    c0, c2, c3 = np.linalg.lstsq(a, np.array([s[3] for s in stage]), rcond=None)[0]
+    y = np.array([s[3] for s in stage])
+    c0, c2, c3 = np.linalg.lstsq(a / y[:, None], np.ones(len(y)), rcond=None)[0]  # relative least squares
     assert c3 >= 0 and (got.c0, got.c2, got.c3) == pytest.approx((c0, c2, c3), rel=1e-6)
 
 
