@@ -17,7 +17,7 @@ clips to ``clip`` by global norm.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,8 @@ class GradSync:
             model needs already added).
         placement: which stage group runs each stage (to find a tie's groups).
         modules: this rank's stage modules, ``stage -> module``.
-        fp16: send gradients across bundles as float16 (Horovod ``Compression.fp16``).
+        fp16: send gradients across bundles as float16 (:class:`~hvdhybrid.compression.Fp16Allreduce`:
+            cast into reused buffers, bucketed, overlapped with communication).
     """
 
     def __init__(self, groups: ProcessGroups, placement: Placement, modules: dict[int, nn.Module],
@@ -86,6 +87,7 @@ class GradSync:
             if isinstance(owner, Tied) and len(placement.groups_of(owner.stages)) > 1:
                 by.setdefault(placement.groups_of(owner.stages), []).append(p)
         self.remote_ties = [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
+        self._fp16: Optional[Any] = None  # compression.Fp16Allreduce, made at the first sync
 
     def _grads(self) -> list[torch.Tensor]:
         for p in self.params:
@@ -107,8 +109,15 @@ class GradSync:
             from . import hvd
 
             c = self.groups.coord
-            reduced = hvd.allreduce_average(grads, self.groups.data_set, self.fp16,
-                                            name=f"grads.s{c.stage}.r{c.replica}.t{c.tensor}")
+            name = f"grads.s{c.stage}.r{c.replica}.t{c.tensor}"
+            if self.fp16:  # cast once into reused buffers, bucketed, overlapped with the wire
+                if self._fp16 is None:
+                    from .compression import Fp16Allreduce
+
+                    self._fp16 = Fp16Allreduce(self.groups.data_set, name)
+                self._fp16(grads)
+                return
+            reduced = hvd.allreduce_average(grads, self.groups.data_set, False, name=name)
             for g, r in zip(grads, reduced):
                 g.copy_(r)
 
