@@ -184,9 +184,23 @@ def run_job(c: Common, target: str, args: tuple[str, ...]) -> None:
               help="Model stages per stage group.")
 @click.option("--placement", default="looped", show_default=True, metavar="looped|contiguous|P0,P1,..")
 @click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
+@click.option("--map-by", type=click.Choice(["slot", "node"]), default="slot", show_default=True,
+              help="Ranks onto hosts as mpirun --map-by does: slot keeps a bundle's stages on one host, "
+                   "node deals ranks round-robin over the hosts.")
+@click.option("--param-mb", type=float, default=None,
+              help="With --hostfile: the model's parameters in MB (fp32), split evenly over the stages.")
+@click.option("--activation-mb", type=float, default=0.0, show_default=True,
+              help="With --hostfile: MB of activations crossing each stage boundary per global batch.")
+@click.option("--fp16-compression/--no-fp16-compression", "fp16", default=True, show_default=True)
 def plan(np_: int, stages: Optional[int], bundle_shape: Optional[str], tensor: int, stages_per_rank: int,
-         placement: str, hostfile: Optional[str]) -> None:
-    """Print the rank layout as a table, without training."""
+         placement: str, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
+         activation_mb: float, fp16: bool) -> None:
+    """Print the rank layout as a table, without training.
+
+    With --hostfile, each rank's host (as mpirun --map-by places it) and, given
+    --param-mb (and --activation-mb), the bytes per step on every link between
+    hosts: what crosses the network and what stays in a host.
+    """
     try:
         if stages is not None and bundle_shape is not None:
             raise LayoutError("give either --stages or --bundle-shape, not both")
@@ -196,10 +210,23 @@ def plan(np_: int, stages: Optional[int], bundle_shape: Optional[str], tensor: i
             raise LayoutError(f"--stages-per-rank must be >= 1, got {stages_per_rank}")
         pl = parse_placement(placement, layout.num_stages * stages_per_rank, layout.num_stages) \
             if stages_per_rank > 1 else None
-        hosts = place_ranks(read_hostfile(hostfile), np_) if hostfile else None
+        hosts = place_ranks(read_hostfile(hostfile), np_, map_by) if hostfile else None
+        if param_mb is not None and hosts is None:
+            raise LayoutError("--param-mb shows traffic between hosts: give --hostfile too")
+        if param_mb is not None and (param_mb < 0 or activation_mb < 0):
+            raise LayoutError("--param-mb and --activation-mb must be >= 0")
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
     click.echo(render_plan(layout, hosts, pl))
+    if hosts is not None and param_mb is not None:
+        from .traffic import ModelSizes, cross_host_bytes, describe_links, link_bytes
+
+        links = link_bytes(layout, hosts, ModelSizes.even(param_mb * 1e6, layout.num_stages,
+                                                          activation_mb * 1e6, fp16))
+        click.echo(f"traffic per step (--map-by {map_by}, gradients {'fp16' if fp16 else 'fp32'}):")
+        for line in describe_links(links):
+            click.echo(f"  {line}")
+        click.echo(f"  across the network: {cross_host_bytes(links) / 1e6:.3g} MB/step")
 
 
 def render_plan(layout: Layout, hosts: Optional[list[str]] = None,
@@ -235,8 +262,11 @@ def render_plan(layout: Layout, hosts: Optional[list[str]] = None,
 @click.option("--hostfile", type=click.Path(), default=None)
 @click.option("--horovodrun", "use_horovodrun", is_flag=True, help="Launch with horovodrun, not mpirun.")
 @click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
+@click.option("--map-by", type=click.Choice(["slot", "node"]), default="slot", show_default=True,
+              help="Ranks onto hosts: slot keeps a bundle's stages on one host (hvdtrain plan "
+                   "--hostfile shows the traffic of each).")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: bool,
+def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: bool, map_by: str,
            args: tuple[str, ...]) -> None:
     """Check the hostfile, then start `hvdtrain ARGS` on NP ranks with mpirun (or horovodrun).
 
@@ -247,12 +277,12 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
             raise LayoutError(f"-np must be >= 1, got {np_}")
         hosts = read_hostfile(hostfile) if hostfile else None
         if hosts:
-            place_ranks(hosts, np_)
+            place_ranks(hosts, np_, map_by)
         if not args:
             raise LaunchError("nothing to launch; add the subcommand, e.g. -- resnet --steps 20")
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
-    cmd = launch_command(np_, hostfile, use_horovodrun, list(args))
+    cmd = launch_command(np_, hostfile, use_horovodrun, list(args), map_by)
     if dry_run:
         click.echo(shlex.join(cmd))
         return

@@ -69,18 +69,34 @@ def read_hostfile(path: str) -> list[Host]:
     return parse_hostfile(text, path)
 
 
-def place_ranks(hosts: list[Host], np_: int) -> list[str]:
-    """Host of every rank under mpirun's default by-slot mapping.
+MAP_BY = ("slot", "node")
+
+
+def place_ranks(hosts: list[Host], np_: int, map_by: str = "slot") -> list[str]:
+    """Host of every rank under mpirun's ``--map-by slot`` (default: fill each host's slots in
+    turn, so a bundle's consecutive ranks share a host) or ``--map-by node`` (one rank per host
+    in turn, so a bundle's stages land on different hosts).
 
     Raises:
-        HostfileError: when the hostfile has fewer slots than ``np_``.
+        HostfileError: when the hostfile has fewer slots than ``np_``, or ``map_by`` is unknown.
     """
+    if map_by not in MAP_BY:
+        raise HostfileError(f"--map-by {map_by!r}: choose slot (a bundle's stages on one host) or node "
+                            "(ranks dealt round-robin over the hosts)")
     total = sum(h.slots for h in hosts)
     if np_ > total:
         raise HostfileError(f"-np {np_} needs {np_} slots but the hostfile has {total} "
                             f"({', '.join(f'{h.name}:{h.slots}' for h in hosts)}); "
                             f"use -np {total} or add slots")
     out: list[str] = []
-    for h in hosts:
-        out += [h.name] * h.slots
-    return out[:np_]
+    if map_by == "slot":
+        for h in hosts:
+            out += [h.name] * h.slots
+        return out[:np_]
+    left = {h.name: h.slots for h in hosts}
+    while len(out) < np_:
+        for h in hosts:
+            if left[h.name] and len(out) < np_:
+                out.append(h.name)
+                left[h.name] -= 1
+    return out

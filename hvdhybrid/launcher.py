@@ -19,11 +19,14 @@ LAYOUT_FILE_ENV = "HVDHYBRID_LAYOUT_FILE"
 
 
 def launch_command(np_: int, hostfile: Optional[str], use_horovodrun: bool,
-                   args: list[str]) -> list[str]:
-    """The mpirun/horovodrun command line for ``hvdtrain ARGS`` on ``np_`` ranks."""
+                   args: list[str], map_by: str = "slot") -> list[str]:
+    """The mpirun/horovodrun command line for ``hvdtrain ARGS`` on ``np_`` ranks (``map_by``:
+    mpirun's ``--map-by``, ranks onto hosts; see :func:`hvdhybrid.hostfile.place_ranks`)."""
     entry = [sys.executable, "-m", "hvdhybrid"]
     root = os.geteuid() == 0
     mpi_args = ["--oversubscribe"] + (["--allow-run-as-root"] if root else [])
+    if map_by != "slot":
+        mpi_args += ["--map-by", map_by]
     if use_horovodrun:
         hr = shutil.which("horovodrun") or "horovodrun"
         cmd = [hr, "-np", str(np_), "--mpi", "--mpi-args", " ".join(mpi_args)]
