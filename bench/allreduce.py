@@ -11,9 +11,10 @@ and the ratio to fp32 in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import horovod.torch as hvd
 import torch
@@ -28,6 +29,13 @@ def grads(mb: float, parts: int = 16) -> list[torch.Tensor]:
     return [torch.randn(n, generator=g) * 1e-3 for _ in range(parts)]
 
 
+def plain(ts: list[torch.Tensor], name: str, compression: Any) -> None:
+    """Horovod's grouped all-reduce (average) with ``compression``, copied back into ``ts``."""
+    out = hvd.grouped_allreduce(ts, name=name, op=hvd.Average, compression=compression)
+    for t, o in zip(ts, out):
+        t.copy_(o)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", default="16,64")
@@ -39,23 +47,10 @@ def main() -> None:
     for mb in map(float, a.mb.split(",")):
         ts = grads(mb)
         ours = Fp16Allreduce(hvd.global_process_set, f"ours{mb}")
-
-        def fp32() -> None:
-            out = hvd.grouped_allreduce(ts, name=f"fp32.{mb}", op=hvd.Average)
-            for t, o in zip(ts, out):
-                t.copy_(o)
-
-        def hvd_fp16() -> None:
-            out = hvd.grouped_allreduce(ts, name=f"hfp16.{mb}", op=hvd.Average,
-                                        compression=hvd.Compression.fp16)
-            for t, o in zip(ts, out):
-                t.copy_(o)
-
-        def mine() -> None:
-            ours(ts)
-
-        variants: dict[str, Callable[[], None]] = {"fp32": fp32, "horovod-fp16": hvd_fp16,
-                                                   "hvdhybrid-fp16": mine}
+        variants: dict[str, Callable[[], None]] = {
+            "fp32": functools.partial(plain, ts, f"fp32.{mb}", hvd.Compression.none),
+            "horovod-fp16": functools.partial(plain, ts, f"hfp16.{mb}", hvd.Compression.fp16),
+            "hvdhybrid-fp16": functools.partial(ours, ts)}
         times: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(a.repeats + 2):
             for k, fn in variants.items():

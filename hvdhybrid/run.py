@@ -126,6 +126,7 @@ class Common:
     lr_schedule: str
     precision: str = "fp32"
     epochs: Optional[int] = None
+    trace: Optional[str] = None
 
     def train_config(self, name: str) -> TrainConfig:
         """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
@@ -202,6 +203,8 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
                      show_default=True,
                      help="bf16: autocast; fp16: autocast with dynamic loss scaling (for GPUs)."),
+        click.option("--trace", type=click.Path(), default=None, metavar="FILE",
+                     help="Write a Chrome trace of every rank's actions (Perfetto, chrome://tracing)."),
     ]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -276,6 +279,8 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         cfg.validate(layout.num_bundles, layout.widths)
         if c.timeout <= 0:
             raise DataError(f"--timeout must be positive, got {c.timeout}")
+        if c.trace and not os.path.isdir(os.path.dirname(os.path.abspath(c.trace))):
+            raise DataError(f"--trace {c.trace}: its directory does not exist; create it or pass another path")
         device = pick_device(c.device)
         threads = c.threads or max(1, (os.cpu_count() or 1) // local_size())
         torch.set_num_threads(threads)
@@ -357,6 +362,10 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             log.info(f"{n_params:,} parameters; {len(train_set)} training rows"
                      f"{', ' + sets if sets else ''} rows; output in {out}")
         trainer.write_json("config.json", {"model": name, **trainer.config_dict()})
+        if c.trace:
+            from . import trace
+
+            trace.enable(w)
         t0 = time.perf_counter()
         first = trainer.step
         try:
@@ -374,6 +383,10 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             hvd.shutdown(w)
             sys.exit(STOPPED_EXIT)
         elapsed = time.perf_counter() - t0
+        if c.trace:
+            n_events = trace.write(w, c.trace, tag)
+            if rank == 0:
+                log.info(f"trace of {n_events} events written to {c.trace} (open it in https://ui.perfetto.dev)")
         results = {f"{k}_{m}": v for k, d in built.eval_sets.items()
                    for m, v in built.evaluate(trainer, d).items()}
         done = cfg.steps - first

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from . import lr_schedule, precision, randomness
+from . import lr_schedule, precision, randomness, trace
 from . import schedule as sched
 from .data import Dataset, Sampler
 from .executor import Executor
@@ -211,19 +211,22 @@ class Trainer:
                                     rows_fn=self.rows_fn(part, cfg.microbatches), slices=cfg.slices)
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
-        self.sync.sync()
+        with trace.span("sync", "sync"):
+            self.sync.sync()
         if scale != 1.0:  # unscale the averaged gradients before the norm, the clip and the step
             for p in self.sync.params:
                 if p.grad is not None:
                     p.grad.div_(scale)
-        ok, norm = self.sync.guard(cfg.clip_grad, self.world_sum)
+        with trace.span("guard", "sync"):
+            ok, norm = self.sync.guard(cfg.clip_grad, self.world_sum)
         if self.precision.scaler is not None:
             self.precision.scaler.update(ok)  # from the agreed norm: the same on every rank
         if ok:
             f = lr_schedule.factor(self.step + 1, cfg.steps, cfg.warmup, cfg.lr_schedule)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * f
-            self.optimizer.step()
+            with trace.span("optimizer", "optimizer"):
+                self.optimizer.step()
         else:
             self.skipped_steps += 1
             if self.groups.world.Get_rank() == 0:
