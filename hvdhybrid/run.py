@@ -280,7 +280,8 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
         if c.timeout <= 0:
             raise DataError(f"--timeout must be positive, got {c.timeout}")
         if c.trace and not os.path.isdir(os.path.dirname(os.path.abspath(c.trace))):
-            raise DataError(f"--trace {c.trace}: its directory does not exist; create it or pass another path")
+            raise DataError(f"--trace {c.trace}: its directory does not exist; create it or pass "
+                            "another path")
         device = pick_device(c.device)
         threads = c.threads or max(1, (os.cpu_count() or 1) // local_size())
         torch.set_num_threads(threads)
