@@ -41,12 +41,15 @@ def main() -> None:
     ap.add_argument("--mb", default="16,64")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--tag", default="", help="a label for the link (e.g. 1gbit)")
+    ap.add_argument("--bucket-mb", type=float, default=None,
+                    help="hvdhybrid's bucket size (default: its own)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     hvd.init()
     for mb in map(float, a.mb.split(",")):
         ts = grads(mb)
-        ours = Fp16Allreduce(hvd.global_process_set, f"ours{mb}")
+        kw = {} if a.bucket_mb is None else {"bucket_mb": a.bucket_mb}
+        ours = Fp16Allreduce(hvd.global_process_set, f"ours{mb}", **kw)
         variants: dict[str, Callable[[], None]] = {
             "fp32": functools.partial(plain, ts, f"fp32.{mb}", hvd.Compression.none),
             "horovod-fp16": functools.partial(plain, ts, f"hfp16.{mb}", hvd.Compression.fp16),

@@ -1,6 +1,9 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--json results.json] [--only pipeline|grover|memory|bert|gpt2|gpt]
+    .venv/bin/python bench/run.py [--out DIR] [--only pipeline|grover|memory|bert|gpt2|gpt|multihost ...]
+
+Writes DIR/results.json, DIR/results.md (the tables below, as printed), DIR/scaling.png (each run
+against its peer) and DIR/pipeline-timeline.png (from a --trace of a 2-stage pipeline run).
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -8,11 +11,13 @@ Timings never fail anything: this prints, it does not judge. Results go in docs/
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from typing import Callable, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -164,32 +169,13 @@ def memory() -> list[dict]:
     return _run([PY, os.path.join(HERE, "memory.py"), "--width", "6144", "--depth", "9"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", help="also write the raw results here")
-    ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
-    ap.add_argument("--only", choices=["pipeline", "grover", "memory", "bert", "gpt2", "gpt"],
-                    help="run one part only")
-    a = ap.parse_args()
-    res: list[dict] = []
-    for part, fn in (("gpt", gpt), ("gpt2", gpt2), ("bert", bert), ("memory", memory)):
-        if a.only in (None, part):
-            res += fn()
-            if a.only == part:
-                if a.json:
-                    with open(a.json, "w") as f:
-                        json.dump(res, f, indent=2)
-                return
-    gres = grover() if a.only != "pipeline" else []
-    if a.only == "grover":
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(gres, f, indent=2)
-        return
-    res += _run([PY, os.path.join(HERE, "single.py")])
+def pipeline(skip_torch: bool = False) -> list[dict]:
+    """The 8-layer MLP pipeline: hvdhybrid 1F1B / GPipe on 2 ranks against one process and
+    torch.distributed.pipelining; point-to-point throughput against raw mpi4py."""
+    res = _run([PY, os.path.join(HERE, "single.py")])
     res += _run(mpirun(2, "hvdhybrid_pipeline.py", "1f1b"))
     res += _run(mpirun(2, "hvdhybrid_pipeline.py", "gpipe"))
-    if not a.skip_torch:
+    if not skip_torch:
         torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
         res += _run([torchrun, "--nproc-per-node", "2", os.path.join(HERE, "torch_pipelining.py")])
     res += _run(mpirun(2, "p2p_throughput.py"))
@@ -200,9 +186,9 @@ def main() -> None:
           "| speedup vs 1 process (8 microbatches) |")
     print("|---|---|---|---|---|")
     for name, r in by.items():
-        s = r["step_s"]
-        pct = "" if name.startswith("single") else f"{100 * single / s / ideal:.0f}%"
-        print(f"| {name} | {s:.3f} | {single / s:.2f}x | {pct} | {single_mb / s:.2f}x |")
+        st = r["step_s"]
+        pct = "" if name.startswith("single") else f"{100 * single / st / ideal:.0f}%"
+        print(f"| {name} | {st:.3f} | {single / st:.2f}x | {pct} | {single_mb / st:.2f}x |")
     if "torch-pipelining-1f1b" in by:
         t = by["torch-pipelining-1f1b"]["step_s"]
         print(f"\nhvdhybrid 1F1B vs torch.distributed.pipelining Schedule1F1B: "
@@ -212,9 +198,147 @@ def main() -> None:
     for r in res:
         if r["name"] == "p2p":
             print(f"| {r['mb']} MB | {r['raw_GBps']:.2f} | {r['hvdhybrid_GBps']:.2f} | {r['ratio']:.2f} |")
+    return res
+
+
+def multihost() -> list[dict]:
+    """Across 2 emulated hosts at 1 Gbit/s: fp16 all-reduce and the 2-host hybrid job (needs root)."""
+    sys.path.insert(0, ROOT)
+    from hvdhybrid.netemu import unavailable
+
+    why = unavailable()
+    if why:
+        print(f"\nmulti-host benchmarks skipped: {why}")
+        return []
+    res = _run([PY, os.path.join(HERE, "multihost.py")])
+    print("\nGradient all-reduce between 2 emulated hosts (1 rank each) over a 1 Gbit/s link\n")
+    print("| gradients | fp32 s | Horovod fp16 s (vs fp32) | hvdhybrid fp16 s (vs fp32) | "
+          "hvdhybrid vs Horovod fp16 |")
+    print("|---|---|---|---|---|")
+    for mb in sorted({r["mb"] for r in res if "mb" in r}):
+        row = {r["name"]: r for r in res if r.get("mb") == mb}
+        f32, h16, o16 = (row[f"allreduce-{k}"] for k in ("fp32", "horovod-fp16", "hvdhybrid-fp16"))
+        print(f"| {mb:.0f} MB | {f32['median_s']:.3f} | {h16['median_s']:.3f} ({h16['vs_fp32']:.2f}x) | "
+              f"{o16['median_s']:.3f} ({o16['vs_fp32']:.2f}x) | {o16['median_s'] / h16['median_s']:.2f}x |")
+    print("\nThe 2-host hybrid job (2 bundles x 2 stages, hvdtrain mlp), median step time\n")
+    print("| model | ranks onto hosts | fp16 compression | s/step | vs stages on a host, compressed "
+          "| MB/step on the link (traffic model) |")
+    print("|---|---|---|---|---|---|")
+    for name in sorted({r["name"] for r in res if r["name"].startswith("hybrid-")}):
+        rows = [r for r in res if r["name"] == name]
+        base = next(r for r in rows if r["map_by"] == "slot" and r["fp16"])["step_s"]
+        for r in rows:
+            where = "stages on a host (--map-by slot)" if r["map_by"] == "slot" else \
+                "stages split across hosts (--map-by node)"
+            print(f"| {r['model']}, batch {r['batch']} | {where} | {'on' if r['fp16'] else 'off'} | "
+                  f"{r['step_s']:.4f} | {r['step_s'] / base:.2f}x | {r['network_mb_per_step']:.3g} |")
+    return res
+
+
+def trace_timeline(out_dir: str) -> list[dict]:
+    """A traced 2-stage pipeline run (hvdtrain mlp, 1F1B, 8 microbatches) drawn as a timeline."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="bench-trace-")
+    trace = os.path.join(out_dir, "pipeline-trace.json")
+    _run(["mpirun", "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", PY, "-m",
+          "hvdhybrid", "mlp", "--stages", "2", "--hidden", "1024", "--depth", "8", "--batch-size", "256",
+          "--microbatches", "8", "--steps", "6", "--no-progress", "--trace", trace, "--out",
+          os.path.join(tmp, "run")])
+    shutil.rmtree(tmp, ignore_errors=True)
+    from plots import timeline
+
+    n = timeline(trace, os.path.join(out_dir, "pipeline-timeline.png"))
+    print(f"\npipeline timeline: {n} events from {trace} -> pipeline-timeline.png")
+    return []
+
+
+def speedups(res: list[dict]) -> list[dict]:
+    """The rows of the scaling chart: each run against its peer measured in the same run."""
+    by = {r["name"]: r for r in res}
+    out = []
+
+    def add(label: str, ours: str, peer: str, key: str = "step_s", ideal: Optional[float] = None,
+            higher_is_better: bool = False) -> None:
+        if ours in by and peer in by:
+            a, b = by[ours][key], by[peer][key]
+            row = {"label": label, "speedup": (a / b) if higher_is_better else (b / a)}
+            out.append({**row, "ideal": ideal} if ideal else row)
+
+    add("pipeline 2 ranks, 1F1B vs 1 process", "hvdhybrid-1f1b", "single", ideal=16 / 9)
+    add("pipeline 1F1B vs torch.distributed.pipelining", "hvdhybrid-1f1b", "torch-pipelining-1f1b")
+    add("GPT 2 stages, planned slices vs none", "gpt-slices-planned", "gpt-slices-none")
+    add("GPT-2 small, tensor 2 vs 1 rank", "gpt2-tensor2-threads1", "gpt2-tensor1-threads1", ideal=2.0)
+    add("GROVER task parallel 2 ranks vs 1", "grover-hvdhybrid-tp-m1", "grover-hvdhybrid-one-m1", "mol_s",
+        ideal=2.0, higher_is_better=True)
+    add("GROVER 2 bundles vs 1 rank", "grover-hvdhybrid-dp-m1", "grover-hvdhybrid-one-m1", "mol_s",
+        ideal=2.0, higher_is_better=True)
+    for mb in (16.0, 64.0):
+        rows = {r["name"]: r for r in res if r.get("mb") == mb}
+        if rows:
+            out.append({"label": f"{mb:.0f} MB all-reduce at 1 Gbit/s, hvdhybrid fp16 vs fp32",
+                        "speedup": 1 / rows["allreduce-hvdhybrid-fp16"]["vs_fp32"], "ideal": 2.0})
+    return out
+
+
+PARTS: dict[str, Callable[[], list[dict]]] = {
+    "pipeline": pipeline, "grover": grover, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
+    "multihost": multihost,
+}
+
+
+class _Tee:
+    """stdout that is also kept, for the markdown file."""
+
+    def __init__(self) -> None:
+        self.out, self.kept = sys.stdout, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench-all"),
+                    help="directory for results.json, results.md and the PNG plots")
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--skip-torch", action="store_true", help="skip the torch.distributed peer")
+    ap.add_argument("--only", choices=sorted(PARTS), action="append",
+                    help="run only this part (repeat for more)")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    tee = _Tee()
+    sys.stdout = tee  # type: ignore[assignment]
+    res: list[dict] = []
+    try:
+        for name, fn in PARTS.items():
+            if a.only is None or name in a.only:
+                res += pipeline(a.skip_torch) if name == "pipeline" else fn()
+        if a.only is None or "pipeline" in a.only:
+            trace_timeline(a.out)
+        from plots import scaling
+
+        rows = speedups(res)
+        if rows:
+            scaling(rows, os.path.join(a.out, "scaling.png"))
+            print("\n| run | speedup against its peer (same run) | ideal |\n|---|---|---|")
+            for r in rows:
+                ideal = f"{r['ideal']:.2f}x" if "ideal" in r else ""
+                print(f"| {r['label']} | {r['speedup']:.2f}x | {ideal} |")
+    finally:
+        sys.stdout = tee.out
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    with open(os.path.join(a.out, "results.md"), "w") as f:
+        f.write(f"# Benchmark results\n\n`{' '.join(sys.argv)}`\n\n```\n" + tee.kept.getvalue() + "```\n")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(res + gres, f, indent=2)
+            json.dump(res, f, indent=2)
+    print(f"\nresults in {a.out}: results.json, results.md, *.png")
 
 
 if __name__ == "__main__":

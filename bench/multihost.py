@@ -1,0 +1,106 @@
+"""Benchmarks across 2 emulated hosts joined by a 1 Gbit/s link (network namespaces; needs root).
+
+    .venv/bin/python bench/multihost.py [--rate 1gbit] [--repeats 15] [--steps 30]
+
+1. Gradient all-reduce of 16 and 64 MB between the 2 hosts (1 rank each): fp32, Horovod's
+   Compression.fp16, hvdhybrid's fp16 (bench/allreduce.py), ratios to fp32 in the same run.
+2. The 2-host hybrid job (2 bundles x 2 stages, ``hvdtrain mlp``), median step time:
+   fp16 compression on vs off, and stages kept on a host (``--map-by slot``) vs split across the
+   hosts (``--map-by node``), for a gradient-heavy and an activation-heavy model; next to each,
+   the bytes per step that ``hvdhybrid.traffic`` says cross the link.
+
+Prints ``BENCH {json}`` lines (bench/run.py collects them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, HERE]
+
+from common import emit  # noqa: E402
+
+from hvdhybrid.hostfile import Host, place_ranks  # noqa: E402
+from hvdhybrid.netemu import EmulatedHosts, unavailable  # noqa: E402
+from hvdhybrid.topology import Layout  # noqa: E402
+from hvdhybrid.traffic import ModelSizes, cross_host_bytes, link_bytes  # noqa: E402
+
+MPIRUN = ["mpirun", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
+# (name, hidden, depth, batch): the 8x8-digits MLP, 64 inputs, 10 classes
+MODELS = [("gradient-heavy", 1024, 8, 64), ("activation-heavy", 256, 4, 1024)]
+
+
+def _env(hosts: EmulatedHosts) -> dict[str, str]:
+    env = hosts.env()
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, HERE]))
+    return env
+
+
+def _bench_lines(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("BENCH ")]
+
+
+def allreduce(hosts: EmulatedHosts, rate: str, repeats: int) -> list[dict]:
+    cmd = MPIRUN + ["-np", "2", "--map-by", "node", "--hostfile", hosts.hostfile(), sys.executable,
+                    os.path.join(HERE, "allreduce.py"), "--mb", "16,64", "--repeats", str(repeats),
+                    "--tag", rate]
+    p = hosts.run(cmd, timeout=900, env=_env(hosts), cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"allreduce benchmark failed:\n{p.stderr[-3000:]}")
+    return _bench_lines(p.stdout)
+
+
+def _params(hidden: int, depth: int) -> int:
+    dims = [64] + [hidden] * (depth - 1) + [10]
+    return sum(a * b + b for a, b in zip(dims, dims[1:]))
+
+
+def job(hosts: EmulatedHosts, name: str, hidden: int, depth: int, batch: int, map_by: str, fp16: bool,
+        steps: int) -> dict:
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-mh-"), "run")
+    cmd = MPIRUN + ["-np", "4", "--map-by", map_by, "--hostfile", hosts.hostfile(), sys.executable, "-m",
+                    "hvdhybrid", "mlp", "--stages", "2", "--hidden", str(hidden), "--depth", str(depth),
+                    "--batch-size", str(batch), "--microbatches", "2", "--steps", str(steps),
+                    "--fp16-compression" if fp16 else "--no-fp16-compression", "--no-progress", "--out", out]
+    p = hosts.run(cmd, timeout=900, env=_env(hosts), cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"hybrid job failed:\n{p.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    step_s = statistics.median(batch / r["samples_per_s"] for r in rows[5:])
+    layout = Layout(4, (1, 1))
+    ranks = place_ranks([Host(h, 2) for h in hosts.hosts], 4, map_by)
+    # activations per global batch across a boundary: batch x hidden floats
+    sizes = ModelSizes.even(4.0 * _params(hidden, depth), 2, 4.0 * batch * hidden, fp16)
+    return {"name": f"hybrid-{name}", "model": f"mlp hidden {hidden} depth {depth}", "batch": batch,
+            "map_by": map_by, "fp16": fp16, "step_s": step_s,
+            "network_mb_per_step": cross_host_bytes(link_bytes(layout, ranks, sizes)) / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", default="1gbit")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=30)
+    a = ap.parse_args()
+    why = unavailable()
+    if why:
+        raise SystemExit(f"cannot emulate hosts here: {why}")
+    with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+        for r in allreduce(hosts, a.rate, a.repeats):
+            emit(r)
+        for name, hidden, depth, batch in MODELS:
+            for map_by, fp16 in (("slot", True), ("slot", False), ("node", True)):
+                emit(job(hosts, name, hidden, depth, batch, map_by, fp16, a.steps))
+
+
+if __name__ == "__main__":
+    main()
