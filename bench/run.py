@@ -255,7 +255,7 @@ def trace_timeline(out_dir: str) -> list[dict]:
 
 def speedups(res: list[dict]) -> list[dict]:
     """The rows of the scaling chart: each run against its peer measured in the same run."""
-    by = {r["name"]: r for r in res}
+    by = {r["name"]: r for r in res if "name" in r}
     out = []
 
     def add(label: str, ours: str, peer: str, key: str = "step_s", ideal: Optional[float] = None,
@@ -318,6 +318,8 @@ def main() -> None:
         for name, fn in PARTS.items():
             if a.only is None or name in a.only:
                 res += pipeline(a.skip_torch) if name == "pipeline" else fn()
+                with open(os.path.join(a.out, "results.json"), "w") as f:  # kept part by part
+                    json.dump(res, f, indent=2)
         if a.only is None or "pipeline" in a.only:
             trace_timeline(a.out)
         from plots import scaling
