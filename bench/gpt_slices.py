@@ -23,6 +23,7 @@ from hvdhybrid.data import TensorDataset
 from hvdhybrid.models.gpt.latency import measure
 from hvdhybrid.models.gpt.model import config, gpt_model, unit_names
 from hvdhybrid.slice_plan import plan_slices, step_time, uniform
+from hvdhybrid.staged import partition_sizes
 
 
 def _data(seq: int) -> TensorDataset:
@@ -43,9 +44,8 @@ def _time_steps(trainer: Any, data: TensorDataset, steps: int, warmup: int) -> f
 
 
 def run(groups: Any, cfg: Any, seq: int, slices: Optional[tuple[int, ...]], steps: int, warmup: int) -> float:
-    n = len(unit_names(cfg.layers))
-    k = groups.pipeline_size
-    sizes = [n // k + (1 if s < n % k else 0) for s in range(k)]
+    sizes = partition_sizes([torch.nn.Identity()] * len(unit_names(cfg.layers)), groups.pipeline_size,
+                            "uniform")
     model = gpt_model(cfg, 0, sizes, lambda: groups.tensor)
     tc = hh.TrainConfig(steps=steps + warmup, batch_size=1, microbatches=1, progress=False, schedule="gpipe",
                         slices=slices, fp16=False)

@@ -12,7 +12,7 @@ import click
 
 from .errors import USER_ERRORS, UserError
 from .groups import LaunchError
-from .hostfile import place_ranks, read_hostfile
+from .hostfile import MAP_BY, place_ranks, read_hostfile
 from .launcher import launch_command, supervise
 from .models.bert.commands import bert
 from .models.gpt.commands import gpt
@@ -83,6 +83,12 @@ def _sequential_build(c: Common, fns_fn: Callable[[], list[Any]], dataset: Any,
             return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
         return Built(model, train_set, {"eval": eval_set}, _accuracy_eval(_classify), opt)
     return build
+
+
+_map_by_option = click.option(
+    "--map-by", type=click.Choice(MAP_BY), default="slot", show_default=True,
+    help="Ranks onto hosts as mpirun --map-by does: slot keeps a bundle's stages on one host, node deals "
+         "ranks round-robin over the hosts (hvdtrain plan --hostfile shows the traffic of each).")
 
 
 @cli.command()
@@ -184,9 +190,7 @@ def run_job(c: Common, target: str, args: tuple[str, ...]) -> None:
               help="Model stages per stage group.")
 @click.option("--placement", default="looped", show_default=True, metavar="looped|contiguous|P0,P1,..")
 @click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
-@click.option("--map-by", type=click.Choice(["slot", "node"]), default="slot", show_default=True,
-              help="Ranks onto hosts as mpirun --map-by does: slot keeps a bundle's stages on one host, "
-                   "node deals ranks round-robin over the hosts.")
+@_map_by_option
 @click.option("--param-mb", type=float, default=None,
               help="With --hostfile: the model's parameters in MB (fp32), split evenly over the stages.")
 @click.option("--activation-mb", type=float, default=0.0, show_default=True,
@@ -262,9 +266,7 @@ def render_plan(layout: Layout, hosts: Optional[list[str]] = None,
 @click.option("--hostfile", type=click.Path(), default=None)
 @click.option("--horovodrun", "use_horovodrun", is_flag=True, help="Launch with horovodrun, not mpirun.")
 @click.option("--dry-run", is_flag=True, help="Print the command instead of running it.")
-@click.option("--map-by", type=click.Choice(["slot", "node"]), default="slot", show_default=True,
-              help="Ranks onto hosts: slot keeps a bundle's stages on one host (hvdtrain plan "
-                   "--hostfile shows the traffic of each).")
+@_map_by_option
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: bool, map_by: str,
            args: tuple[str, ...]) -> None:

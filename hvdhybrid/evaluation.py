@@ -28,7 +28,7 @@ from .slicing import BatchError, replica_rows
 if TYPE_CHECKING:
     from .trainer import MetricFn, Trainer
 
-__all__ = ["evaluate", "predict", "unit_rows"]
+__all__ = ["evaluate", "language_model_metrics", "predict", "unit_rows"]
 
 
 def unit_rows(trainer: Trainer) -> int:
@@ -129,3 +129,18 @@ def predict(trainer: Trainer, data: Dataset, batch_size: int,
         at += t.shape[0]
     assert at == len(indices), (at, len(indices))
     return torch.cat([t for _, t in pieces])[:n]
+
+
+def language_model_metrics(loss_fn: Callable[[Any, Any], torch.Tensor], batch: int = 64,
+                           **extra: float) -> Callable[[Any, Any], dict[str, float]]:
+    """``(trainer, data set) -> metrics`` of a byte-level language model: the mean next-byte loss
+    (``loss_fn`` is a mean over a microbatch's positions), bits per byte, rows, and ``extra``
+    (e.g. a baseline's loss), evaluated ``batch`` rows at a time."""
+
+    def nll(out: Any, y: Any) -> tuple[float, int]:
+        return float(loss_fn(out, y)) * y.shape[0], int(y.shape[0])
+
+    def run(trainer: Any, d: Any) -> dict[str, float]:
+        loss, rows = trainer.evaluate(d, nll, batch)
+        return {"loss": loss, "bits_per_byte": loss / math.log(2), "rows": rows, **extra}
+    return run

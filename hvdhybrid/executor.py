@@ -239,39 +239,32 @@ class Executor:
 
         for act in actions:
             with trace.span(str(act), act.kind):
-                self._act(act, batch, fwd, bwd, loss_scale, result, train, split_w, saved, caches)
+                key = (act.stage, act.mb, act.slice)
+                if act.kind == "F":
+                    cache = None
+                    if self._slices:
+                        cache = caches.setdefault((act.stage, act.mb), SliceCache(self._slices))
+                        cache.begin(act.slice)
+                    with torch.set_grad_enabled(train):
+                        sv = self._forward(act.stage, act.mb, act.slice, batch, fwd, loss_scale, result,
+                                           train, cache)
+                    if train:
+                        saved[key] = sv
+                    if act.slice + 1 == len(self._slices or (0,)) and not train:
+                        caches.pop((act.stage, act.mb), None)
+                elif act.kind == "B":
+                    sv = saved[key] if key in split_w else saved.pop(key)
+                    self._backward(act.stage, act.mb, act.slice, sv, bwd, weights=key not in split_w)
+                    if act.slice == 0:
+                        caches.pop((act.stage, act.mb), None)
+                else:
+                    self._weights(act.stage, saved.pop(key))
             for r in pending:
                 r.poll()
             self.p2p.drain_sends()
         self.p2p.wait_sends()
         self._mailbox.clear()
         return result
-
-    def _act(self, act: Action, batch: BatchFn, fwd: dict[tuple[int, int, int, int], list[PendingRecv]],
-             bwd: dict[tuple[int, int, int, int], list[PendingRecv]], loss_scale: float, result: StepResult,
-             train: bool, split_w: set[tuple[int, int, int]], saved: dict[tuple[int, int, int], _Saved],
-             caches: dict[tuple[int, int], SliceCache]) -> None:
-        """Run one action of the plan."""
-        key = (act.stage, act.mb, act.slice)
-        if act.kind == "F":
-            cache = None
-            if self._slices:
-                cache = caches.setdefault((act.stage, act.mb), SliceCache(self._slices))
-                cache.begin(act.slice)
-            with torch.set_grad_enabled(train):
-                sv = self._forward(act.stage, act.mb, act.slice, batch, fwd, loss_scale, result,
-                                   train, cache)
-            if train:
-                saved[key] = sv
-            if act.slice + 1 == len(self._slices or (0,)) and not train:
-                caches.pop((act.stage, act.mb), None)
-        elif act.kind == "B":
-            sv = saved[key] if key in split_w else saved.pop(key)
-            self._backward(act.stage, act.mb, act.slice, sv, bwd, weights=key not in split_w)
-            if act.slice == 0:
-                caches.pop((act.stage, act.mb), None)
-        else:
-            self._weights(act.stage, saved.pop(key))
 
     def _forward(self, s: int, mb: int, sl: int, batch: BatchFn,
                  fwd: dict[tuple[int, int, int, int], list[PendingRecv]],

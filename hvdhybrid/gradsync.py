@@ -117,7 +117,7 @@ class GradSync:
                     self._fp16 = Fp16Allreduce(self.groups.data_set, name)
                 self._fp16(grads)
                 return
-            reduced = hvd.allreduce_average(grads, self.groups.data_set, False, name=name)
+            reduced = hvd.allreduce_average(grads, self.groups.data_set, name=name)
             for g, r in zip(grads, reduced):
                 g.copy_(r)
 

@@ -46,19 +46,17 @@ def remove_process_set(ps: Any) -> None:
         hvd.remove_process_set(ps)
 
 
-def allreduce_average(tensors: list[torch.Tensor], process_set: Any, fp16: bool,
-                      name: str) -> list[torch.Tensor]:
-    """Average ``tensors`` over ``process_set`` in one grouped ring all-reduce.
+def allreduce_average(tensors: list[torch.Tensor], process_set: Any, name: str) -> list[torch.Tensor]:
+    """Average ``tensors`` over ``process_set`` in one grouped ring all-reduce, in their own dtype
+    (the float16 path is :class:`hvdhybrid.compression.Fp16Allreduce`).
 
-    With ``fp16`` the tensors travel as float16 (Horovod's ``Compression.fp16``)
-    and come back in their own dtype. ``name`` must be the same every step
-    (Horovod caches the negotiation by name; fresh names evict its cache).
+    ``name`` must be the same every step (Horovod caches the negotiation by name;
+    fresh names evict its cache).
     """
     import horovod.torch as hvd
 
-    compression = hvd.Compression.fp16 if fp16 else hvd.Compression.none
-    out: list[torch.Tensor] = hvd.grouped_allreduce(
-        tensors, name=name, op=hvd.Average, compression=compression, process_set=process_set)
+    out: list[torch.Tensor] = hvd.grouped_allreduce(tensors, name=name, op=hvd.Average,
+                                                    process_set=process_set)
     return out
 
 

@@ -219,6 +219,26 @@ def common_options(default_steps: int, default_batch: int, default_lr: float,
     return deco
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+optimizer_option = click.option(
+    "--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+    help="adamw: weight decay 0.01; sgd: momentum 0.9 (matches across layouts to 1e-5).")
+"""The ``--optimizer`` option of the models that offer AdamW or SGD (read with :func:`optimizer_fn`)."""
+
+
+def optimizer_fn(name: str, lr: float) -> Callable[..., Any]:
+    """``params -> optimizer`` for ``--optimizer NAME`` at ``--lr``: AdamW (weight decay 0.01) or
+    SGD (momentum 0.9)."""
+    import torch
+
+    def make(params: Any) -> Any:
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    return make
+
+
 def resolve_widths(c: Common, world_size: int, default: tuple[int, ...]) -> tuple[int, ...]:
     if c.stages is not None and c.bundle_shape is not None:
         raise LayoutError("give either --stages or --bundle-shape, not both")

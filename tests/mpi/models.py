@@ -40,6 +40,15 @@ def plain_loop(m: nn.Module, ds: Any, o: torch.optim.Optimizer, loss_fn: Any, st
         o.step()
 
 
+def byte_windows(seq: int, rows: int = 32) -> Any:
+    """``rows`` random byte sequences of ``seq`` tokens with next-byte targets (the language-model tests)."""
+    from hvdhybrid.data import TensorDataset
+
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 256, (rows, seq + 1), generator=g)
+    return TensorDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+
+
 def mlp_layers(seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
     return [nn.Sequential(nn.Linear(16, 32), nn.Tanh()), nn.Sequential(nn.Linear(32, 32), nn.Tanh()),

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from models import plain_loop
+from models import byte_windows, plain_loop
 
 from hvdhybrid.data import TensorDataset
 from hvdhybrid.groups import ProcessGroups
@@ -28,9 +28,7 @@ FP16_BOUND = 2e-3  # as for the other models (docs/transparency.md)
 
 
 def data() -> TensorDataset:
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 256, (32, SEQ + 1), generator=g)
-    return TensorDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    return byte_windows(SEQ)
 
 
 def opt(params: Any) -> torch.optim.Optimizer:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from models import plain_loop
+from models import byte_windows, plain_loop
 from torch import nn
 
 from hvdhybrid.data import Sampler, TensorDataset
@@ -21,9 +21,7 @@ STEPS, BATCH, LR, SEQ = 3, 8, 0.05, 24
 
 
 def data() -> TensorDataset:
-    g = torch.Generator().manual_seed(4)
-    ids = torch.randint(0, 256, (32, SEQ + 1), generator=g)
-    return TensorDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    return byte_windows(SEQ)
 
 
 def opt(params: Any) -> torch.optim.Optimizer:

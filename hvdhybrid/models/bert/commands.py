@@ -14,7 +14,17 @@ from typing import Any, Optional
 import click
 
 from ...partition import PartitionError
-from ...run import Built, Common, agreed, common_options, resolve_widths, run_model, world
+from ...run import (
+    Built,
+    Common,
+    agreed,
+    common_options,
+    optimizer_fn,
+    optimizer_option,
+    resolve_widths,
+    run_model,
+    world,
+)
 
 __all__ = ["bert"]
 
@@ -34,8 +44,7 @@ __all__ = ["bert"]
 @click.option("--test-fraction", type=float, default=0.1, show_default=True,
               help="Share of the rows held out for accuracy and F1.")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows (quick runs).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True,
-              help="adamw: weight decay 0.01; sgd: momentum 0.9 (matches across layouts to 1e-5).")
+@optimizer_option
 def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str, label_col: str,
          max_len: int, test_fraction: float, limit: Optional[int], optimizer: str) -> None:
     """Fine-tune a pretrained BERT-family encoder with a classification head.
@@ -75,10 +84,7 @@ def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str
         model = bert_model(spec, sizes, torch.nn.functional.cross_entropy)
         train_set, test_set = ds.split(test_fraction, seed=0)
 
-        def opt(params: Any) -> torch.optim.Optimizer:
-            if optimizer == "sgd":
-                return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=0.01)
+        opt = optimizer_fn(optimizer, c.lr)
 
         evaluate = functools.partial(_evaluate, len(text.classes))
         cut = ", ".join(_span(spec.units(), sizes, s) for s in range(len(sizes)))

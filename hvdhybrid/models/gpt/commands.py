@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Optional
 
 import click
 
 from ...errors import USER_ERRORS, UserError
-from ...run import Built, Common, agreed, common_options, resolve_widths, run_model, world
+from ...run import (
+    Built,
+    Common,
+    agreed,
+    common_options,
+    optimizer_fn,
+    optimizer_option,
+    resolve_widths,
+    run_model,
+    world,
+)
 from .model import CONFIGS
 
 __all__ = ["gpt", "configs", "plan_slices_cmd", "choose_slices"]
@@ -39,7 +48,7 @@ def _config_option(fn: Any) -> Any:
               help="Dropout (keyed by row, drawn for the whole sequence: slices do not change it).")
 @click.option("--untied", is_flag=True, help="An output layer of its own instead of the token embedding.")
 @click.option("--limit", type=int, default=None, help="Use only the first N sequences (quick runs).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@optimizer_option
 def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[int], tensor: int,
         data: Optional[str], dropout: float, untied: bool, limit: Optional[int], optimizer: str) -> None:
     """A GPT language model pipelined along the token dimension (TeraPipe).
@@ -55,6 +64,7 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
     import torch
 
     from ...data import TensorDataset
+    from ...evaluation import language_model_metrics
     from ...groups import current
     from ...slice_plan import lengths_text
     from ...staged import partition_sizes
@@ -79,20 +89,9 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
         model = gpt_model(cfg, c.seed, sizes, lambda: current().tensor)
         train_set, test_set = ds.split(0.05, seed=0)
 
-        def opt(params: Any) -> torch.optim.Optimizer:
-            if optimizer == "sgd":
-                return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=0.01)
+        opt = optimizer_fn(optimizer, c.lr)
 
-        def nll(out: Any, y: Any) -> tuple[float, int]:
-            return float(model.loss_fn(out, y)) * y.shape[0], int(y.shape[0])
-
-        unigram = unigram_loss(train_set, test_set)
-
-        def evaluate(trainer: Any, d: Any) -> dict[str, float]:
-            loss, n = trainer.evaluate(d, nll, 64)
-            return {"loss": loss, "bits_per_byte": loss / math.log(2), "rows": n,
-                    "unigram_loss": unigram}
+        evaluate = language_model_metrics(model.loss_fn, unigram_loss=unigram_loss(train_set, test_set))
 
         sl = ("whole sequences" if chosen is None
               else f"{len(chosen)} token slices {lengths_text(chosen)}")
@@ -115,6 +114,16 @@ def _check_seq_len(cfg: Any, name: str, seq_len: int) -> None:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
 
 
+def _granularity(granularity: Optional[int], seq_len: int) -> int:
+    """``--granularity``, or its default (seq-len / 64, at least 1); it must divide the sequence."""
+    from ...slice_plan import PlanError
+
+    gran = granularity or max(1, seq_len // 64)
+    if gran < 1 or seq_len % gran:
+        raise PlanError(f"--granularity {gran} does not divide --seq-len {seq_len}; use a divisor of it")
+    return gran
+
+
 def choose_slices(comm: Any, text: str, cfg: Any, seq_len: int, stages: int, rows: int, microbatches: int,
                   granularity: Optional[int], out: Optional[str]) -> Optional[tuple[int, ...]]:
     """``--slices`` as lengths (``None``: whole sequences), the same on every rank of ``comm``.
@@ -129,11 +138,7 @@ def choose_slices(comm: Any, text: str, cfg: Any, seq_len: int, stages: int, row
         return None if len(lengths) == 1 else lengths
     if stages == 1:
         return None
-    gran = granularity or max(1, seq_len // 64)
-    if gran < 1 or seq_len % gran:
-        from ...slice_plan import PlanError
-
-        raise PlanError(f"--granularity {gran} does not divide --seq-len {seq_len}; use a divisor of it")
+    gran = _granularity(granularity, seq_len)
     plan: Any = None
     if comm.Get_rank() == 0:
         from .latency import measure
@@ -207,9 +212,7 @@ def _plan_slices(name: str, seq_len: Optional[int], stages: int, batch: int, gra
                         f"{cfg.layers} blocks)")
     if batch < 1:
         raise PlanError(f"--batch must be >= 1, got {batch}")
-    gran = granularity or max(1, seq_len // 64)
-    if gran < 1 or seq_len % gran:
-        raise PlanError(f"--granularity {gran} does not divide --seq-len {seq_len}; use a divisor of it")
+    gran = _granularity(granularity, seq_len)
     per_stage = stage_layers(cfg, stages) * (12 * cfg.hidden ** 2)
     if latency == "auto":
         latency = "measured" if per_stage <= MEASURABLE_PARAMS else "counted"

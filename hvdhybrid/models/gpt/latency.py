@@ -40,13 +40,15 @@ def stage_layers(cfg: GPTConfig, stages: int) -> int:
     return -(-cfg.layers // stages)
 
 
-def _median_time(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up
+def _median_time(fn: Callable[[Any], None], repeats: int, setup: Callable[[], Any] = lambda: None) -> float:
+    """Median seconds of ``fn(setup())`` over ``repeats`` runs after one warm-up; ``setup`` is not timed."""
     out = []
-    for _ in range(repeats):
+    for r in range(repeats + 1):
+        arg = setup()
         t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+        fn(arg)
+        if r:
+            out.append(time.perf_counter() - t0)
     return statistics.median(out)
 
 
@@ -66,19 +68,20 @@ def _contexts(seq_len: int, length: int, points: int) -> list[int]:
 def _time_slice(stage: GPTStage, xs: torch.Tensor, c: int, repeats: int) -> float:
     """Median seconds of forward+backward of ``xs[:, c:]`` after the context ``xs[:, :c]``, whose keys
     and values are cached as the executor leaves them (the context itself is not timed)."""
-    times = []
-    for r in range(repeats + 1):  # the first is a warm-up
-        cache = None
-        if c:
-            cache = SliceCache((c, xs.shape[1] - c))
-            stage(xs[:, :c], cache=cache)
-            cache.begin(1)
-        t0 = time.perf_counter()
+
+    def context() -> Optional[SliceCache]:
+        if not c:
+            return None
+        cache = SliceCache((c, xs.shape[1] - c))
+        stage(xs[:, :c], cache=cache)
+        cache.begin(1)
+        return cache
+
+    def run(cache: Optional[SliceCache]) -> None:
         y = stage(xs[:, c:].requires_grad_(), cache=cache)
         y.backward(torch.ones_like(y))
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return _median_time(run, repeats, context)
 
 
 def stage_samples(cfg: GPTConfig, layers: int, rows: int, seq_len: int, points: int = 4,
@@ -99,16 +102,14 @@ def _time_send(a: torch.Tensor, repeats: int) -> float:
     from mpi4py import MPI
 
     comm, b = MPI.COMM_SELF, torch.empty_like(a)
-    times = []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        for _ in range(2):
+
+    def run(_: Any) -> None:
+        for _i in range(2):
             req = comm.Irecv(b.numpy(), source=0, tag=7)
             comm.Send(a.numpy(), dest=0, tag=7)
             req.Wait()
-        if r:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return _median_time(run, repeats)
 
 
 def transfer_samples(hidden: int, rows: int, seq_len: int, points: int = 4,
@@ -134,7 +135,7 @@ def _matmul_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
     """FLOP/s of an ``[m, k] @ [k, n]`` product on this machine."""
     a, b = torch.randn(m, k), torch.randn(k, n)
 
-    def run() -> None:
+    def run(_: Any) -> None:
         torch.matmul(a, b)
 
     return 2.0 * m * k * n / _median_time(run, repeats)

@@ -4,14 +4,23 @@ one directory that ``GPT2LMHeadModel.from_pretrained`` loads)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any, Optional
 
 import click
 
 from ...errors import USER_ERRORS, UserError
-from ...run import Built, Common, agreed, common_options, resolve_widths, run_model, world
+from ...run import (
+    Built,
+    Common,
+    agreed,
+    common_options,
+    optimizer_fn,
+    optimizer_option,
+    resolve_widths,
+    run_model,
+    world,
+)
 from .model import CONFIGS
 
 __all__ = ["gpt2", "merge", "merge_checkpoint"]
@@ -29,7 +38,7 @@ __all__ = ["gpt2", "merge", "merge_checkpoint"]
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Bytes per training window.")
 @click.option("--dropout", type=float, default=0.1, show_default=True, help="GPT-2's dropout (keyed).")
 @click.option("--limit", type=int, default=None, help="Use only the first N windows (quick runs).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@optimizer_option
 def gpt2(c: Common, size: str, tensor: int, data: Optional[str], seq_len: int, dropout: float,
          limit: Optional[int], optimizer: str) -> None:
     """A Hugging Face GPT2LMHeadModel from a config: tensor x pipeline x data parallel.
@@ -42,6 +51,7 @@ def gpt2(c: Common, size: str, tensor: int, data: Optional[str], seq_len: int, d
     import torch
 
     from ...data import DataError
+    from ...evaluation import language_model_metrics
     from ...groups import current
     from ...staged import partition_sizes
     from .data import chunks, shakespeare, text_file
@@ -68,18 +78,9 @@ def gpt2(c: Common, size: str, tensor: int, data: Optional[str], seq_len: int, d
         model = gpt2_model(config, c.seed, sizes, lambda: current().tensor)
         train_set, test_set = ds.split(0.05, seed=0)
 
-        def opt(params: Any) -> torch.optim.Optimizer:
-            if optimizer == "sgd":
-                return torch.optim.SGD(params, lr=c.lr, momentum=0.9)
-            return torch.optim.AdamW(params, lr=c.lr, weight_decay=0.01)
+        opt = optimizer_fn(optimizer, c.lr)
 
-        def nll(out: Any, y: Any) -> tuple[float, int]:
-            per = model.loss_fn(out, y)  # the mean over this microbatch's positions (vocabulary-parallel)
-            return float(per) * y.shape[0], int(y.shape[0])
-
-        def evaluate(trainer: Any, d: Any) -> dict[str, float]:
-            loss, rows = trainer.evaluate(d, nll, 64)
-            return {"loss": loss, "bits_per_byte": loss / math.log(2), "rows": rows}
+        evaluate = language_model_metrics(model.loss_fn)
 
         def finish(trainer: Any, out: str) -> None:
             """OUT/probe_logits.pt: whole logits of the first test windows (the merge round trip checks
