@@ -31,7 +31,9 @@ def one_rank(tmp_path_factory: pytest.TempPathFactory) -> str:
     (2, ["--stages", "2", "--slices", "auto", "--microbatches", "2"]),
     (4, ["--stages", "4", "--slices", "16,12,12,8"]),
     (4, ["--stages", "2", "--slices", "20,16,12", "--fp16-compression"]),
-], ids=["2stages-uniform", "2stages-planned-mb2", "4stages-explicit", "2stages-2bundles-fp16"])
+    (4, ["--stages", "2", "--tensor", "2", "--slices", "20,16,12"]),
+], ids=["2stages-uniform", "2stages-planned-mb2", "4stages-explicit", "2stages-2bundles-fp16",
+        "2stages-tensor2"])
 def test_sliced_runs_end_where_one_rank_ends(one_rank: str, tmp_path, np_: int, layout: list[str]) -> None:
     out = str(tmp_path / "run")
     r = mpirun(np_, *GPT, "--steps", "3", *layout, "--out", out)
