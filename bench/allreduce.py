@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
 import time
 from typing import Any, Callable
@@ -20,6 +21,7 @@ import horovod.torch as hvd
 import torch
 from common import emit
 
+from hvdhybrid import mpi_env
 from hvdhybrid.compression import Fp16Allreduce
 
 
@@ -46,6 +48,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     hvd.init()
+    # which all-reduce algorithms MPI was given: hvdhybrid's rules (jobs across hosts) or its own
+    rules = os.environ.get("OMPI_MCA_coll_tuned_dynamic_rules_filename") == mpi_env.RULES_FILE
+    mpi = "hvdhybrid-rules" if rules else "openmpi-choice"
     for mb in map(float, a.mb.split(",")):
         ts = grads(mb)
         kw = {} if a.bucket_mb is None else {"bucket_mb": a.bucket_mb}
@@ -66,7 +71,7 @@ def main() -> None:
             base = statistics.median(times["fp32"])
             for k, v in times.items():
                 med = statistics.median(v)
-                emit({"name": f"allreduce-{k}", "mb": mb, "ranks": hvd.size(), "link": a.tag,
+                emit({"name": f"allreduce-{k}", "mb": mb, "ranks": hvd.size(), "link": a.tag, "mpi": mpi,
                       "median_s": med, "p25_s": sorted(v)[len(v) // 4], "p75_s": sorted(v)[3 * len(v) // 4],
                       "vs_fp32": med / base, "buckets": ours.num_buckets if k == "hvdhybrid-fp16" else None})
     hvd.shutdown()

@@ -17,17 +17,13 @@ The public API (imported on first use, so ``import hvdhybrid`` stays light)::
 
 from __future__ import annotations
 
-import os as _os
 from typing import TYPE_CHECKING, Any
 
-# Large torch CPU allocations (activations that travel between stages) on transparent
-# huge pages: Open MPI's single-copy transfers of such buffers run up to 1.5x faster
-# here. Read by torch's allocator at its first large allocation; a user's value wins.
-_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-# Open MPI busy-polls while a rank waits; with a rank per core (and Horovod's background
-# thread beside it) the polling takes the core from the compute: BERT fine-tuning on
-# 2 ranks x 1 thread ran 1.45 s/step without this and 1.05 s with it. Read at MPI_Init.
-_os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+from hvdhybrid import mpi_env as _mpi_env
+
+# Open MPI and torch settings read at MPI_Init / first allocation (huge pages, yielding
+# while waiting, all-reduce rules across hosts); a user's value wins. See mpi_env.py.
+_mpi_env.apply()
 
 __version__ = "0.1.0"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,13 +56,27 @@ if hvd.rank() == 0:
 hvd.shutdown()
 """
 
+RULES = r"""
+import json, os
+import hvdhybrid  # before MPI starts, as in every hvdhybrid program
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+got = c.gather(os.environ.get("OMPI_MCA_coll_tuned_dynamic_rules_filename", ""), root=0)
+if c.rank == 0:
+    print("RULES " + json.dumps(got), flush=True)
+"""
+
 
 def _tagged(out: str, tag: str) -> str:
-    """The rest of the line that starts with ``tag`` (horovodrun may prefix lines with [rank]<stdout>:)."""
+    """The rest of the line that starts with ``tag``.
+
+    horovodrun prefixes lines with ``[job,rank]<stdout>:``, and another rank's prefix may land at the
+    end of this line before its newline (seen 1 run in 3); such a fragment is cut off.
+    """
     for line in out.splitlines():
         i = line.find(tag + " ")
         if i >= 0:
-            return line[i + len(tag) + 1:].strip()
+            return re.sub(r"\[\d+,\d+\]<std(out|err)>:.*$", "", line[i + len(tag) + 1:]).strip()
     raise AssertionError(f"no {tag!r} line in output:\n{out}")
 
 
@@ -75,6 +90,16 @@ def test_ranks_fill_hosts_by_slot(hosts2: EmulatedHosts, env2: dict[str, str]) -
     cmd = MPIRUN + ["-np", "4", "--hostfile", hosts2.hostfile(), sys.executable, "-c", NAMES]
     names = json.loads(_tagged(_run(hosts2, cmd, env2, timeout=60), "NAMES"))
     assert names == [[0, "h0", "h0"], [1, "h0", "h0"], [2, "h1", "h1"], [3, "h1", "h1"]]
+
+
+def test_all_reduce_rules_across_hosts_only(hosts2: EmulatedHosts, env2: dict[str, str]) -> None:
+    """Every rank of a job across hosts gives MPI hvdhybrid's all-reduce rules; a job on one host does not."""
+    from hvdhybrid.mpi_env import RULES_FILE
+
+    across = MPIRUN + ["-np", "4", "--hostfile", hosts2.hostfile(), sys.executable, "-c", RULES]
+    assert json.loads(_tagged(_run(hosts2, across, env2, timeout=60), "RULES")) == [RULES_FILE] * 4
+    one = MPIRUN + ["-np", "2", "-H", "h0:2", sys.executable, "-c", RULES]
+    assert json.loads(_tagged(_run(hosts2, one, env2, timeout=60), "RULES")) == ["", ""]
 
 
 def test_traffic_crosses_the_rate_limited_link(hosts2: EmulatedHosts, env2: dict[str, str]) -> None:
