@@ -88,4 +88,9 @@ def test_a_killed_host_ends_the_job_within_30_s_naming_it(hosts2: EmulatedHosts,
     assert proc.returncode != 0
     assert took <= 30
     assert "Peer host:  h1" in text or "node h1" in text, text[-3000:]
-    assert not [p for p in hosts2.pids("h0")], "ranks on the surviving host are still running"
+    # mpirun may return while the surviving host's ranks are still being ended: give them the rest of
+    # the 30 s, then none may be left
+    while hosts2.pids("h0") and time.monotonic() - t0 < 30:
+        time.sleep(0.2)
+    print(f"h0's ranks gone {time.monotonic() - t0:.1f} s after h1 was killed")
+    assert not hosts2.pids("h0"), "ranks on the surviving host are still running 30 s after the kill"
