@@ -4,7 +4,8 @@
 
 1. Gradient all-reduce of 16 and 64 MB between the 2 hosts (1 rank each): fp32, Horovod's
    Compression.fp16, hvdhybrid's fp16 (bench/allreduce.py), ratios to fp32 in the same run; once
-   with the all-reduce rules hvdhybrid gives MPI across hosts, once with Open MPI's own choice.
+   with the all-reduce rules hvdhybrid gives MPI when each rank has a host of its own, once with
+   Open MPI's own choice. The same for 16 MB across 4 hosts (1 rank each).
 2. The 2-host hybrid job (2 bundles x 2 stages, ``hvdtrain mlp``), median step time:
    fp16 compression on vs off, and stages kept on a host (``--map-by slot``) vs split across the
    hosts (``--map-by node``), for a gradient-heavy and an activation-heavy model; next to each,
@@ -49,13 +50,14 @@ def _bench_lines(text: str) -> list[dict]:
     return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("BENCH ")]
 
 
-def allreduce(hosts: EmulatedHosts, rate: str, repeats: int, openmpi_choice: bool = False) -> list[dict]:
-    """hvdhybrid's MPI settings across hosts, or (``openmpi_choice``) Open MPI's own algorithm choice."""
+def allreduce(hosts: EmulatedHosts, rate: str, repeats: int, openmpi_choice: bool = False,
+              mb: str = "16,64") -> list[dict]:
+    """One rank per host: hvdhybrid's MPI settings, or (``openmpi_choice``) Open MPI's own choice."""
     env = _env(hosts)
     if openmpi_choice:  # a user's coll_tuned setting wins over hvdhybrid's rules (hvdhybrid/mpi_env.py)
         env["OMPI_MCA_coll_tuned_use_dynamic_rules"] = "0"
-    cmd = MPIRUN + ["-np", "2", "--map-by", "node", "--hostfile", hosts.hostfile(), sys.executable,
-                    os.path.join(HERE, "allreduce.py"), "--mb", "16,64", "--repeats", str(repeats),
+    cmd = MPIRUN + ["-np", str(hosts.n), "--map-by", "node", "--hostfile", hosts.hostfile(), sys.executable,
+                    os.path.join(HERE, "allreduce.py"), "--mb", mb, "--repeats", str(repeats),
                     "--tag", rate]
     p = hosts.run(cmd, timeout=900, env=env, cwd=ROOT)
     if p.returncode:
@@ -106,6 +108,10 @@ def main() -> None:
         for name, hidden, depth, batch in MODELS:
             for map_by, fp16 in (("slot", True), ("slot", False), ("node", True)):
                 emit(job(hosts, name, hidden, depth, batch, map_by, fp16, a.steps))
+    with EmulatedHosts(4, slots=1, rate=a.rate) as hosts:  # a data group of 4 across 4 hosts
+        for openmpi_choice in (False, True):
+            for r in allreduce(hosts, a.rate, max(3, a.repeats // 2), openmpi_choice, mb="16"):
+                emit(r)
 
 
 if __name__ == "__main__":

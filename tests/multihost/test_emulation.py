@@ -92,12 +92,16 @@ def test_ranks_fill_hosts_by_slot(hosts2: EmulatedHosts, env2: dict[str, str]) -
     assert names == [[0, "h0", "h0"], [1, "h0", "h0"], [2, "h1", "h1"], [3, "h1", "h1"]]
 
 
-def test_all_reduce_rules_across_hosts_only(hosts2: EmulatedHosts, env2: dict[str, str]) -> None:
-    """Every rank of a job across hosts gives MPI hvdhybrid's all-reduce rules; a job on one host does not."""
+def test_all_reduce_rules_only_with_a_host_per_rank(hosts2: EmulatedHosts, env2: dict[str, str]) -> None:
+    """Every rank of a job with a host per rank gives MPI hvdhybrid's all-reduce rules; no rank of a job
+    whose ranks share hosts (or one host) does."""
     from hvdhybrid.mpi_env import RULES_FILE
 
-    across = MPIRUN + ["-np", "4", "--hostfile", hosts2.hostfile(), sys.executable, "-c", RULES]
-    assert json.loads(_tagged(_run(hosts2, across, env2, timeout=60), "RULES")) == [RULES_FILE] * 4
+    own = MPIRUN + ["-np", "2", "--map-by", "node", "--hostfile", hosts2.hostfile(),
+                    sys.executable, "-c", RULES]
+    assert json.loads(_tagged(_run(hosts2, own, env2, timeout=60), "RULES")) == [RULES_FILE] * 2
+    shared = MPIRUN + ["-np", "3", "--hostfile", hosts2.hostfile(), sys.executable, "-c", RULES]
+    assert json.loads(_tagged(_run(hosts2, shared, env2, timeout=60), "RULES")) == [""] * 3
     one = MPIRUN + ["-np", "2", "-H", "h0:2", sys.executable, "-c", RULES]
     assert json.loads(_tagged(_run(hosts2, one, env2, timeout=60), "RULES")) == ["", ""]
 

@@ -9,14 +9,16 @@ import sys
 from hvdhybrid import mpi_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ONE_HOST = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
-TWO_HOSTS = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+# what Open MPI puts in every rank's environment: the world size and the number of nodes used
+ONE_HOST = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_num_nodes": "1"}
+SHARED_HOSTS = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_MCA_orte_num_nodes": "2"}
+TWO_HOSTS = {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_num_nodes": "2"}
 RULES = ("OMPI_MCA_coll_tuned_use_dynamic_rules", "OMPI_MCA_coll_tuned_dynamic_rules_filename")
 
 
-def test_rules_only_when_the_job_spans_hosts():
-    assert not any(k in mpi_env.defaults(ONE_HOST) for k in RULES)
-    assert not any(k in mpi_env.defaults({}) for k in RULES)  # not launched by Open MPI
+def test_rules_only_when_every_rank_has_a_host_of_its_own():
+    for env in (ONE_HOST, SHARED_HOSTS, {}, {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_MCA_orte_num_nodes": "1"}):
+        assert not any(k in mpi_env.defaults(env) for k in RULES), env
     got = mpi_env.defaults(TWO_HOSTS)
     assert got[RULES[0]] == "1" and got[RULES[1]] == mpi_env.RULES_FILE
     assert got["OMPI_MCA_mpi_yield_when_idle"] == "1" and got["THP_MEM_ALLOC_ENABLE"] == "1"
@@ -31,9 +33,9 @@ def test_a_users_setting_wins():
     assert mpi_env.apply(env) == {}  # idempotent
 
 
-def test_rules_file_says_recursive_doubling_for_two_ranks():
-    # collectives, id (allreduce = 2), comm sizes, size 2, rules, [bytes, algorithm, fan, segment]
-    assert mpi_env.read_rules() == [1, 2, 1, 2, 1, 0, 3, 0, 0]
+def test_rules_file_says_recursive_doubling_for_two_ranks_ring_for_more():
+    # collectives, id (allreduce = 2), comm sizes, per size: size, rules, [bytes, algorithm, fan, segment]
+    assert mpi_env.read_rules() == [1, 2, 2, 2, 1, 0, 3, 0, 0, 3, 1, 0, 4, 0, 0]
 
 
 def test_import_applies_them_before_mpi_starts():
@@ -42,6 +44,6 @@ def test_import_applies_them_before_mpi_starts():
     env.update(TWO_HOSTS, PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == mpi_env.RULES_FILE
-    env.update(ONE_HOST)
+    env.update(SHARED_HOSTS)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
