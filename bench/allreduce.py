@@ -48,9 +48,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     hvd.init()
-    # which all-reduce algorithms MPI was given: hvdhybrid's rules (jobs across hosts) or its own
-    rules = os.environ.get("OMPI_MCA_coll_tuned_dynamic_rules_filename") == mpi_env.RULES_FILE
-    mpi = "hvdhybrid-rules" if rules else "openmpi-choice"
+    # which all-reduce algorithms MPI was given: hvdhybrid's rules (a host per rank) or its own
+    mpi = "hvdhybrid-rules" if mpi_env.rules_given(os.environ) else "openmpi-choice"
     for mb in map(float, a.mb.split(",")):
         ts = grads(mb)
         kw = {} if a.bucket_mb is None else {"bucket_mb": a.bucket_mb}

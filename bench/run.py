@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/run.py [--out DIR] [--only pipeline|grover|memory|bert|gpt2|gpt|multihost ...]
 
-Writes DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...) /results.json,
-DIR/results.md (the tables below, as printed), DIR/scaling.png (each run
-against its peer) and DIR/pipeline-timeline.png (from a --trace of a 2-stage pipeline run).
+Writes into DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...):
+results.json, results.md (the tables below, as printed), scaling.png (each run
+against its peer) and pipeline-timeline.png (from a --trace of a 2-stage pipeline run).
 
 Timings never fail anything: this prints, it does not judge. Results go in docs/benchmarks.md.
 """
@@ -207,7 +207,7 @@ MPI_CHOICE = {"hvdhybrid-rules": "hvdhybrid's rules",
 
 
 def multihost() -> list[dict]:
-    """Across 2 emulated hosts at 1 Gbit/s: fp16 all-reduce and the 2-host hybrid job (needs root)."""
+    """Across emulated hosts at 1 Gbit/s: fp16 all-reduce (2 and 4 hosts) and the 2-host hybrid job (root)."""
     sys.path.insert(0, ROOT)
     from hvdhybrid.netemu import unavailable
 

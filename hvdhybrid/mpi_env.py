@@ -49,6 +49,11 @@ def defaults(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in want.items() if k not in environ}
 
 
+def rules_given(environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` gives Open MPI hvdhybrid's all-reduce rules (set by :func:`apply` or by hand)."""
+    return environ.get(_TUNED + "dynamic_rules_filename") == RULES_FILE
+
+
 def apply(environ: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:
     """Add :func:`defaults` to ``environ`` (``os.environ`` by default); returns what was added."""
     env = os.environ if environ is None else environ

@@ -21,6 +21,7 @@ def test_rules_only_when_every_rank_has_a_host_of_its_own():
         assert not any(k in mpi_env.defaults(env) for k in RULES), env
     got = mpi_env.defaults(TWO_HOSTS)
     assert got[RULES[0]] == "1" and got[RULES[1]] == mpi_env.RULES_FILE
+    assert mpi_env.rules_given(got) and not mpi_env.rules_given(mpi_env.defaults(SHARED_HOSTS))
     assert got["OMPI_MCA_mpi_yield_when_idle"] == "1" and got["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
