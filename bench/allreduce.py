@@ -21,8 +21,8 @@ import horovod.torch as hvd
 import torch
 from common import emit
 
-from hvdhybrid import mpi_env
-from hvdhybrid.compression import Fp16Allreduce
+from hvdhybrid.comm import mpi_env
+from hvdhybrid.comm.fp16_allreduce import Fp16Allreduce
 
 
 def grads(mb: float, parts: int = 16) -> list[torch.Tensor]:

@@ -64,7 +64,7 @@ def main() -> None:
     if a.worker:
         return worker(sizes, a.repeats)
     sys.path.insert(0, ROOT)
-    from hvdhybrid.netemu import EmulatedHosts, unavailable
+    from hvdhybrid.testing.netemu import EmulatedHosts, unavailable
 
     why = unavailable()
     if why:

@@ -18,9 +18,9 @@ import torch
 from common import emit
 
 import hvdhybrid as hh
-from hvdhybrid import tensor_parallel
-from hvdhybrid.data import TensorDataset
 from hvdhybrid.models.gpt2.model import hf_config, hf_model
+from hvdhybrid.parallel import tensor_parallel
+from hvdhybrid.training.data import TensorDataset
 
 
 def main() -> None:

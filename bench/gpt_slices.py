@@ -19,11 +19,11 @@ import torch
 from common import emit
 
 import hvdhybrid as hh
-from hvdhybrid.data import TensorDataset
 from hvdhybrid.models.gpt.latency import measure
 from hvdhybrid.models.gpt.model import config, gpt_model, unit_names
-from hvdhybrid.slice_plan import plan_slices, step_time, uniform
-from hvdhybrid.staged import partition_sizes
+from hvdhybrid.parallel.staged import partition_sizes
+from hvdhybrid.pipeline.token_slices import plan_slices, step_time, uniform
+from hvdhybrid.training.data import TensorDataset
 
 
 def _data(seq: int) -> TensorDataset:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from common import emit, median, time_steps
 
-from hvdhybrid import randomness
 from hvdhybrid.models.grover.config import CONFIGS
 from hvdhybrid.models.grover.data import FinetuneSet, finetune_loss
 from hvdhybrid.models.grover.features import chembl2321810
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, stage_model
+from hvdhybrid.parallel import randomness
 
 BATCH = int(os.environ.get("GROVER_BENCH_BATCH", "64"))
 CONFIG = os.environ.get("GROVER_BENCH_CONFIG", "small")
@@ -58,9 +58,9 @@ def plain(threads: int) -> None:
 
 
 def runtime(mode: str, microbatches: int) -> None:
-    from hvdhybrid.groups import ProcessGroups, mpi_world
-    from hvdhybrid.topology import Layout
-    from hvdhybrid.trainer import TrainConfig, Trainer
+    from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+    from hvdhybrid.layout.topology import Layout
+    from hvdhybrid.training.trainer import TrainConfig, Trainer
 
     torch.set_num_threads(1)
     world = mpi_world()
@@ -85,9 +85,9 @@ def runtime(mode: str, microbatches: int) -> None:
               "microbatches": microbatches, "layout": layout.describe(), "batch": BATCH, "step_s": worst,
               "mol_s": BATCH / worst})
     groups.close()
-    from hvdhybrid import hvd
+    from hvdhybrid.comm import horovod_ops
 
-    hvd.shutdown(world)
+    horovod_ops.shutdown(world)
 
 
 if __name__ == "__main__":

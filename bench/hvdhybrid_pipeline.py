@@ -8,11 +8,11 @@ import torch
 from common import BATCH, MICRO, batch, emit, median, mlp_layers, one_thread, time_steps
 from torch import nn
 
-from hvdhybrid.data import TensorDataset
-from hvdhybrid.groups import ProcessGroups, mpi_world
-from hvdhybrid.staged import split_sequential
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.parallel.staged import split_sequential
+from hvdhybrid.training.data import TensorDataset
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 
 def main(schedule: str) -> None:

@@ -32,12 +32,12 @@ def rank_main(width: int, depth: int, stages: int, drop: bool) -> None:
     import torch
     from torch import nn
 
-    from hvdhybrid.data import TensorDataset
-    from hvdhybrid.groups import ProcessGroups, mpi_world
+    from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+    from hvdhybrid.layout.topology import Layout
     from hvdhybrid.models.mlp import mlp_layer_fns
-    from hvdhybrid.staged import keyed_layers, sequential_model, split_sequential
-    from hvdhybrid.topology import Layout
-    from hvdhybrid.trainer import TrainConfig, Trainer
+    from hvdhybrid.parallel.staged import keyed_layers, sequential_model, split_sequential
+    from hvdhybrid.training.data import TensorDataset
+    from hvdhybrid.training.trainer import TrainConfig, Trainer
 
     world = mpi_world()
     fns = mlp_layer_fns(64, width, depth, 10)

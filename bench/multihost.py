@@ -9,7 +9,7 @@
 2. The 2-host hybrid job (2 bundles x 2 stages, ``hvdtrain mlp``), median step time:
    fp16 compression on vs off, and stages kept on a host (``--map-by slot``) vs split across the
    hosts (``--map-by node``), for a gradient-heavy and an activation-heavy model; next to each,
-   the bytes per step that ``hvdhybrid.traffic`` says cross the link.
+   the bytes per step that ``hvdhybrid.layout.traffic`` says cross the link.
 
 Prints ``BENCH {json}`` lines (bench/run.py collects them).
 """
@@ -30,10 +30,10 @@ sys.path[:0] = [ROOT, HERE]
 
 from common import emit  # noqa: E402
 
-from hvdhybrid.hostfile import Host, place_ranks  # noqa: E402
-from hvdhybrid.netemu import EmulatedHosts, unavailable  # noqa: E402
-from hvdhybrid.topology import Layout  # noqa: E402
-from hvdhybrid.traffic import ModelSizes, cross_host_bytes, link_bytes  # noqa: E402
+from hvdhybrid.layout.hostfile import Host, place_ranks  # noqa: E402
+from hvdhybrid.layout.topology import Layout  # noqa: E402
+from hvdhybrid.layout.traffic import ModelSizes, cross_host_bytes, link_bytes  # noqa: E402
+from hvdhybrid.testing.netemu import EmulatedHosts, unavailable  # noqa: E402
 
 MPIRUN = ["mpirun", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
 # (name, hidden, depth, batch): the 8x8-digits MLP, 64 inputs, 10 classes

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from common import emit
 
-from hvdhybrid.groups import mpi_world
-from hvdhybrid.p2p import P2P, MsgKey
+from hvdhybrid.comm.groups import mpi_world
+from hvdhybrid.comm.p2p import P2P, MsgKey
 
 SIZES_MB = [1, 4, 16, 64]
 ROUNDS = 10

@@ -209,7 +209,7 @@ MPI_CHOICE = {"hvdhybrid-rules": "hvdhybrid's rules",
 def multihost() -> list[dict]:
     """Across emulated hosts at 1 Gbit/s: fp16 all-reduce (2 and 4 hosts) and the 2-host hybrid job (root)."""
     sys.path.insert(0, ROOT)
-    from hvdhybrid.netemu import unavailable
+    from hvdhybrid.testing.netemu import unavailable
 
     why = unavailable()
     if why:

@@ -15,8 +15,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from hvdhybrid.data import split_indices
 from hvdhybrid.models.bert.data import read_labelled_csv, rotten_tomatoes
+from hvdhybrid.training.data import split_indices
 
 
 def main() -> None:

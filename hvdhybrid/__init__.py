@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from hvdhybrid import mpi_env as _mpi_env
+from hvdhybrid.comm import mpi_env as _mpi_env
 
 # Open MPI and torch settings read at MPI_Init / first allocation (huge pages, yielding
 # while waiting, all-reduce rules across hosts); a user's value wins. See mpi_env.py.
@@ -43,16 +43,16 @@ __all__ = ["Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler",
 
 if TYPE_CHECKING:
     from .api import finish, init, merge_gpt2, parallelize_gpt2, world_size
-    from .data import Sampler, TensorDataset
-    from .dropout import KeyedDropout, keyed_dropouts
-    from .graph import StageGraph
-    from .job import Job
-    from .ownership import Tie
-    from .placement import Placement
-    from .precision import Precision
-    from .staged import StagedModel, sequential_model, split_sequential
-    from .topology import Layout
-    from .trainer import TrainConfig, Trainer
+    from .layout.placement import Placement
+    from .layout.topology import Layout
+    from .parallel.dropout import KeyedDropout, keyed_dropouts
+    from .parallel.graph import StageGraph
+    from .parallel.ownership import Tie
+    from .parallel.staged import StagedModel, sequential_model, split_sequential
+    from .training.data import Sampler, TensorDataset
+    from .training.job import Job
+    from .training.precision import Precision
+    from .training.trainer import TrainConfig, Trainer
 
 
 def __getattr__(name: str) -> Any:

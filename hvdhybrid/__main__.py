@@ -1,5 +1,5 @@
 """``python -m hvdhybrid`` is ``hvdtrain``."""
 
-from .cli import main
+from .cli.main import main
 
 main()

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from .groups import ProcessGroups, check_launch, mpi_world
-from .topology import Layout
+from .comm.groups import ProcessGroups, check_launch, mpi_world
+from .layout.topology import Layout
 
 __all__ = ["init", "finish", "world_size", "parallelize_gpt2", "merge_gpt2"]
 
@@ -45,7 +45,7 @@ def init(widths: Optional[Sequence[int]] = None, stages: Optional[int] = None, t
     w = world if world is not None else mpi_world()
     check_launch(w)
     if widths is not None and stages is not None:
-        from .topology import LayoutError
+        from .layout.topology import LayoutError
 
         raise LayoutError("give either widths or stages, not both")
     layout = Layout(w.Get_size(), tuple(widths) if widths is not None else (1,) * (stages or 1), tensor)
@@ -54,16 +54,16 @@ def init(widths: Optional[Sequence[int]] = None, stages: Optional[int] = None, t
 
 def finish(groups: ProcessGroups) -> None:
     """Collective: free the groups and shut Horovod down (after a barrier)."""
-    from . import hvd
+    from .comm import horovod_ops
 
     groups.close()
-    hvd.shutdown(groups.world)
+    horovod_ops.shutdown(groups.world)
 
 
 def parallelize_gpt2(model: Any, groups: ProcessGroups) -> Any:
     """A stock Hugging Face ``GPT2LMHeadModel``, converted in place to the launch's layout:
     its blocks cut into ``groups.pipeline_size`` stages, each split over ``groups.tensor_size``
-    ranks (heads, MLP, vocabulary). Returns the :class:`~hvdhybrid.staged.StagedModel` to train.
+    ranks (heads, MLP, vocabulary). Returns the :class:`~hvdhybrid.parallel.staged.StagedModel` to train.
 
     Raises:
         ConfigError: the tensor size does not divide the heads, hidden size or vocabulary.
@@ -80,6 +80,6 @@ def merge_gpt2(checkpoints: str, out: str) -> Any:
     Returns:
         The merged ``GPT2LMHeadModel``.
     """
-    from .models.gpt2.commands import merge_checkpoint
+    from .cli.gpt2 import merge_checkpoint
 
     return merge_checkpoint(checkpoints, out)[1]

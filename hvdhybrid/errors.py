@@ -3,14 +3,11 @@
 Every module that checks user input (layouts, batches, data files, hostfiles,
 checkpoints, schedules, ...) raises a subclass of :class:`InputError`, defined
 next to the check. The CLI catches the base class alone, so a new kind of
-input error needs no registration anywhere.
+input error needs no registration anywhere. Pure: the CLI (``hvdhybrid.cli``)
+turns these into click's one-line errors.
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-import click
 
 __all__ = ["InputError", "USER_ERRORS", "UserError"]
 
@@ -22,10 +19,8 @@ class InputError(ValueError):
 USER_ERRORS: tuple[type[Exception], ...] = (InputError,)
 
 
-class UserError(click.ClickException):
-    """One line to the user, exit code 2."""
+class UserError(Exception):
+    """Bad input already agreed on: the one line the user reads (the CLI shows it, exit code 2).
 
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"hvdtrain: error: {self.format_message()}", err=True)
+    Not an :class:`InputError`: it is the outcome of the checks, never caught as their failure.
+    """

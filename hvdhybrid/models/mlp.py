@@ -14,7 +14,7 @@ def mlp_layer_fns(in_features: int, hidden: int, depth: int,
     """``depth`` layer factories: (Linear+ReLU) x (depth-1), then a Linear head; flattens its input.
 
     Factories, not modules, so that a rank builds only the layers of its own
-    stages (:func:`hvdhybrid.staged.sequential_model`).
+    stages (:func:`hvdhybrid.parallel.staged.sequential_model`).
     """
     def hidden_layer(d: int, first: bool) -> Callable[[], nn.Module]:
         def make() -> nn.Module:

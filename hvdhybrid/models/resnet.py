@@ -42,7 +42,7 @@ def resnet_layer_fns(in_channels: int, num_classes: int, width: int = 16,
     """Factories of the stem, residual blocks (width doubling, stride 2 between groups), pooled head.
 
     Factories, not modules, so that a rank builds only the layers of its own
-    stages (:func:`hvdhybrid.staged.sequential_model`).
+    stages (:func:`hvdhybrid.parallel.staged.sequential_model`).
     """
     def stem() -> nn.Module:
         return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _norm(width), nn.ReLU())

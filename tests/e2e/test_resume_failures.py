@@ -11,7 +11,7 @@ import time
 import torch
 from conftest import HVDTRAIN, ROOT, env, mpirun, params
 
-from hvdhybrid.checkpoint import find_complete, verify
+from hvdhybrid.training.checkpoint import find_complete, verify
 
 # a pipeline layout with bundles: 2 bundles x 2 stages on 4 ranks, fp16 compression on
 BASE = ["mlp", "--bundle-shape", "1,1", "--batch-size", "32", "--no-progress", "--seed", "5"]

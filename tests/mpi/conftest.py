@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from hvdhybrid.groups import mpi_world
+from hvdhybrid.comm.groups import mpi_world
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +34,6 @@ def pytest_runtest_logreport(report: Any) -> None:
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    from hvdhybrid import hvd
+    from hvdhybrid.comm import horovod_ops
 
-    hvd.shutdown(mpi_world())
+    horovod_ops.shutdown(mpi_world())

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hvdhybrid.data import TensorDataset
-from hvdhybrid.graph import StageGraph
-from hvdhybrid.staged import StagedModel, split_sequential
+from hvdhybrid.parallel.graph import StageGraph
+from hvdhybrid.parallel.staged import StagedModel, split_sequential
+from hvdhybrid.training.data import TensorDataset
 
 
 def data(rows: int = 288, features: int = 16, classes: int = 5, seed: int = 1) -> TensorDataset:
@@ -23,8 +23,8 @@ def plain_loop(m: nn.Module, ds: Any, o: torch.optim.Optimizer, loss_fn: Any, st
                clip: float = 0.0) -> None:
     """The one-process reference: the sampler's global batches, step and rows set by hand (keyed
     draws), one backward per step, optional clipping."""
-    from hvdhybrid import randomness
-    from hvdhybrid.data import Sampler
+    from hvdhybrid.parallel import randomness
+    from hvdhybrid.training.data import Sampler
 
     m.train()
     sampler = Sampler(len(ds), batch, seed=0)
@@ -42,7 +42,7 @@ def plain_loop(m: nn.Module, ds: Any, o: torch.optim.Optimizer, loss_fn: Any, st
 
 def byte_windows(seq: int, rows: int = 32) -> Any:
     """``rows`` random byte sequences of ``seq`` tokens with next-byte targets (the language-model tests)."""
-    from hvdhybrid.data import TensorDataset
+    from hvdhybrid.training.data import TensorDataset
 
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 256, (rows, seq + 1), generator=g)
@@ -136,8 +136,8 @@ class TiedOut(nn.Module):
 
 def tied_chain(num_stages: int, seed: int = 0) -> StagedModel:
     """``num_stages`` >= 2 stages, each built alone (keyed); stage 0's ``w`` is the last stage's."""
-    from hvdhybrid.ownership import Tie
-    from hvdhybrid.staged import keyed
+    from hvdhybrid.parallel.ownership import Tie
+    from hvdhybrid.parallel.staged import keyed
 
     k = num_stages
 
@@ -176,7 +176,7 @@ class ColumnLinear(nn.Module):
 
     def __init__(self, full: nn.Linear, comm: Any) -> None:
         super().__init__()
-        from hvdhybrid.ownership import Sharded, tag
+        from hvdhybrid.parallel.ownership import Sharded, tag
 
         size, rank = comm.Get_size(), comm.Get_rank()
         n = full.out_features // size
@@ -187,7 +187,7 @@ class ColumnLinear(nn.Module):
         tag(self.bias, Sharded(0, size, rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hvdhybrid.tensor_parallel import copy_to
+        from hvdhybrid.parallel.tensor_parallel import copy_to
 
         x = copy_to(x, self.comm)
         return _GatherColumns.apply(x @ self.weight.t() + self.bias, self.comm)
@@ -195,7 +195,7 @@ class ColumnLinear(nn.Module):
 
 def tensor_chain(num_stages: int, tensor_comm: Any, seed: int = 0) -> StagedModel:
     """mlp_layers keyed, with every 32-wide Linear split column-wise over ``tensor_comm``."""
-    from hvdhybrid.staged import keyed
+    from hvdhybrid.parallel.staged import keyed
 
     fns = mlp_layer_fns()
     q, r = divmod(len(fns), num_stages)
@@ -209,7 +209,7 @@ def tensor_chain(num_stages: int, tensor_comm: Any, seed: int = 0) -> StagedMode
             m[0] = ColumnLinear(lin, tensor_comm)  # type: ignore[index]
         return m
 
-    from hvdhybrid.staged import Part
+    from hvdhybrid.parallel.staged import Part
 
     return StagedModel(StageGraph.chain(num_stages), None, nn.functional.cross_entropy,
                        builder=lambda s: Part([layer(i) for i in range(firsts[s], firsts[s] + sizes[s])],
@@ -226,7 +226,7 @@ def mlp_layer_fns() -> list[Any]:
 
 def keyed_chain(num_stages: int, seed: int = 0) -> StagedModel:
     """The same layers as :func:`chain`'s, each built alone (keyed): a rank builds only its stages."""
-    from hvdhybrid.staged import sequential_model
+    from hvdhybrid.parallel.staged import sequential_model
 
     fns = mlp_layer_fns()
     q, r = divmod(len(fns), num_stages)
@@ -235,6 +235,6 @@ def keyed_chain(num_stages: int, seed: int = 0) -> StagedModel:
 
 
 def keyed_reference(seed: int = 0) -> nn.Module:
-    from hvdhybrid.staged import keyed_layers
+    from hvdhybrid.parallel.staged import keyed_layers
 
     return nn.Sequential(*keyed_layers(mlp_layer_fns(), seed))

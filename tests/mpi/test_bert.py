@@ -12,13 +12,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from hvdhybrid import randomness
-from hvdhybrid.data import Sampler, TensorDataset
-from hvdhybrid.groups import ProcessGroups
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.bert.data import LabelledText, tokenize
 from hvdhybrid.models.bert.model import BertSpec, bert_model, default_model_dir
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.parallel import randomness
+from hvdhybrid.training.data import Sampler, TensorDataset
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS, BATCH, ACC, CLIP, LR = 3, 16, 4, 0.5, 0.05

@@ -13,12 +13,12 @@ from models import chain, chain_reference, data, keyed_chain, keyed_reference, t
 from mpi4py import MPI
 from torch import nn
 
-from hvdhybrid.data import Sampler
-from hvdhybrid.groups import ProcessGroups
-from hvdhybrid.placement import Placement
-from hvdhybrid.staged import StagedModel
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.placement import Placement
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.parallel.staged import StagedModel
+from hvdhybrid.training.data import Sampler
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 STEPS, BATCH = 3, 96
 TOL = 1e-5
@@ -132,7 +132,7 @@ def test_four_stage_chain_on_two_ranks_matches_one_process(world: Any, placement
 
 def test_split_backward_and_weight_actions_match_one_process(world: Any) -> None:
     """A zero-bubble plan (B then W as separate actions) computes the same gradients."""
-    from hvdhybrid import schedule as sched
+    from hvdhybrid.pipeline import schedules as sched
 
     if "zb1" not in sched.SCHEDULES:
         pytest.skip("no split-W schedule registered")
@@ -217,7 +217,7 @@ def test_tied_checkpoint_writes_the_tie_once_and_reloads(world: Any) -> None:
     out = shared_tmp(world)
     train(world, layout, tied_chain(2), out=out)
     if world.Get_rank() == 0:
-        from hvdhybrid.checkpoint import Manifest, find_complete
+        from hvdhybrid.training.checkpoint import Manifest, find_complete
 
         path, _ = find_complete(os.path.join(out, "checkpoints"))
         assert path is not None
@@ -267,7 +267,7 @@ def test_sharded_checkpoint_resumes_without_tensor_ranks(world: Any) -> None:
     out = shared_tmp(world)
     train(world, layout, lambda g: tensor_chain(1, g.tensor), opt=adam, out=out)
     if world.Get_rank() == 0:
-        from hvdhybrid.checkpoint import Manifest, find_complete
+        from hvdhybrid.training.checkpoint import Manifest, find_complete
 
         path, _ = find_complete(os.path.join(out, "checkpoints"))
         assert path is not None
@@ -286,7 +286,7 @@ def test_sharded_checkpoint_resumes_without_tensor_ranks(world: Any) -> None:
 
 def test_lr_schedule_continues_after_a_resume_at_another_layout(world: Any) -> None:
     """Warmup 2 + cosine over 6 steps: 3 steps at one layout, a checkpoint, 3 at another."""
-    from hvdhybrid.lr_schedule import factor
+    from hvdhybrid.training.lr_schedule import factor
 
     out = shared_tmp(world)
     ds = data()

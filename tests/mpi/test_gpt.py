@@ -16,12 +16,12 @@ import pytest
 import torch
 from models import byte_windows, plain_loop
 
-from hvdhybrid.data import TensorDataset
-from hvdhybrid.groups import ProcessGroups
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.placement import Placement
+from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.gpt.model import config, gpt_model, unit_names
-from hvdhybrid.placement import Placement
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.training.data import TensorDataset
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 STEPS, BATCH, LR, SEQ = 3, 8, 0.05, 24
 FP16_BOUND = 2e-3  # as for the other models (docs/transparency.md)

@@ -11,11 +11,11 @@ import torch
 from models import byte_windows, plain_loop
 from torch import nn
 
-from hvdhybrid.data import Sampler, TensorDataset
-from hvdhybrid.groups import ProcessGroups
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.gpt2.model import gpt2_model, hf_config, hf_model, unit_names
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.training.data import Sampler, TensorDataset
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 STEPS, BATCH, LR, SEQ = 3, 8, 0.05, 24
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from models import chain, data
 
-from hvdhybrid.groups import ProcessGroups
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import Diverged, TrainConfig, Trainer
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.training.trainer import Diverged, TrainConfig, Trainer
 
 
 def test_overflowing_gradient_skips_the_step_everywhere(world: Any) -> None:

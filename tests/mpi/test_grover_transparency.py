@@ -15,15 +15,15 @@ import pytest
 import torch
 from rdkit import Chem
 
-from hvdhybrid import randomness
-from hvdhybrid.data import Sampler
-from hvdhybrid.groups import ProcessGroups
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.grover.data import FinetuneSet, PretrainSet, build_vocabs, finetune_loss, pretrain_loss
 from hvdhybrid.models.grover.features import DescriptorScaler, rdkit_2d
 from hvdhybrid.models.grover.model import CONFIGS
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, PretrainHeads, stage_model
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.parallel import randomness
+from hvdhybrid.training.data import Sampler
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN(CC)CC", "c1ccncc1", "OC(=O)c1ccccc1", "CC(C)Cl", "C1CCCCC1",
           "CCOC(=O)C", "NCCO", "c1ccc2ccccc2c1", "CC#N", "O=C1CCCC1", "CS(=O)(=O)N", "FC(F)(F)c1ccccc1",

@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from hvdhybrid.executor import Executor, StageShapeError
-from hvdhybrid.graph import StageGraph
-from hvdhybrid.p2p import P2P, MsgKey
-from hvdhybrid.placement import Placement
-from hvdhybrid.schedule import forward_only
-from hvdhybrid.topology import Layout
+from hvdhybrid.comm.p2p import P2P, MsgKey
+from hvdhybrid.layout.placement import Placement
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.parallel.graph import StageGraph
+from hvdhybrid.pipeline.executor import Executor, StageShapeError
+from hvdhybrid.pipeline.schedules import forward_only
 
 
 def need(world: Any, n: int) -> None:

@@ -17,11 +17,11 @@ import torch
 from models import Encoder, Join, chain, chain_reference, data, fork_join, task_pair
 from torch import nn
 
-from hvdhybrid.data import Sampler
-from hvdhybrid.groups import ProcessGroups
-from hvdhybrid.staged import StagedModel
-from hvdhybrid.topology import Layout
-from hvdhybrid.trainer import TrainConfig, Trainer
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.parallel.staged import StagedModel
+from hvdhybrid.training.data import Sampler
+from hvdhybrid.training.trainer import TrainConfig, Trainer
 
 STEPS, BATCH, LR = 3, 96, 0.1
 FP32_TOL = 1e-5

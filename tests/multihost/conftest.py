@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from hvdhybrid.netemu import EmulatedHosts, unavailable
+from hvdhybrid.testing.netemu import EmulatedHosts, unavailable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

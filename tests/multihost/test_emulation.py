@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from hvdhybrid import netemu
-from hvdhybrid.netemu import EmulatedHosts
+from hvdhybrid.testing import netemu
+from hvdhybrid.testing.netemu import EmulatedHosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MPIRUN = ["mpirun", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
@@ -95,7 +95,7 @@ def test_ranks_fill_hosts_by_slot(hosts2: EmulatedHosts, env2: dict[str, str]) -
 def test_all_reduce_rules_only_with_a_host_per_rank(hosts2: EmulatedHosts, env2: dict[str, str]) -> None:
     """Every rank of a job with a host per rank gives MPI hvdhybrid's all-reduce rules; no rank of a job
     whose ranks share hosts (or one host) does."""
-    from hvdhybrid.mpi_env import RULES_FILE
+    from hvdhybrid.comm.mpi_env import RULES_FILE
 
     own = MPIRUN + ["-np", "2", "--map-by", "node", "--hostfile", hosts2.hostfile(),
                     sys.executable, "-c", RULES]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from hvdhybrid.netemu import EmulatedHosts
+from hvdhybrid.testing.netemu import EmulatedHosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MPIRUN = ["mpirun", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hvdhybrid.checkpoint import (
+from hvdhybrid.training.checkpoint import (
     CheckpointError,
     Manifest,
     atomic_write,
@@ -20,7 +20,7 @@ from hvdhybrid.checkpoint import (
     verify,
     write_manifest,
 )
-from hvdhybrid.state import stage_file
+from hvdhybrid.training.state import stage_file
 
 
 def make(root: str, step: int, ranks: int = 2, manifest: bool = True) -> str:

@@ -5,8 +5,8 @@ import sys
 
 from click.testing import CliRunner
 
-from hvdhybrid.cli import cli, launch_command, render_plan
-from hvdhybrid.topology import Layout
+from hvdhybrid.cli.main import cli, launch_command, render_plan
+from hvdhybrid.layout.topology import Layout
 
 GOLDEN_GROUPS = [
     "bundle groups: [0, 1, 2, 3] [4, 5, 6, 7]",

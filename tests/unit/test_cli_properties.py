@@ -6,9 +6,9 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvdhybrid.cli import cli
-from hvdhybrid.slicing import BatchError, check_batch
-from hvdhybrid.topology import Layout, LayoutError
+from hvdhybrid.cli.main import cli
+from hvdhybrid.layout.rows import BatchError, check_batch
+from hvdhybrid.layout.topology import Layout, LayoutError
 
 shapes = st.one_of(
     st.text(alphabet="0123456789,- x", max_size=12),

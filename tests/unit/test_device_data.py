@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hvdhybrid.data import DataError, Sampler, digits, image_folder
-from hvdhybrid.device import DeviceError, pick_device
+from hvdhybrid.training.data import DataError, Sampler, digits, image_folder
+from hvdhybrid.training.device import DeviceError, pick_device
 
 
 def test_auto_device_is_cpu_without_a_gpu_and_cuda_is_a_clear_error() -> None:
@@ -57,7 +57,7 @@ def test_read_text_names_a_binary_or_non_utf8_file(tmp_path) -> None:
     """Regression: a file of random bytes given to `grover finetune` ended in a csv.Error traceback."""
     import pytest
 
-    from hvdhybrid.data import DataError, read_text
+    from hvdhybrid.training.data import DataError, read_text
 
     binary = tmp_path / "blob.csv"
     binary.write_bytes(bytes(range(256)) * 4)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hvdhybrid import randomness
-from hvdhybrid.dropout import KeyedDropout, keyed_dropouts
+from hvdhybrid.parallel import randomness
+from hvdhybrid.parallel.dropout import KeyedDropout, keyed_dropouts
 
 
 def test_a_rows_mask_does_not_depend_on_its_batch() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hvdhybrid.graph import GraphError, StageGraph
+from hvdhybrid.parallel.graph import GraphError, StageGraph
 
 
 def test_chain():

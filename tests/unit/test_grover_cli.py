@@ -12,11 +12,11 @@ import torch
 from click.testing import CliRunner
 from rdkit import Chem
 
-from hvdhybrid.cli import cli
-from hvdhybrid.data import DataError
-from hvdhybrid.metrics import rmse, roc_auc
+from hvdhybrid.cli.grover import _check_labels, _floats, grover_widths, load_labelled
+from hvdhybrid.cli.main import cli
+from hvdhybrid.cli.session import Common
+from hvdhybrid.layout.topology import LayoutError
 from hvdhybrid.models.grover.baseline import fingerprints, forest_predict
-from hvdhybrid.models.grover.commands import _check_labels, _floats, grover_widths, load_labelled
 from hvdhybrid.models.grover.config import CONFIGS
 from hvdhybrid.models.grover.data import FinetuneSet
 from hvdhybrid.models.grover.features import read_smiles_csv
@@ -28,9 +28,9 @@ from hvdhybrid.models.grover.pretrained import (
     save_pretrained,
 )
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, PretrainHeads
-from hvdhybrid.partition import PartitionError
-from hvdhybrid.run import Common
-from hvdhybrid.topology import LayoutError
+from hvdhybrid.parallel.partition import PartitionError
+from hvdhybrid.training.data import DataError
+from hvdhybrid.training.metrics import rmse, roc_auc
 
 TINY = CONFIGS["tiny"]
 

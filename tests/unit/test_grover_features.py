@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from rdkit import Chem
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from hvdhybrid.data import DataError
 from hvdhybrid.models.grover.features import (
     ATOM_FDIM,
     BOND_FDIM,
@@ -38,6 +37,7 @@ from hvdhybrid.models.grover.features import (
     read_smiles_csv,
     scaffold_split,
 )
+from hvdhybrid.training.data import DataError
 
 # Offsets of the blocks in the 151 atom features, written out independently of the module.
 Z, DEGREE, CHARGE, CHIRAL, HS, HYBRID, AROM, MASS, IMPVAL, DONOR, ACCEPTOR, ACIDIC, BASIC, RING = (

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from rdkit import Chem
 
-from hvdhybrid import randomness
 from hvdhybrid.models.grover.config import CONFIGS
 from hvdhybrid.models.grover.features import BOND_INPUT_FDIM, MolGraph, batch_graphs
 from hvdhybrid.models.grover.model import MTBlock, pad_by_scope
+from hvdhybrid.parallel import randomness
 
 # Q, K, V (after the input projection, [1 molecule, 4 heads, 18 atoms, 32]) of node-view block 1
 # at step 2001 of `hvdtrain grover pretrain --task-parallel` (config small, Adam 1e-3): attention

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hvdhybrid.p2p import (
+from hvdhybrid.comm.p2p import (
     HEADER_LEN,
     MAX_TENSORS,
     MsgKey,

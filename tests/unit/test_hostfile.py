@@ -4,7 +4,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hvdhybrid.hostfile import (
+from hvdhybrid.layout.hostfile import (
     Host,
     HostfileError,
     parse_hostfile,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from hvdhybrid.lr_schedule import LRScheduleError, check, factor
+from hvdhybrid.training.lr_schedule import LRScheduleError, check, factor
 
 
 def test_linear_with_warmup_is_the_drawn_curve() -> None:

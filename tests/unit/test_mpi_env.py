@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from hvdhybrid import mpi_env
+from hvdhybrid.comm import mpi_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # what Open MPI puts in every rank's environment: the world size and the number of nodes used

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hvdhybrid.ownership import Sharded, cut, join
+from hvdhybrid.parallel.ownership import Sharded, cut, join
 
 
 @pytest.mark.parametrize("dim,size,parts", [(0, 2, 1), (1, 4, 1), (1, 2, 3), (0, 3, 3)])

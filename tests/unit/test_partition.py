@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from hvdhybrid.partition import PartitionError, balance, by_params, by_time, uniform
-from hvdhybrid.staged import partition_sizes, split_sequential
+from hvdhybrid.parallel.partition import PartitionError, balance, by_params, by_time, uniform
+from hvdhybrid.parallel.staged import partition_sizes, split_sequential
 
 
 def _best_max_sum(costs, parts):

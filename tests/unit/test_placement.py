@@ -3,7 +3,7 @@
 import pytest
 
 from hvdhybrid.errors import InputError
-from hvdhybrid.placement import Placement, PlacementError
+from hvdhybrid.layout.placement import Placement, PlacementError
 
 
 def test_identity():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hvdhybrid.precision import LossScaler, Precision, PrecisionError
+from hvdhybrid.training.precision import LossScaler, Precision, PrecisionError
 
 
 def test_scaler_halves_on_overflow_and_grows_after_the_interval() -> None:

@@ -1,4 +1,4 @@
-"""hvdhybrid.run without MPI: `agreed` against a fake communicator, and `Common.train_config`."""
+"""hvdhybrid.cli.session without MPI: `agreed` against a fake communicator, and `Common.train_config`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any, Optional
 
 import pytest
 
-from hvdhybrid.data import DataError
+from hvdhybrid.cli.session import Common, agreed
 from hvdhybrid.errors import UserError
-from hvdhybrid.run import Common, agreed
-from hvdhybrid.trainer import TrainConfig
+from hvdhybrid.training.data import DataError
+from hvdhybrid.training.trainer import TrainConfig
 
 
 class FakeComm:
@@ -95,8 +95,8 @@ def test_train_config_carries_every_option_it_shares_with_trainconfig() -> None:
 
 
 def test_epochs_count_whole_batches_of_the_training_rows() -> None:
-    from hvdhybrid.data import DataError
-    from hvdhybrid.run import steps_for_epochs
+    from hvdhybrid.cli.session import steps_for_epochs
+    from hvdhybrid.training.data import DataError
 
     assert steps_for_epochs(3, 100, 32) == 9  # the sampler drops the partial last batch
     with pytest.raises(DataError, match="--epochs must be >= 1"):

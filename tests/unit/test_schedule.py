@@ -2,9 +2,9 @@
 
 import pytest
 
-from hvdhybrid.graph import StageGraph
-from hvdhybrid.placement import Placement, PlacementError
-from hvdhybrid.schedule import (
+from hvdhybrid.layout.placement import Placement, PlacementError
+from hvdhybrid.parallel.graph import StageGraph
+from hvdhybrid.pipeline.schedules import (
     SCHEDULES,
     Action,
     ScheduleError,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hvdhybrid.graph import StageGraph
-from hvdhybrid.ownership import Replicated, Sharded, Tie, Tied, owner_of, tag
-from hvdhybrid.staged import StagedModel
+from hvdhybrid.parallel.graph import StageGraph
+from hvdhybrid.parallel.ownership import Replicated, Sharded, Tie, Tied, owner_of, tag
+from hvdhybrid.parallel.staged import StagedModel
 
 
 class End(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvdhybrid.topology import Layout, LayoutError, RankCoord, parse_bundle_shape
+from hvdhybrid.layout.topology import Layout, LayoutError, RankCoord, parse_bundle_shape
 
 
 def test_golden_world8_widths_1_3():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from hvdhybrid.hostfile import Host, HostfileError, place_ranks
-from hvdhybrid.topology import Layout
-from hvdhybrid.traffic import ModelSizes, cross_host_bytes, describe_links, link_bytes
+from hvdhybrid.layout.hostfile import Host, HostfileError, place_ranks
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.layout.traffic import ModelSizes, cross_host_bytes, describe_links, link_bytes
 
 MB = 1e6
 TWO = [Host("h0", 2), Host("h1", 2)]

@@ -2,7 +2,7 @@
 
 Texts are tokenized once, up front, with the model's own tokenizer (loaded
 offline by ``transformers``) and padded to ``max_len``; a data set is then a
-:class:`~hvdhybrid.data.TensorDataset` of token ids and label indices.
+:class:`~hvdhybrid.training.data.TensorDataset` of token ids and label indices.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...data import DataError, TensorDataset, read_csv_rows
+from ...training.data import DataError, TensorDataset, read_csv_rows
 
 __all__ = ["LabelledText", "read_labelled_csv", "rotten_tomatoes", "tokenize"]
 

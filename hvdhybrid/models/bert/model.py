@@ -13,7 +13,7 @@ the run's seed, so every layout starts from the same parameters.
 
 The encoder layer's forward is written here (with the Hugging Face weights)
 rather than called, so that every dropout, attention probabilities included, is
-a :class:`~hvdhybrid.dropout.KeyedDropout`: the masks depend on the data row,
+a :class:`~hvdhybrid.parallel.dropout.KeyedDropout`: the masks depend on the data row,
 not on the rank, and a run at any layout matches one process. With dropout off
 the logits equal ``BertForSequenceClassification``'s (a unit test checks it).
 
@@ -34,10 +34,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ...dropout import keyed_dropouts
 from ...errors import InputError
-from ...graph import StageGraph
-from ...staged import StagedModel, keyed, mount
+from ...parallel.dropout import keyed_dropouts
+from ...parallel.graph import StageGraph
+from ...parallel.staged import StagedModel, keyed, mount
 
 __all__ = ["BertSpec", "BertStage", "ModelError", "bert_model", "default_model_dir", "unit_names"]
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ...data import TensorDataset
+from ...training.data import TensorDataset
 from ..gpt2.data import chunks, shakespeare, text_file
 
 __all__ = ["corpus", "unigram_loss"]

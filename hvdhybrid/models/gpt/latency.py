@@ -3,9 +3,9 @@
 *Measured* (:func:`measure`): one stage of the config (its share of the
 blocks) is built and timed on slices of several lengths ``l`` after several
 contexts ``c``, forward and backward with the keys and values of the context
-held as a :class:`~hvdhybrid.kvcache.SliceCache` (as the executor runs it);
+held as a :class:`~hvdhybrid.pipeline.kvcache.SliceCache` (as the executor runs it);
 the transfer of a slice's activations and gradients is timed as MPI
-point-to-point messages of their size. :func:`hvdhybrid.slice_plan.fit`
+point-to-point messages of their size. :func:`hvdhybrid.pipeline.token_slices.fit`
 turns the samples into ``t(b, l, c) = c0 + b (c1 l + c2 l (c + l))``.
 
 *Counted* (:func:`counted`), for shapes too large to time here (``gpt3-175b``):
@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ...kvcache import SliceCache
-from ...slice_plan import LatencyModel, fit
+from ...pipeline.kvcache import SliceCache
+from ...pipeline.token_slices import LatencyModel, fit
 from .model import CONFIGS, GPTConfig, GPTStage
 
 __all__ = ["measure", "counted", "transfer_samples", "stage_layers", "MEASURABLE_PARAMS"]

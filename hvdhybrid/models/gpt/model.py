@@ -7,7 +7,7 @@ Units of the chain: ``embed`` (``wte``, ``wpe``, dropout), ``h.0`` ..
 consecutive units; each unit is built under a generator keyed by (seed, unit),
 so a rank builds only its own units and they equal the single-process model's.
 
-Token slices: every stage takes ``cache=`` (a :class:`~hvdhybrid.kvcache.SliceCache`
+Token slices: every stage takes ``cache=`` (a :class:`~hvdhybrid.pipeline.kvcache.SliceCache`
 or ``None``). The embedding reads positions from ``cache.start``; each
 attention layer hands its keys and values to ``cache.extend`` and attends to
 those of the earlier slices too, with the causal mask shifted by the slice's
@@ -31,19 +31,19 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ...dropout import keyed_window_drop
 from ...errors import InputError
-from ...graph import StageGraph
-from ...kvcache import SliceCache
-from ...ownership import Tie
-from ...staged import StagedModel, keyed
-from ...tensor_parallel import (
+from ...parallel.dropout import keyed_window_drop
+from ...parallel.graph import StageGraph
+from ...parallel.ownership import Tie
+from ...parallel.staged import StagedModel, keyed
+from ...parallel.tensor_parallel import (
     copy_to,
     reduce_from,
     shard_parameter,
     vocab_parallel_cross_entropy,
     vocab_parallel_embedding,
 )
+from ...pipeline.kvcache import SliceCache
 
 __all__ = ["BYTES", "CONFIGS", "GPTConfig", "ConfigError", "GPTStage", "config", "gpt_model", "unit_names",
            "check_tensor"]

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ...data import DataError, TensorDataset, read_text
+from ...training.data import DataError, TensorDataset, read_text
 
 __all__ = ["shakespeare", "text_file", "chunks"]
 

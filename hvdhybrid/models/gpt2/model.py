@@ -5,7 +5,7 @@ Units of the chain: ``embeddings`` (wte, wpe, dropout), ``h.0`` .. ``h.L-1``,
 their Hugging Face names (``transformer.h.3.attn.c_attn.weight``), so the
 parameters of any layout merge back into one ``from_pretrained`` directory.
 
-Over the tensor ranks of a stage (Megatron's split, :mod:`hvdhybrid.tensor_parallel`):
+Over the tensor ranks of a stage (Megatron's split, :mod:`hvdhybrid.parallel.tensor_parallel`):
 ``c_attn`` (the fused Q | K | V projection) is column-parallel by heads, a
 block-strided shard (``Sharded(parts=3)``: each rank holds its heads' Q, K and
 V columns); ``attn.c_proj`` and ``mlp.c_proj`` are row-parallel; ``mlp.c_fc``
@@ -29,12 +29,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ...dropout import KeyedDropout, keyed_head_drop
 from ...errors import InputError
-from ...graph import StageGraph
-from ...ownership import Tie
-from ...staged import StagedModel, mount
-from ...tensor_parallel import (
+from ...parallel.dropout import KeyedDropout, keyed_head_drop
+from ...parallel.graph import StageGraph
+from ...parallel.ownership import Tie
+from ...parallel.staged import StagedModel, mount
+from ...parallel.tensor_parallel import (
     copy_to,
     reduce_from,
     shard_parameter,
@@ -216,8 +216,8 @@ def parallelize(model: Any, groups: Any) -> StagedModel:
     """A stock ``GPT2LMHeadModel``, converted in place for the launch's groups: its blocks cut
     evenly into the layout's pipeline stages, every stage split over the tensor ranks.
 
-    Train it with :class:`~hvdhybrid.trainer.Trainer`; its checkpoints merge with
-    :func:`hvdhybrid.models.gpt2.commands.merge_checkpoint`.
+    Train it with :class:`~hvdhybrid.training.trainer.Trainer`; its checkpoints merge with
+    :func:`hvdhybrid.cli.gpt2.merge_checkpoint`.
     """
     check_tensor(model.config, groups.tensor_size)
     units = len(unit_names(model.config.n_layer))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import randomness
+from ...parallel import randomness
 from .features import (
     ATOM_FDIM,
     GraphBatch,

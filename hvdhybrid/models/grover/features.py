@@ -25,7 +25,7 @@ from rdkit.Chem import Descriptors, Fragments
 from rdkit.Chem.Scaffolds import MurckoScaffold
 from rdkit.rdBase import BlockLogs
 
-from hvdhybrid.data import DataError, read_csv_rows, read_text
+from hvdhybrid.training.data import DataError, read_csv_rows, read_text
 
 __all__ = [
     "ATOM_FDIM", "BOND_FDIM", "BOND_INPUT_FDIM", "N_MOTIFS", "atom_features", "bond_features",

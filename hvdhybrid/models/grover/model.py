@@ -11,7 +11,7 @@ The two views give four embeddings (GROVER's ``atom_from_atom``,
 hidden states, plus their translation to the other kind of element (atoms
 gather their incoming bonds; a bond takes its source atom).
 
-Hop counts come from :mod:`hvdhybrid.randomness`, keyed by (seed, step,
+Hop counts come from :mod:`hvdhybrid.parallel.randomness`, keyed by (seed, step,
 layer), so every layout draws what one process draws.
 """
 
@@ -22,8 +22,8 @@ import math
 import torch
 from torch import nn
 
-from ... import randomness
-from ...dropout import SegmentDropout
+from ...parallel import randomness
+from ...parallel.dropout import SegmentDropout
 from .config import CONFIGS, GroverConfig
 from .features import ATOM_FDIM, BOND_INPUT_FDIM, GraphBatch
 
@@ -95,7 +95,7 @@ class MTBlock(nn.Module):
         self.inp = nn.Linear(in_dim, d)
         self.q, self.k, self.v = (DyMPN(d, edge_view, cfg.hops, f"{key}.{n}") for n in "qkv")
         # the module holds the attention's parameters; its forward is written out in
-        # _attend so that attention dropout is keyed by molecule (see hvdhybrid.dropout)
+        # _attend so that attention dropout is keyed by molecule (see hvdhybrid.parallel.dropout)
         self.attn = nn.MultiheadAttention(d, cfg.heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Linear(2 * d, d))

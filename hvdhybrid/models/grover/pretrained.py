@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ...data import DataError
+from ...training.data import DataError
 from .model import GroverConfig
 
 __all__ = ["FORMAT", "FILE", "save_pretrained", "load_pretrained", "load_encoder", "config_from"]

@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ...dropout import keyed_dropouts
-from ...graph import StageGraph
-from ...partition import PartitionError
-from ...staged import StagedModel
+from ...parallel.dropout import keyed_dropouts
+from ...parallel.graph import StageGraph
+from ...parallel.partition import PartitionError
+from ...parallel.staged import StagedModel
 from .features import GraphBatch
 from .model import Embeddings, GroverConfig, Readout, init_, view_blocks
 
