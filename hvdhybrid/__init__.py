@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hvdhybrid._lazy import exports
 from hvdhybrid.comm import mpi_env as _mpi_env
 
 # Open MPI and torch settings read at MPI_Init / first allocation (huge pages, yielding
@@ -29,11 +30,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "init": "api", "finish": "api", "world_size": "api", "parallelize_gpt2": "api", "merge_gpt2": "api",
-    "Layout": "topology", "Placement": "placement", "StageGraph": "graph",
-    "StagedModel": "staged", "sequential_model": "staged", "split_sequential": "staged", "Tie": "ownership",
-    "Trainer": "trainer", "TrainConfig": "trainer",
-    "KeyedDropout": "dropout", "keyed_dropouts": "dropout",
-    "TensorDataset": "data", "Sampler": "data", "Job": "job", "Precision": "precision",
+    "Layout": "layout.topology", "Placement": "layout.placement", "StageGraph": "parallel.graph",
+    "StagedModel": "parallel.staged", "sequential_model": "parallel.staged",
+    "split_sequential": "parallel.staged", "Tie": "parallel.ownership",
+    "Trainer": "training.trainer", "TrainConfig": "training.trainer",
+    "KeyedDropout": "parallel.dropout", "keyed_dropouts": "parallel.dropout",
+    "TensorDataset": "training.data", "Sampler": "training.data", "Job": "training.job",
+    "Precision": "training.precision",
 }
 
 __all__ = ["Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler", "StageGraph", "StagedModel",
@@ -55,9 +58,4 @@ if TYPE_CHECKING:
     from .training.trainer import TrainConfig, Trainer
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'hvdhybrid' has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
