@@ -46,9 +46,9 @@ def _time_steps(trainer: Any, data: TensorDataset, steps: int, warmup: int) -> f
 def run(groups: Any, cfg: Any, seq: int, slices: Optional[tuple[int, ...]], steps: int, warmup: int) -> float:
     sizes = partition_sizes([torch.nn.Identity()] * len(unit_names(cfg.layers)), groups.pipeline_size,
                             "uniform")
-    model = gpt_model(cfg, 0, sizes, lambda: groups.tensor)
+    model = gpt_model(cfg, 0, sizes, groups.tensor)
     tc = hh.TrainConfig(steps=steps + warmup, batch_size=1, microbatches=1, progress=False, schedule="gpipe",
-                        slices=slices, fp16=False)
+                        slices=slices, fp16_compression=False)
     trainer = hh.Trainer(groups, model, lambda p: torch.optim.AdamW(p, lr=1e-4), tc)
     return _time_steps(trainer, _data(seq), steps, warmup)
 
@@ -57,7 +57,7 @@ def one_process(cfg: Any, seq: int, steps: int, warmup: int) -> float:
     """The whole model, whole sequence, a plain loop in this process."""
     from mpi4py import MPI
 
-    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], lambda: MPI.COMM_SELF)
+    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], MPI.COMM_SELF)
     m = model.build(0)
     o = torch.optim.AdamW(m.parameters(), lr=1e-4)
     x, y = _data(seq).batch([0])

@@ -20,7 +20,7 @@ from common import emit, median, time_steps
 
 from hvdhybrid.models.grover.config import CONFIGS
 from hvdhybrid.models.grover.data import FinetuneSet, finetune_loss
-from hvdhybrid.models.grover.features import chembl2321810
+from hvdhybrid.models.grover.molfiles import chembl2321810
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, stage_model
 from hvdhybrid.parallel import randomness
 
@@ -59,8 +59,9 @@ def plain(threads: int) -> None:
 
 def runtime(mode: str, microbatches: int) -> None:
     from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+    from hvdhybrid.config import TrainConfig
     from hvdhybrid.layout.topology import Layout
-    from hvdhybrid.training.trainer import TrainConfig, Trainer
+    from hvdhybrid.training.trainer import Trainer
 
     torch.set_num_threads(1)
     world = mpi_world()
@@ -71,7 +72,7 @@ def runtime(mode: str, microbatches: int) -> None:
     model = stage_model(net, 1, task_parallel, finetune_loss)
     layout = Layout(world.Get_size(), (1, 1) if task_parallel else (1,))
     groups = ProcessGroups.create(layout, world)
-    tc = TrainConfig(batch_size=BATCH, microbatches=microbatches, progress=False, fp16=True)
+    tc = TrainConfig(batch_size=BATCH, microbatches=microbatches, progress=False, fp16_compression=True)
     trainer = Trainer(groups, model, lambda p: torch.optim.Adam(p, 1e-4), tc)
     it = iter(range(WARMUP + STEPS))
 

@@ -9,10 +9,11 @@ from common import BATCH, MICRO, batch, emit, median, mlp_layers, one_thread, ti
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.staged import split_sequential
 from hvdhybrid.training.data import TensorDataset
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 
 def main(schedule: str) -> None:

@@ -33,11 +33,12 @@ def rank_main(width: int, depth: int, stages: int, drop: bool) -> None:
     from torch import nn
 
     from hvdhybrid.comm.groups import ProcessGroups, mpi_world
+    from hvdhybrid.config import TrainConfig
     from hvdhybrid.layout.topology import Layout
     from hvdhybrid.models.mlp import mlp_layer_fns
     from hvdhybrid.parallel.staged import keyed_layers, sequential_model, split_sequential
     from hvdhybrid.training.data import TensorDataset
-    from hvdhybrid.training.trainer import TrainConfig, Trainer
+    from hvdhybrid.training.trainer import Trainer
 
     world = mpi_world()
     fns = mlp_layer_fns(64, width, depth, 10)
@@ -49,7 +50,7 @@ def rank_main(width: int, depth: int, stages: int, drop: bool) -> None:
     groups = ProcessGroups.create(Layout(world.Get_size(), (1,) * stages), world, use_horovod=False)
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(64, 64, generator=g), torch.randint(0, 10, (64,), generator=g))
-    cfg = TrainConfig(steps=1, batch_size=8, microbatches=2, fp16=False, progress=False)
+    cfg = TrainConfig(steps=1, batch_size=8, microbatches=2, fp16_compression=False, progress=False)
     trainer = Trainer(groups, model, lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9), cfg)
     if drop:
         model.stages = None  # drop what this rank does not run

@@ -8,7 +8,9 @@ The public API (imported on first use, so ``import hvdhybrid`` stays light)::
     Layout, Placement, StageGraph   rank arithmetic, stage placement, the stage graph
     StagedModel, sequential_model, split_sequential, Tie
                                     a model cut into stages (keyed per-stage builds, ties)
-    Trainer, TrainConfig            the training loop (fit, or train_step from your own loop)
+    Trainer                         the training loop (fit, or train_step from your own loop)
+    Config, TrainConfig             the config tree (sections parallel, pipeline, optim, comm, run);
+                                    TrainConfig(steps=..., ...) builds one from field names
     KeyedDropout, keyed_dropouts    dropout that does not depend on the layout
     TensorDataset, Sampler          data as index -> rows, the global-batch sampler
     Job                             what a build function returns to `hvdtrain run MODULE:FN`
@@ -17,7 +19,7 @@ The public API (imported on first use, so ``import hvdhybrid`` stays light)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hvdhybrid._lazy import exports
 from hvdhybrid.comm import mpi_env as _mpi_env
@@ -33,19 +35,21 @@ _EXPORTS = {
     "Layout": "layout.topology", "Placement": "layout.placement", "StageGraph": "parallel.graph",
     "StagedModel": "parallel.staged", "sequential_model": "parallel.staged",
     "split_sequential": "parallel.staged", "Tie": "parallel.ownership",
-    "Trainer": "training.trainer", "TrainConfig": "training.trainer",
+    "Trainer": "training.trainer", "TrainConfig": "config", "Config": "config",
     "KeyedDropout": "parallel.dropout", "keyed_dropouts": "parallel.dropout",
     "TensorDataset": "training.data", "Sampler": "training.data", "Job": "training.job",
     "Precision": "training.precision",
 }
 
-__all__ = ["Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler", "StageGraph", "StagedModel",
+__all__ = ["Config", "Job", "KeyedDropout", "Layout", "Placement", "Precision", "Sampler", "StageGraph",
+           "StagedModel",
            "TensorDataset", "Tie", "TrainConfig", "Trainer", "__version__", "finish", "init",
            "keyed_dropouts", "merge_gpt2", "parallelize_gpt2", "sequential_model", "split_sequential",
            "world_size"]
 
 if TYPE_CHECKING:
     from .api import finish, init, merge_gpt2, parallelize_gpt2, world_size
+    from .config import Config, TrainConfig
     from .layout.placement import Placement
     from .layout.topology import Layout
     from .parallel.dropout import KeyedDropout, keyed_dropouts
@@ -55,7 +59,7 @@ if TYPE_CHECKING:
     from .training.data import Sampler, TensorDataset
     from .training.job import Job
     from .training.precision import Precision
-    from .training.trainer import TrainConfig, Trainer
+    from .training.trainer import Trainer
 
 
 __getattr__ = exports(__name__, _EXPORTS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from .comm.groups import ProcessGroups, check_launch, mpi_world
-from .layout.topology import Layout
 
 __all__ = ["init", "finish", "world_size", "parallelize_gpt2", "merge_gpt2"]
 
@@ -42,13 +41,16 @@ def init(widths: Optional[Sequence[int]] = None, stages: Optional[int] = None, t
     Raises:
         LayoutError: the launch's world size does not fit (the message names sizes that do).
     """
+    from .config import ParallelConfig
+
     w = world if world is not None else mpi_world()
     check_launch(w)
     if widths is not None and stages is not None:
         from .layout.topology import LayoutError
 
         raise LayoutError("give either widths or stages, not both")
-    layout = Layout(w.Get_size(), tuple(widths) if widths is not None else (1,) * (stages or 1), tensor)
+    shape = ",".join(str(x) for x in widths) if widths is not None else None
+    layout = ParallelConfig(stages=stages, bundle_shape=shape, tensor=tensor).layout(w.Get_size())
     return ProcessGroups.create(layout, w)
 
 
@@ -80,6 +82,6 @@ def merge_gpt2(checkpoints: str, out: str) -> Any:
     Returns:
         The merged ``GPT2LMHeadModel``.
     """
-    from .cli.gpt2 import merge_checkpoint
+    from .models.gpt2.merge import merge_checkpoint
 
     return merge_checkpoint(checkpoints, out)[1]

@@ -12,7 +12,8 @@ model = hh.split_sequential(layers, [5], nn.functional.cross_entropy)  # changed
 g = torch.Generator().manual_seed(0)
 x = torch.randn(512, 20, generator=g)
 y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
-cfg = hh.TrainConfig(steps=30, batch_size=64, fp16=True, progress=False)  # changed: fp16 compression
+# changed: fp16 compression
+cfg = hh.TrainConfig(steps=30, batch_size=64, fp16_compression=True, progress=False)
 # changed: the Trainer broadcasts parameters and optimizer state and averages gradients (Horovod)
 trainer = hh.Trainer(groups, model, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), cfg)
 batch = 64

@@ -19,7 +19,7 @@ data = hh.TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 1).long())
 stages = 2 if hh.world_size() % 2 == 0 else 1  # 2 pipeline stages per bundle, bundles for the rest
 groups = hh.init(stages=stages)
 model = hh.sequential_model(layer_fns(), [4 // stages] * stages, nn.functional.cross_entropy, seed=0)
-cfg = hh.TrainConfig(steps=20, batch_size=64, microbatches=2, fp16=False, progress=False)
+cfg = hh.TrainConfig(steps=20, batch_size=64, microbatches=2, fp16_compression=False, progress=False)
 trainer = hh.Trainer(groups, model, lambda params: torch.optim.Adam(params, lr=1e-2), cfg)
 sampler = hh.Sampler(len(data), cfg.batch_size, seed=0)
 for step in range(1, cfg.steps + 1):  # your loop: one optimizer step (all ranks) per call

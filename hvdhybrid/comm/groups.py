@@ -9,17 +9,7 @@ from typing import Any, Optional, Sequence
 from ..errors import InputError
 from ..layout.topology import Layout, RankCoord
 
-__all__ = ["LaunchError", "ProcessGroups", "current", "mpi_world", "check_launch", "warm_pickle_collectives"]
-
-_CURRENT: list[Any] = [None]
-
-
-def current() -> ProcessGroups:
-    """The groups this process made last (a model built before its groups asks for them here)."""
-    if _CURRENT[0] is None:
-        raise RuntimeError("no process groups yet: call hvdhybrid.init() (or ProcessGroups.create) first")
-    got: ProcessGroups = _CURRENT[0]
-    return got
+__all__ = ["LaunchError", "ProcessGroups", "mpi_world", "check_launch", "warm_pickle_collectives"]
 
 
 class LaunchError(InputError):
@@ -123,9 +113,7 @@ class ProcessGroups:
             # add_process_set is collective over the world: every rank registers every set
             sets = [horovod_ops.add_process_set(m) for m in layout.all_data_groups()]
             data_set = sets[layout.bundle_local_rank(c.stage, c.replica, c.tensor)]
-        made = cls(layout, c, world, bundle, stage, rows, tensor, data, data_set, tuple(sets))
-        _CURRENT[0] = made
-        return made
+        return cls(layout, c, world, bundle, stage, rows, tensor, data, data_set, tuple(sets))
 
     def add_tied(self, position_sets: Sequence[tuple[int, ...]]) -> None:
         """Collective over the world: a communicator for every set of stage groups sharing a tie.

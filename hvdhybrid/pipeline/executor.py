@@ -11,6 +11,11 @@ Actions (:mod:`schedule`): ``F`` runs a stage's forward; ``B`` its backward
 stage and microbatch: then ``B`` computes only the input gradients, which
 unblocks the upstream stage, and ``W`` the weight gradients later).
 
+Why over 350 lines: running an action is one concept whose parts share the
+step's state (posted receives, local hand-overs, re-batching between widths,
+token slices and their caches, split backward); cut apart, each piece would
+reach back into the others.
+
 Frames (why gradients are rescaled between stages of different widths): each
 replica of a stage computes as if its rows were the whole batch, so the loss of
 a sink replica is the mean over *its* rows, and the parameter gradients of the

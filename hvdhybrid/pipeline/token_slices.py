@@ -1,5 +1,8 @@
 """TeraPipe slice planning: where to cut each sequence along the token axis.
 
+Over 350 lines for one concept: the latency model, its fit, the dynamic
+program and the brute force that proves it share the same cost function.
+
 A causal transformer's sequence of ``L`` tokens is cut into slices
 ``l_1 + ... + l_n = L``. Slice ``i`` attends to the context ``c_i = l_1 + ... + l_{i-1}``
 and costs ``t_i = t(l_i, c_i)`` on every stage, more the later it comes. With ``K``

@@ -1,5 +1,8 @@
 """Emulated hosts on one machine, for multi-host tests without ssh or a cluster.
 
+(A test harness, over 350 lines for one concept: the namespaces, links, names
+and rsh agent of one emulation are set up and torn down together.)
+
 Each emulated host ``h0``, ``h1``, ... is a network namespace with one veth link
 (named :data:`IFACE` in every host) into a bridge that lives in a private
 "switch" namespace; one more namespace on the bridge, ``launcher``, is where

@@ -17,49 +17,61 @@ of it, so:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Union
 
 import torch
 
 from ..layout.rows import BatchError, replica_rows
 from ..parallel import randomness
 from .data import Dataset
+from .engine import Engine
 
-if TYPE_CHECKING:
-    from .trainer import MetricFn, Trainer
+__all__ = ["MetricFn", "evaluate", "language_model_metrics", "predict", "unit_rows"]
 
-__all__ = ["evaluate", "language_model_metrics", "predict", "unit_rows"]
-
-
-def unit_rows(trainer: Trainer) -> int:
-    """The smallest batch every layout split accepts: bundles x microbatches x lcm(widths)."""
-    layout = trainer.groups.layout
-    return layout.num_bundles * trainer.cfg.microbatches * math.lcm(*layout.widths)
+# (sink output, targets) -> (sum of the metric over rows, number of rows)
+MetricFn = Callable[[Any, Any], tuple[float, int]]
 
 
-def _forward(trainer: Trainer, data: Dataset, idx: list[int]) -> list[Any]:
+class _HasEngine(Protocol):
+    """Anything that runs on an engine (a Trainer)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+
+def unit_rows(engine: Union[Engine, _HasEngine]) -> int:
+    """The smallest batch every layout split accepts: bundles x microbatches x lcm(widths).
+
+    Takes the engine, or anything that has one (a Trainer).
+    """
+    e = engine if isinstance(engine, Engine) else engine.engine
+    layout = e.groups.layout
+    return layout.num_bundles * e.cfg.pipeline.microbatches * math.lcm(*layout.widths)
+
+
+def _forward(engine: Engine, data: Dataset, idx: list[int]) -> list[Any]:
     """Forward-only run of one batch; the (output, targets) of this rank's sink microbatches.
 
     Every tensor rank of the sink gets its outputs (a metric of vocabulary-split logits
     runs collectives over them); only tensor rank 0's values are counted.
     """
-    mbs = trainer.cfg.microbatches
+    mbs = engine.cfg.pipeline.microbatches
     with torch.no_grad():
-        res = trainer.executor.run(trainer.eval_plan, trainer.batch_fn(data, idx, mbs), mbs, train=False,
-                                   rows_fn=trainer.rows_fn(idx, mbs))
-    return res.outputs if trainer.graph.sink in trainer.modules else []
+        res = engine.executor.run(engine.eval_plan, engine.batch_fn(data, idx, mbs), mbs, train=False,
+                                  rows_fn=engine.rows_fn(idx, mbs))
+    return res.outputs if engine.graph.sink in engine.modules else []
 
 
-def _metric(trainer: Trainer, data: Dataset, idx: list[int], metric_fn: MetricFn) -> tuple[float, float]:
+def _metric(engine: Engine, data: Dataset, idx: list[int], metric_fn: MetricFn) -> tuple[float, float]:
     total, count = 0.0, 0.0
-    for out, y in _forward(trainer, data, idx):
+    for out, y in _forward(engine, data, idx):
         with torch.no_grad():
             s, n = metric_fn(out, y)
         total, count = total + s, count + n
-    return (total, count) if trainer.is_sink else (0.0, 0.0)
+    return (total, count) if engine.is_sink else (0.0, 0.0)
 
 
-def evaluate(trainer: Trainer, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
+def evaluate(engine: Engine, data: Dataset, metric_fn: MetricFn, batch_size: int) -> tuple[float, int]:
     """Collective: the mean of ``metric_fn`` over every row of ``data``, and the rows counted.
 
     Args:
@@ -69,29 +81,29 @@ def evaluate(trainer: Trainer, data: Dataset, metric_fn: MetricFn, batch_size: i
     Returns:
         (metric sum / rows, rows) — the same at every layout.
     """
-    unit = unit_rows(trainer)
+    unit = unit_rows(engine)
     n = len(data)
     whole = n // unit * unit
     bs = max(unit, batch_size // unit * unit)
-    trainer.train_mode(False)
-    randomness.set_step(trainer.cfg.seed, 0)  # evaluation draws (e.g. masks) never change
+    engine.train_mode(False)
+    randomness.set_step(engine.cfg.run.seed, 0)  # evaluation draws (e.g. masks) never change
     total, count, last_total, last_count = 0.0, 0.0, 0.0, 0.0
     for start in range(0, whole, bs):
-        s, c = _metric(trainer, data, list(range(start, min(start + bs, whole))), metric_fn)
+        s, c = _metric(engine, data, list(range(start, min(start + bs, whole))), metric_fn)
         total, count = total + s, count + c
     r = n - whole
     if r:
-        s, c = _metric(trainer, data, list(range(whole, n)) + [n - 1] * (unit - r), metric_fn)
+        s, c = _metric(engine, data, list(range(whole, n)) + [n - 1] * (unit - r), metric_fn)
         total, count = total + s, count + c
-        last_total, last_count = _metric(trainer, data, [n - 1] * unit, metric_fn)
-    t, c, lt, lc = trainer.world_sum([total, count, last_total, last_count],
-                                     "the evaluation allreduce of every rank")
+        last_total, last_count = _metric(engine, data, [n - 1] * unit, metric_fn)
+    t, c, lt, lc = engine.world_sum([total, count, last_total, last_count],
+                                    "the evaluation allreduce of every rank")
     pad = (unit - r) / unit if r else 0.0
     t, c = t - pad * lt, round(c - pad * lc)
     return (t / c if c else float("nan")), int(c)
 
 
-def predict(trainer: Trainer, data: Dataset, batch_size: int,
+def predict(engine: Engine, data: Dataset, batch_size: int,
             rows: Callable[[Any], torch.Tensor] = lambda out: out) -> Optional[torch.Tensor]:
     """Collective: the sink's output for every row of ``data``, in order, on world rank 0.
 
@@ -99,27 +111,27 @@ def predict(trainer: Trainer, data: Dataset, batch_size: int,
     row per data row. The last batch is padded (with copies of the last row)
     to a whole unit and the padding is dropped again. Other ranks get None.
     """
-    layout, c, mbs = trainer.groups.layout, trainer.groups.coord, trainer.cfg.microbatches
-    unit = unit_rows(trainer)
+    layout, c, mbs = engine.groups.layout, engine.groups.coord, engine.cfg.pipeline.microbatches
+    unit = unit_rows(engine)
     n = len(data)
     if n == 0:
         raise BatchError("predict: the data set is empty")
     indices = list(range(n)) + [n - 1] * (-n % unit)
     bs = max(unit, batch_size // unit * unit)
     width = layout.widths[c.stage]
-    trainer.train_mode(False)
-    randomness.set_step(trainer.cfg.seed, 0)
+    engine.train_mode(False)
+    randomness.set_step(engine.cfg.run.seed, 0)
     mine: list[tuple[int, torch.Tensor]] = []
     for start in range(0, len(indices), bs):
         idx = indices[start:start + bs]
-        for mb, (out, _targets) in enumerate(_forward(trainer, data, idx)):
+        for mb, (out, _targets) in enumerate(_forward(engine, data, idx)):
             lo, hi = replica_rows(len(idx), layout.num_bundles, c.bundle, mbs, mb, width, c.replica)
             got = rows(out).detach().cpu()
             if got.shape[0] != hi - lo:
                 raise ValueError(f"predict: rows() gave {got.shape[0]} rows for {hi - lo} data rows")
-            if trainer.is_sink:  # tensor rank 0 of the sink
+            if engine.is_sink:  # tensor rank 0 of the sink
                 mine.append((start + lo, got))
-    parts = trainer.groups.world.gather(mine, root=0)
+    parts = engine.groups.world.gather(mine, root=0)
     if parts is None:
         return None
     pieces = sorted((p for part in parts for p in part), key=lambda p: p[0])
@@ -131,16 +143,18 @@ def predict(trainer: Trainer, data: Dataset, batch_size: int,
     return torch.cat([t for _, t in pieces])[:n]
 
 
-def language_model_metrics(loss_fn: Callable[[Any, Any], torch.Tensor], batch: int = 64,
+def language_model_metrics(loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, batch: int = 64,
                            **extra: float) -> Callable[[Any, Any], dict[str, float]]:
     """``(trainer, data set) -> metrics`` of a byte-level language model: the mean next-byte loss
-    (``loss_fn`` is a mean over a microbatch's positions), bits per byte, rows, and ``extra``
-    (e.g. a baseline's loss), evaluated ``batch`` rows at a time."""
-
-    def nll(out: Any, y: Any) -> tuple[float, int]:
-        return float(loss_fn(out, y)) * y.shape[0], int(y.shape[0])
+    (``loss_fn`` is a mean over a microbatch's positions; default: the trained model's loss),
+    bits per byte, rows, and ``extra`` (e.g. a baseline's loss), evaluated ``batch`` rows at a time."""
 
     def run(trainer: Any, d: Any) -> dict[str, float]:
+        fn = loss_fn if loss_fn is not None else trainer.model.loss_fn
+
+        def nll(out: Any, y: Any) -> tuple[float, int]:
+            return float(fn(out, y)) * y.shape[0], int(y.shape[0])
+
         loss, rows = trainer.evaluate(d, nll, batch)
         return {"loss": loss, "bits_per_byte": loss / math.log(2), "rows": rows, **extra}
     return run

@@ -24,11 +24,11 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
+from ..config import PRECISIONS
 from ..errors import InputError
 
 __all__ = ["PRECISIONS", "LossScaler", "Precision", "PrecisionError"]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class PrecisionError(InputError):

@@ -120,7 +120,7 @@ def test_baseline_reports_val_and_test(tmp_path) -> None:
 
 def test_baseline_regression_reports_the_training_mean_floor(tmp_path) -> None:
     """The RMSE of predicting the training mean: the floor any model's RMSE is read against."""
-    from hvdhybrid.models.grover.features import random_split
+    from hvdhybrid.models.grover.molfiles import random_split
 
     path = str(tmp_path / "reg.csv")
     ys = [float(len(s)) for s in SMILES * 2]

@@ -13,12 +13,13 @@ from mpi4py import MPI
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.bert.data import LabelledText, tokenize
 from hvdhybrid.models.bert.model import BertSpec, bert_model, default_model_dir
 from hvdhybrid.parallel import randomness
 from hvdhybrid.training.data import Sampler, TensorDataset
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS, BATCH, ACC, CLIP, LR = 3, 16, 4, 0.5, 0.05
@@ -82,7 +83,8 @@ def test_bert_matches_one_process(world: Any, widths: tuple[int, ...], precision
     sizes = [8] if len(widths) == 1 else [3, 5]
     groups = ProcessGroups.create(layout, world)
     try:
-        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=1, accumulate=ACC, fp16=False,
+        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=1, accumulate=ACC,
+                          fp16_compression=False,
                           progress=False, clip_grad=CLIP, timeout=120, precision=precision)
         trainer = Trainer(groups, bert_model(spec(), sizes, nn.functional.cross_entropy),
                           lambda params: opt(params, optimizer), cfg)

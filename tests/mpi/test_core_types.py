@@ -14,11 +14,12 @@ from mpi4py import MPI
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.placement import Placement
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.staged import StagedModel
 from hvdhybrid.training.data import Sampler
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH = 3, 96
 TOL = 1e-5
@@ -72,7 +73,7 @@ def train(world: Any, layout: Layout, model: Any, placement: Optional[Placement]
     groups = groups or ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=steps, batch_size=BATCH, microbatches=microbatches, schedule=schedule,
-                          fp16=False, progress=False, clip_grad=clip, timeout=60, out=out,
+                          fp16_compression=False, progress=False, clip_grad=clip, timeout=60, out=out,
                           model_name="chain")
         trainer = Trainer(groups, model(groups) if callable(model) and not isinstance(model, StagedModel)
                           else model, opt, cfg, placement=placement)
@@ -252,7 +253,8 @@ def test_evaluation_counts_every_row_at_every_layout(world: Any, widths: tuple[i
         expect = float((m(ds.x).argmax(-1) == ds.y).sum()) / rows
     groups = ProcessGroups.create(layout, world)
     try:
-        cfg = TrainConfig(steps=0, batch_size=BATCH, microbatches=2, fp16=False, progress=False, timeout=60)
+        cfg = TrainConfig(steps=0, batch_size=BATCH, microbatches=2, fp16_compression=False,
+                          progress=False, timeout=60)
         pl = Placement.looped(stages, len(widths)) if stages != len(widths) else None
         trainer = Trainer(groups, chain(stages), sgd, cfg, placement=pl)
         acc, n = trainer.evaluate(ds, _accuracy, 64)
@@ -292,7 +294,7 @@ def test_lr_schedule_continues_after_a_resume_at_another_layout(world: Any) -> N
     ds = data()
     groups = ProcessGroups.create(Layout(world.Get_size(), (1,)), world)
     try:
-        cfg = TrainConfig(steps=6, batch_size=BATCH, microbatches=2, fp16=False, progress=False,
+        cfg = TrainConfig(steps=6, batch_size=BATCH, microbatches=2, fp16_compression=False, progress=False,
                           timeout=60, out=out, model_name="chain", warmup=2, lr_schedule="cosine")
         first = Trainer(groups, keyed_chain(1), sgd, cfg)
         first.sampler = Sampler(len(ds), BATCH, seed=0)

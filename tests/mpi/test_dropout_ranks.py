@@ -11,11 +11,12 @@ from mpi4py import MPI
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.placement import Placement
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.dropout import KeyedDropout
 from hvdhybrid.parallel.staged import keyed_layers, sequential_model
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH, P = 3, 96, 0.2
 
@@ -56,7 +57,7 @@ def test_dropout_on_matches_one_process(world: Any, widths: tuple[int, ...], sta
     groups = ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches, accumulate=accumulate,
-                          fp16=False, progress=False, clip_grad=clip, timeout=60)
+                          fp16_compression=False, progress=False, clip_grad=clip, timeout=60)
         pl = Placement.parse(placement, stages, len(widths)) if placement else None
         trainer = Trainer(groups, model, opt, cfg, placement=pl)
         trainer.fit(data())

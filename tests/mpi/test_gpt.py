@@ -17,11 +17,12 @@ import torch
 from models import byte_windows, plain_loop
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.placement import Placement
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.gpt.model import config, gpt_model, unit_names
 from hvdhybrid.training.data import TensorDataset
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH, LR, SEQ = 3, 8, 0.05, 24
 FP16_BOUND = 2e-3  # as for the other models (docs/transparency.md)
@@ -41,7 +42,7 @@ def reference(dropout: float, tied: bool) -> dict[str, torch.Tensor]:
     from mpi4py import MPI
 
     cfg = config("tiny", dropout=dropout, tied=tied)
-    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], lambda: MPI.COMM_SELF)
+    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], MPI.COMM_SELF)
     m = model.build(0)
     plain_loop(m, data(), opt(m.parameters()), model.loss_fn, STEPS, BATCH)
     return {n: p.detach().clone() for n, p in model.stage_parameters(0, m).items()}
@@ -56,8 +57,9 @@ def run(world: Any, positions: int, stages: int, tensor: int, slices: Optional[t
     sizes = {1: [units], 2: [2, units - 2], 4: [1, 1, 1, 1]}[stages]
     try:
         cfg = config("tiny", dropout=dropout, tied=tied)
-        model = gpt_model(cfg, 0, sizes, lambda: groups.tensor)
-        tc = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches, fp16=fp16, progress=False,
+        model = gpt_model(cfg, 0, sizes, groups.tensor)
+        tc = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches,
+                         fp16_compression=fp16, progress=False,
                          timeout=60, schedule=schedule, slices=slices)
         pl = Placement.looped(stages, positions) if stages != positions else None
         trainer = Trainer(groups, model, opt, tc, placement=pl)
@@ -112,7 +114,7 @@ def test_reference_moves(world: Any) -> None:
     from mpi4py import MPI
 
     cfg = config("tiny")
-    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], lambda: MPI.COMM_SELF)
+    model = gpt_model(cfg, 0, [len(unit_names(cfg.layers))], MPI.COMM_SELF)
     init = {n: p.detach() for n, p in model.stage_parameters(0, model.build(0)).items()}
     ref = reference(0.0, True)
     assert max(float((ref[n] - init[n]).abs().max()) for n in ref) > 1e-2

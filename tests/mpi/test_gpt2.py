@@ -12,10 +12,11 @@ from models import byte_windows, plain_loop
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.gpt2.model import gpt2_model, hf_config, hf_model, unit_names
 from hvdhybrid.training.data import Sampler, TensorDataset
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH, LR, SEQ = 3, 8, 0.05, 24
 
@@ -50,8 +51,9 @@ def run(world: Any, widths: tuple[int, ...], tensor: int,
     n_units = len(unit_names(2))
     sizes = [n_units] if len(widths) == 1 else [2, n_units - 2]
     try:
-        model = gpt2_model(hf_config("tiny", dropout=dropout), 0, sizes, lambda: groups.tensor)
-        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=2, fp16=False, progress=False,
+        model = gpt2_model(hf_config("tiny", dropout=dropout), 0, sizes, groups.tensor)
+        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=2, fp16_compression=False,
+                          progress=False,
                           timeout=60)
         trainer = Trainer(groups, model, opt, cfg)
         stock = hf_model(hf_config("tiny", dropout=dropout), 0)
@@ -86,7 +88,7 @@ def one_process_with_dropout(p: float) -> dict[str, torch.Tensor]:
     """The same staged code in one process (tensor 1, no runtime), a plain loop with keyed rows."""
     from mpi4py import MPI
 
-    model = gpt2_model(hf_config("tiny", dropout=p), 0, [len(unit_names(2))], lambda: MPI.COMM_SELF)
+    model = gpt2_model(hf_config("tiny", dropout=p), 0, [len(unit_names(2))], MPI.COMM_SELF)
     m = model.build(0)
     plain_loop(m, data(), opt(m.parameters()), model.loss_fn, STEPS, BATCH)
     return {n: p.detach().clone() for n, p in model.stage_parameters(0, m).items()}

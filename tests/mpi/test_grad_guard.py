@@ -9,8 +9,9 @@ import torch
 from models import chain, data
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
-from hvdhybrid.training.trainer import Diverged, TrainConfig, Trainer
+from hvdhybrid.training.trainer import Diverged, Trainer
 
 
 def test_overflowing_gradient_skips_the_step_everywhere(world: Any) -> None:
@@ -22,7 +23,7 @@ def test_overflowing_gradient_skips_the_step_everywhere(world: Any) -> None:
     model.loss_fn = lambda out, y: torch.nn.functional.cross_entropy(out, y) * 1e9  # beyond 65504
     groups = ProcessGroups.create(layout, world)
     try:
-        cfg = TrainConfig(steps=2, batch_size=32, fp16=True, progress=False, timeout=30)
+        cfg = TrainConfig(steps=2, batch_size=32, fp16_compression=True, progress=False, timeout=30)
         trainer = Trainer(groups, model, lambda p: torch.optim.SGD(p, lr=0.1), cfg)
         before = trainer.named_parameters()
         trainer.fit(ds)
@@ -40,7 +41,7 @@ def test_a_diverged_loss_stops_every_rank(world: Any) -> None:
     groups = ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=3, batch_size=len(ds) // 2 // world.Get_size() * world.Get_size() * 2,
-                          fp16=False, progress=False, timeout=30)
+                          fp16_compression=False, progress=False, timeout=30)
         trainer = Trainer(groups, chain(1), lambda p: torch.optim.SGD(p, lr=0.1), cfg)
         with pytest.raises(Diverged, match="the loss is nan at step"):
             trainer.fit(ds)

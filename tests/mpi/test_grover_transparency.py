@@ -16,6 +16,7 @@ import torch
 from rdkit import Chem
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.models.grover.data import FinetuneSet, PretrainSet, build_vocabs, finetune_loss, pretrain_loss
 from hvdhybrid.models.grover.features import DescriptorScaler, rdkit_2d
@@ -23,7 +24,7 @@ from hvdhybrid.models.grover.model import CONFIGS
 from hvdhybrid.models.grover.staged import FinetuneHeads, GroverNet, PretrainHeads, stage_model
 from hvdhybrid.parallel import randomness
 from hvdhybrid.training.data import Sampler
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 SMILES = ["CCO", "c1ccccc1", "CC(=O)O", "CCN(CC)CC", "c1ccncc1", "OC(=O)c1ccccc1", "CC(C)Cl", "C1CCCCC1",
           "CCOC(=O)C", "NCCO", "c1ccc2ccccc2c1", "CC#N", "O=C1CCCC1", "CS(=O)(=O)N", "FC(F)(F)c1ccccc1",
@@ -103,7 +104,7 @@ def test_grover_layouts_match_one_process(world: Any, task: str, stages: int, ta
     model = stage_model(net, stages, task_parallel, loss_fn)
     groups = ProcessGroups.create(layout, world)
     try:
-        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches, fp16=False,
+        cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches, fp16_compression=False,
                           progress=False, schedule="1f1b", timeout=30)
         trainer = Trainer(groups, model, opt, cfg)
         trainer.fit(ds)
@@ -144,7 +145,8 @@ def test_predict_returns_every_row_in_order(world: Any, stages: int, task_parall
     model = stage_model(net, stages, task_parallel, finetune_loss)
     groups = ProcessGroups.create(layout, world)
     try:
-        cfg = TrainConfig(steps=0, batch_size=BATCH, microbatches=2, fp16=False, progress=False, timeout=30)
+        cfg = TrainConfig(steps=0, batch_size=BATCH, microbatches=2, fp16_compression=False,
+                          progress=False, timeout=30)
         trainer = Trainer(groups, model, opt, cfg)
         got = trainer.predict(ds, 8, lambda out: (out[0] + out[1]) / 2)
     finally:

@@ -11,10 +11,11 @@ from models import data
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.staged import keyed_layers, sequential_model
 from hvdhybrid.training.data import Sampler
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH, ACC, CLIP, SCALE = 14, 96, 2, 1.0, 2.0 ** 24
 
@@ -59,7 +60,8 @@ def train(world: Any, widths: tuple[int, ...], microbatches: int) -> Trainer:
     groups = ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches, accumulate=ACC,
-                          fp16=False, progress=False, clip_grad=CLIP, timeout=60, precision="fp16")
+                          fp16_compression=False, progress=False, clip_grad=CLIP, timeout=60,
+                          precision="fp16")
         trainer = Trainer(groups, model, opt, cfg)
         assert trainer.precision.scaler is not None
         trainer.precision.scaler.scale = SCALE

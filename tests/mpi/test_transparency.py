@@ -18,10 +18,11 @@ from models import Encoder, Join, chain, chain_reference, data, fork_join, task_
 from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.config import TrainConfig
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.staged import StagedModel
 from hvdhybrid.training.data import Sampler
-from hvdhybrid.training.trainer import TrainConfig, Trainer
+from hvdhybrid.training.trainer import Trainer
 
 STEPS, BATCH, LR = 3, 96, 0.1
 FP32_TOL = 1e-5
@@ -99,7 +100,7 @@ def run_layout(world: Any, case: str, widths: tuple[int, ...], schedule: str, mi
     groups = ProcessGroups.create(layout, world)
     try:
         cfg = TrainConfig(steps=STEPS, batch_size=BATCH, microbatches=microbatches,
-                          accumulate=accumulate, schedule=schedule, fp16=fp16, progress=False,
+                          accumulate=accumulate, schedule=schedule, fp16_compression=fp16, progress=False,
                           clip_grad=clip)
         trainer = Trainer(groups, model, opt, cfg)
         trainer.fit(data())

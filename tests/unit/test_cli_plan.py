@@ -5,7 +5,9 @@ import sys
 
 from click.testing import CliRunner
 
-from hvdhybrid.cli.main import cli, launch_command, render_plan
+from hvdhybrid.cli.launcher import launch_command
+from hvdhybrid.cli.main import cli
+from hvdhybrid.cli.plan import render_plan
 from hvdhybrid.layout.topology import Layout
 
 GOLDEN_GROUPS = [

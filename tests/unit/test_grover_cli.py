@@ -12,14 +12,17 @@ import torch
 from click.testing import CliRunner
 from rdkit import Chem
 
-from hvdhybrid.cli.grover import _check_labels, _floats, grover_widths, load_labelled
+from hvdhybrid.cli.grover_options import grover_widths
 from hvdhybrid.cli.main import cli
-from hvdhybrid.cli.session import Common
+from hvdhybrid.config import Config, ParallelConfig
 from hvdhybrid.layout.topology import LayoutError
 from hvdhybrid.models.grover.baseline import fingerprints, forest_predict
 from hvdhybrid.models.grover.config import CONFIGS
 from hvdhybrid.models.grover.data import FinetuneSet
-from hvdhybrid.models.grover.features import read_smiles_csv
+from hvdhybrid.models.grover.labels import check_labels as _check_labels
+from hvdhybrid.models.grover.labels import floats as _floats
+from hvdhybrid.models.grover.labels import load_labelled
+from hvdhybrid.models.grover.molfiles import read_smiles_csv
 from hvdhybrid.models.grover.pretrained import (
     check_config,
     config_from,
@@ -98,14 +101,14 @@ def test_config_mismatch_names_the_fields(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- layouts
-def common(**kw: object) -> Common:
+def common(**kw: object) -> ParallelConfig:
     base = dict(stages=None, bundle_shape=None, stages_per_rank=1, placement="looped",
-                microbatches=1, schedule="1f1b", fp16=True, accumulate=1,
+                microbatches=1, schedule="1f1b", fp16_compression=True, accumulate=1,
                 steps=1, batch_size=8, lr=0.1, seed=0, out=None, device="cpu", partition="params",
                 threads=1, save_params=False, progress=False, checkpoint_every=0, keep=1, resume=False,
                 timeout=10.0, clip_grad=0.0, warmup=0, lr_schedule="constant")
     base.update(kw)
-    return Common(**base)  # type: ignore[arg-type]
+    return Config.from_flat(**base).parallel
 
 
 def test_grover_widths() -> None:

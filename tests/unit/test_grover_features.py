@@ -29,11 +29,13 @@ from hvdhybrid.models.grover.features import (
     batch_graphs,
     bond_context,
     bond_features,
+    motif_labels,
+    rdkit_2d,
+)
+from hvdhybrid.models.grover.molfiles import (
     chembl2321810,
     default_pretrain_smiles,
-    motif_labels,
     random_split,
-    rdkit_2d,
     read_smiles_csv,
     scaffold_split,
 )

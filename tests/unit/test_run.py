@@ -1,16 +1,14 @@
-"""hvdhybrid.cli.session without MPI: `agreed` against a fake communicator, and `Common.train_config`."""
+"""The session without MPI: `agreed` against a fake communicator, and options into the config tree."""
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any, Optional
 
 import pytest
 
-from hvdhybrid.cli.session import Common, agreed
+from hvdhybrid.comm.agreement import agreed
 from hvdhybrid.errors import UserError
 from hvdhybrid.training.data import DataError
-from hvdhybrid.training.trainer import TrainConfig
 
 
 class FakeComm:
@@ -71,27 +69,54 @@ def test_other_exceptions_pass_through_without_the_collective() -> None:
     assert comm.gathered == 0
 
 
-def common(**kw: Any) -> Common:
-    base: dict[str, Any] = dict(
-        stages=None, bundle_shape=None, stages_per_rank=1, placement="looped",
-        microbatches=2, schedule="gpipe", fp16=False, accumulate=2,
-        steps=7, batch_size=48, lr=0.1, seed=3, out="runs/x", device="cpu", partition="params",
-        threads=0, save_params=False, progress=False, checkpoint_every=5, keep=2, resume=False,
-        timeout=9.0, clip_grad=1.5, warmup=2, lr_schedule="cosine")
-    base.update(kw)
-    return Common(**base)
+VALUES: dict[str, Any] = dict(
+    stages=None, bundle_shape=None, stages_per_rank=1, placement="looped",
+    microbatches=2, schedule="gpipe", fp16_compression=False, accumulate=2,
+    steps=7, batch_size=48, lr=0.1, seed=3, out="runs/x", device="cpu", partition="params",
+    threads=0, save_params=False, progress=False, checkpoint_every=5, keep=2, resume=False,
+    timeout=9.0, clip_grad=1.5, warmup=2, lr_schedule="cosine")
 
 
-def test_train_config_carries_every_option_it_shares_with_trainconfig() -> None:
-    c = common()
-    cfg = c.train_config("mlp")
-    assert cfg.model_name == "mlp"
-    assert cfg.out is None  # set once the ranks agree on the directory
-    shared = ({f.name for f in fields(TrainConfig)} & {f.name for f in fields(Common)}) - {"out"}
-    assert shared, "Common and TrainConfig should share option names"
-    for name in shared:
-        assert getattr(cfg, name) == getattr(c, name), name
-    assert cfg.validate(1, (1,)) == 24
+def test_the_command_line_carries_every_option_into_the_config_tree() -> None:
+    """Was: Common.train_config copied CLI options into TrainConfig by hand. Now the options are made
+    from the tree's fields, so every option the command line offers lands in its section."""
+    import click
+    from click.testing import CliRunner
+
+    from hvdhybrid.cli.options import config_options
+    from hvdhybrid.config import Config, check_batch, option_fields
+    from hvdhybrid.layout.topology import Layout
+
+    got: list[Config] = []
+
+    @click.command()
+    @config_options(collective=False)
+    def cmd(cfg: Config) -> None:
+        got.append(cfg)
+
+    args: list[str] = []
+    for name, value in VALUES.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else ("--no-" + flag[2:] if name in ("fp16_compression", "progress")
+                                            else ""))
+        else:
+            args += [flag, str(value)]
+    res = CliRunner().invoke(cmd, [a for a in args if a])
+    assert res.exit_code == 0, res.output
+    cfg = got[0]
+    fields = option_fields()
+    shared = {n for n, (_, f) in fields.items() if f.metadata["cli"]}
+    assert shared >= set(VALUES), sorted(set(VALUES) - shared)
+    for name in VALUES:
+        section = fields[name][0]
+        assert getattr(getattr(cfg, section), name) == VALUES[name], name
+    assert cfg.run.model_name == "model" and cfg.pipeline.slices is None  # resolved later, by the run
+    assert check_batch(cfg, Layout(1, (1,))) == 24
+    resolved = cfg.resolved(model_name="mlp", out="elsewhere")
+    assert resolved.run.model_name == "mlp" and cfg.run.out == "runs/x"  # a new tree; the old unchanged
 
 
 def test_epochs_count_whole_batches_of_the_training_rows() -> None:

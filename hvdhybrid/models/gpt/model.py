@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -237,11 +237,11 @@ class GPTStage(nn.Module):
         return x + self._drop(y, f"{name}.mlp.resid", start, total)
 
 
-def gpt_model(cfg: GPTConfig, seed: int, sizes: Sequence[int], comm_fn: Callable[[], Any]) -> StagedModel:
+def gpt_model(cfg: GPTConfig, seed: int, sizes: Sequence[int], tensor: Any) -> StagedModel:
     """A chain of ``len(sizes)`` stages holding ``sizes[s]`` consecutive units each.
 
-    Each rank builds only its stages (keyed by unit), split over ``comm_fn()``
-    (the tensor communicator, known once groups exist). The output layer, when
+    Each rank builds only its stages (keyed by unit), split over ``tensor``, the
+    tensor communicator of the caller's groups (``MPI.COMM_SELF``: whole tensors). The output layer, when
     tied and on another stage than the embedding, is one parameter across stages.
 
     Raises:
@@ -255,12 +255,11 @@ def gpt_model(cfg: GPTConfig, seed: int, sizes: Sequence[int], comm_fn: Callable
     last = len(sizes) - 1
 
     def build(stage: int) -> nn.Module:
-        return GPTStage(cfg, units[firsts[stage]:firsts[stage] + sizes[stage]], comm_fn(), seed)
+        return GPTStage(cfg, units[firsts[stage]:firsts[stage] + sizes[stage]], tensor, seed)
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        comm = comm_fn()
-        return vocab_parallel_cross_entropy(logits, target, (cfg.vocab // comm.Get_size()) * comm.Get_rank(),
-                                            comm)
+        start = (cfg.vocab // tensor.Get_size()) * tensor.Get_rank()
+        return vocab_parallel_cross_entropy(logits, target, start, tensor)
 
     ties = (Tie({0: "wte.weight", last: "lm_head.weight"}),) if cfg.tied and last > 0 else ()
     return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -184,13 +184,14 @@ class GPT2Stage(nn.Module):
         return out2
 
 
-def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[], Any],
+def gpt2_model(config: Any, seed: int, sizes: Sequence[int], tensor: Any,
                source: Optional[Any] = None) -> StagedModel:
     """A chain of ``len(sizes)`` stages with ``sizes[s]`` units each (embeddings, blocks, head).
 
     Every rank builds the stock model from ``config`` under ``seed`` (build-then-drop), or takes
     ``source`` (a model the user built: converted in place), and keeps its stages' units, split
-    over the tensor communicator ``comm_fn()`` (known once groups exist).
+    over ``tensor``, the tensor communicator of the caller's groups (``groups.tensor``;
+    ``MPI.COMM_SELF`` for whole tensors).
     """
     units = unit_names(config.n_layer)
     if sum(sizes) != len(units) or any(s < 1 for s in sizes):
@@ -200,12 +201,11 @@ def gpt2_model(config: Any, seed: int, sizes: Sequence[int], comm_fn: Callable[[
 
     def build(stage: int) -> nn.Module:
         full = source if source is not None else hf_model(config, seed)
-        return GPT2Stage(full, units[firsts[stage]:firsts[stage] + sizes[stage]], comm_fn())
+        return GPT2Stage(full, units[firsts[stage]:firsts[stage] + sizes[stage]], tensor)
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        comm = comm_fn()
-        start = (config.vocab_size // comm.Get_size()) * comm.Get_rank()
-        return vocab_parallel_cross_entropy(logits, target, start, comm)
+        start = (config.vocab_size // tensor.Get_size()) * tensor.Get_rank()
+        return vocab_parallel_cross_entropy(logits, target, start, tensor)
 
     ties = (Tie({0: "transformer.wte.weight", last: "lm_head.weight"}),) if last > 0 else ()
     return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,
@@ -217,7 +217,7 @@ def parallelize(model: Any, groups: Any) -> StagedModel:
     evenly into the layout's pipeline stages, every stage split over the tensor ranks.
 
     Train it with :class:`~hvdhybrid.training.trainer.Trainer`; its checkpoints merge with
-    :func:`hvdhybrid.cli.gpt2.merge_checkpoint`.
+    :func:`hvdhybrid.models.gpt2.merge.merge_checkpoint`.
     """
     check_tensor(model.config, groups.tensor_size)
     units = len(unit_names(model.config.n_layer))
@@ -225,4 +225,4 @@ def parallelize(model: Any, groups: Any) -> StagedModel:
     if k > units:
         raise ConfigError(f"{k} pipeline stages for {units} units (embeddings, blocks, head)")
     sizes = [units // k + (1 if s < units % k else 0) for s in range(k)]
-    return gpt2_model(model.config, 0, sizes, lambda: groups.tensor, source=model)
+    return gpt2_model(model.config, 0, sizes, groups.tensor, source=model)

@@ -1,0 +1,85 @@
+"""``hvdtrain plan``: the rank layout as a table (and, with a hostfile, each rank's host and the traffic)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from ..config import Config
+from ..errors import USER_ERRORS, UserError
+from ..layout.hostfile import place_ranks, read_hostfile
+from ..layout.placement import Placement
+from ..layout.topology import Layout, LayoutError
+from .options import config_options, map_by_option
+
+__all__ = ["plan", "render_plan"]
+
+
+@click.command()
+@click.option("-np", "--np", "np_", type=int, required=True, help="Number of ranks.")
+@config_options(only=("stages", "bundle_shape", "tensor", "stages_per_rank", "placement", "fp16_compression"),
+                collective=False)
+@click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
+@map_by_option
+@click.option("--param-mb", type=float, default=None,
+              help="With --hostfile: the model's parameters in MB (fp32), split evenly over the stages.")
+@click.option("--activation-mb", type=float, default=0.0, show_default=True,
+              help="With --hostfile: MB of activations crossing each stage boundary per global batch.")
+def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
+         activation_mb: float) -> None:
+    """Print the rank layout as a table, without training.
+
+    With --hostfile, each rank's host (as mpirun --map-by places it) and, given
+    --param-mb (and --activation-mb), the bytes per step on every link between
+    hosts: what crosses the network and what stays in a host.
+    """
+    try:
+        layout = cfg.parallel.layout(np_)
+        pl = cfg.parallel.placement_for(layout)
+        hosts = place_ranks(read_hostfile(hostfile), np_, map_by) if hostfile else None
+        if param_mb is not None and hosts is None:
+            raise LayoutError("--param-mb shows traffic between hosts: give --hostfile too")
+        if param_mb is not None and (param_mb < 0 or activation_mb < 0):
+            raise LayoutError("--param-mb and --activation-mb must be >= 0")
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    click.echo(render_plan(layout, hosts, pl))
+    if hosts is not None and param_mb is not None:
+        from ..layout.traffic import ModelSizes, cross_host_bytes, describe_links, link_bytes
+
+        fp16 = cfg.comm.fp16_compression
+        links = link_bytes(layout, hosts, ModelSizes.even(param_mb * 1e6, layout.num_stages,
+                                                          activation_mb * 1e6, fp16))
+        click.echo(f"traffic per step (--map-by {map_by}, gradients {'fp16' if fp16 else 'fp32'}):")
+        for line in describe_links(links):
+            click.echo(f"  {line}")
+        click.echo(f"  across the network: {cross_host_bytes(links) / 1e6:.3g} MB/step")
+
+
+def render_plan(layout: Layout, hosts: Optional[list[str]] = None,
+                placement: Optional[Placement] = None) -> str:
+    """The layout as a table: one row per rank, then the groups (and the placement of stages)."""
+    tp = layout.tensor > 1
+    head = f"{'rank':>5} {'bundle':>6} {'stage':>5} {'replica':>7}" + (f" {'tensor':>6}" if tp else "") \
+        + ("  host" if hosts else "")
+    lines = [f"{layout.describe()}", head]
+    for r in range(layout.world_size):
+        c = layout.coord(r)
+        lines.append(f"{r:>5} {c.bundle:>6} {c.stage:>5} {c.replica:>7}" + (f" {c.tensor:>6}" if tp else "")
+                     + (f"  {hosts[r]}" if hosts else ""))
+    lines.append("bundle groups: " + " ".join(str(layout.bundle_members(b))
+                                              for b in range(layout.num_bundles)))
+    lines.append("stage groups:  " + " ".join(str(layout.stage_members(b, s))
+                                              for b in range(layout.num_bundles)
+                                              for s in range(layout.num_stages)))
+    if tp:
+        lines.append("tensor groups: " + " ".join(
+            str(layout.tensor_members(b, s, q)) for b in range(layout.num_bundles)
+            for s in range(layout.num_stages) for q in range(layout.widths[s])))
+    lines.append("data groups:   " + " ".join(str(g) for g in layout.all_data_groups())
+                 + "   (Horovod process sets)")
+    if placement is not None:
+        lines.append(f"model stages:  {placement.num_stages}, {placement.describe()} "
+                     "(stage group = position)")
+    return "\n".join(lines)

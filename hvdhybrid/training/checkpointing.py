@@ -1,0 +1,132 @@
+"""An engine's state to and from disk and to rank 0: save and resume checkpoints, gather parameters.
+
+The loop's facts (step, sampler position, model name, how many checkpoints to
+keep, where) come in as arguments; what the loop must take back (the step
+and sampler position resumed) comes out as a :class:`Resumed`. What a
+checkpoint holds, by full name, is :mod:`state`; its files are :mod:`checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..log import get_logger
+from ..parallel.ownership import Sharded, join, owner_of, shard_of
+from .checkpoint import CheckpointError, Manifest, load_file, resolve_resume, save_collective
+from .engine import Engine
+from .faults import inject_failure
+from .state import COMMON, NamedState, check_model, rng_state, set_rng_state
+
+__all__ = ["Resumed", "gather_parameters", "named_parameters", "resume", "save"]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What a resume hands back to the loop: the directory loaded, its step and sampler position."""
+
+    path: str
+    step: int
+    sampler: Optional[dict[str, int]]
+
+
+def save(engine: Engine, step: int, sampler: Optional[dict[str, int]], model_name: str, keep: int,
+         out: Optional[str]) -> str:
+    """Collective: write ``step``'s checkpoint under ``out``/checkpoints, by name, once per stage.
+
+    Args:
+        sampler: the sampler's state at ``step`` (saved for the resume to continue from).
+        keep: complete checkpoints kept (older ones are removed).
+
+    Returns:
+        The checkpoint's directory.
+    """
+    groups, state, precision = engine.groups, engine.state, engine.precision
+    lay, c, world = groups.layout, groups.coord, groups.world
+    files, names = ({}, {}) if (c.bundle, c.replica) != (0, 0) else state.files(c.tensor, lay.tensor)
+    rngs = world.gather(rng_state(), root=0)
+    if world.Get_rank() == 0:
+        files[COMMON] = {"model": model_name, "step": step, "rng": rngs, "sampler": sampler,
+                         "hyper": state.hyperparameters(),
+                         "scaler": precision.scaler.state() if precision.scaler else None,
+                         "extra": engine.checkpoint_extra}
+    facts = Manifest(step, model_name, lay.world_size, lay.widths, {}, lay.tensor,
+                     {}, engine.placement.positions)
+    assert out is not None
+    path = save_collective(world, os.path.join(out, "checkpoints"), step, facts, files, names, keep,
+                           lambda: inject_failure(world.Get_rank(), step, "ckpt"))
+    if world.Get_rank() == 0:
+        get_logger().info(f"checkpoint step {step} written to {path}")
+    return path
+
+
+def resume(engine: Engine, where: str, model_name: str) -> Optional[Resumed]:
+    """Collective: load the newest complete checkpoint under ``where`` (or that one directory).
+
+    The checkpoint may come from any layout: parameters and optimizer state
+    are found by name and resharded. RNG states come back only when the
+    layout is the same (then the resume is exact bit for bit).
+
+    Returns:
+        The directory loaded with its step and sampler state, or None when there is none yet.
+
+    Raises:
+        CheckpointError: the named checkpoint is corrupt, or belongs to another run/model.
+    """
+    world, lay = engine.groups.world, engine.groups.layout
+    path, warnings, error = resolve_resume(world, where)
+    if world.Get_rank() == 0:
+        for w in warnings:
+            get_logger().warning(w)
+    if error:
+        raise CheckpointError(error)
+    if path is None:
+        return None
+    manifest = Manifest.read(os.path.join(path, "manifest.json"))
+    common = load_file(path, COMMON)
+    check_model(model_name, str(common["model"]))
+    engine.state.load(path, manifest, common["hyper"])
+    same = (manifest.world_size, manifest.widths, manifest.tensor, manifest.placement) == \
+        (lay.world_size, lay.widths, lay.tensor, engine.placement.positions)
+    if same:
+        set_rng_state(common["rng"][world.Get_rank()])
+    engine.sync.broadcast_optimizer_state(engine.optimizer)  # every copy continues from bundle 0's
+    scaler = engine.precision.scaler
+    if scaler is not None and common.get("scaler"):
+        scaler.load_state(common["scaler"])
+    return Resumed(path, int(common["step"]), common["sampler"])
+
+
+def named_parameters(state: NamedState) -> dict[str, torch.Tensor]:
+    """This rank's parameters by full-model name (CPU copies; a tie under each holder's name)."""
+    return {n: p.detach().cpu().clone()
+            for names in state.named_params.values() for n, p in names.items()}
+
+
+def gather_parameters(engine: Engine) -> Optional[dict[str, torch.Tensor]]:
+    """Collective: the whole model's parameters on world rank 0, shards joined (None elsewhere)."""
+    c = engine.groups.coord
+    mine: dict[str, tuple[torch.Tensor, Optional[Sharded]]] = {}
+    if (c.bundle, c.replica) == (0, 0):
+        for names in engine.state.named_params.values():
+            for n, p in names.items():
+                shard = shard_of(owner_of(p))
+                if shard is None and c.tensor != 0:
+                    continue
+                mine[n] = (p.detach().cpu().clone(), shard)
+    parts = engine.groups.world.gather(mine, root=0)
+    if parts is None:
+        return None
+    pieces: dict[str, list[tuple[int, torch.Tensor, Optional[Sharded]]]] = {}
+    for part in parts:
+        for n, (t, shard) in part.items():
+            pieces.setdefault(n, []).append((shard.index if shard else 0, t, shard))
+    out: dict[str, torch.Tensor] = {}
+    for n, ps in pieces.items():
+        ps.sort(key=lambda x: x[0])
+        shard = ps[0][2]
+        out[n] = ps[0][1] if shard is None else join([t for _, t, _ in ps], shard.dim, shard.parts)
+    return out

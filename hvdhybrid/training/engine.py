@@ -1,0 +1,241 @@
+"""What one rank builds to train and run its share of a model: stages, schedules, sync, optimizer.
+
+The :class:`Engine` holds no loop state (no step, no sampler): the loop is
+:class:`~hvdhybrid.training.trainer.Trainer`, forward-only runs are
+:mod:`evaluation`, checkpoints are :mod:`checkpointing`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..comm.groups import ProcessGroups
+from ..comm.p2p import P2P
+from ..config import Config, check_batch
+from ..layout.placement import Placement, PlacementError
+from ..layout.rows import replica_rows
+from ..parallel.graph import StageGraph
+from ..parallel.staged import StagedModel
+from ..pipeline import schedules as sched
+from ..pipeline.actions import Action
+from ..pipeline.executor import Executor
+from .data import Dataset
+from .gradsync import GradSync
+from .precision import Precision
+from .state import NamedState
+
+__all__ = ["Engine", "EngineParts", "OptimizerFn"]
+
+OptimizerFn = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Engine:
+    """This rank's stages of ``model``, placed, connected, scheduled and synchronised.
+
+    Collective to build: every rank builds its engine at the same point.
+
+    Args:
+        groups: this rank's process groups (layout, coordinates, communicators).
+        model: the staged model; this rank builds only the stages it runs.
+        optimizer_fn: builds the optimizer from this rank's parameters.
+        cfg: the run's knobs.
+        device: where this rank computes.
+        placement: which stage group runs each stage (default: stage ``s`` on
+            stage group ``s``, which needs as many stage groups as stages).
+
+    Raises:
+        BatchError: the batch arithmetic of ``cfg`` does not fit the layout.
+        PlacementError: the model's stages do not fit the layout's stage groups.
+    """
+
+    def __init__(self, groups: ProcessGroups, model: StagedModel, optimizer_fn: OptimizerFn,
+                 cfg: Config, device: Optional[torch.device] = None,
+                 placement: Optional[Placement] = None) -> None:
+        layout, c = groups.layout, groups.coord
+        self.groups, self.cfg, self.model = groups, cfg, model
+        self.device = device if device is not None else torch.device("cpu")
+        self.per_pass = check_batch(cfg, layout)
+        self.graph: StageGraph = model.graph
+        if placement is None:
+            if model.graph.num_stages != layout.num_stages:
+                raise PlacementError(
+                    f"the model has {model.graph.num_stages} stages but the layout "
+                    f"{layout.num_stages} stage groups; give a Placement (e.g. looped) or "
+                    "as many stage groups as stages")
+            placement = Placement.identity(model.graph.num_stages)
+        self.placement = placement
+        # -- build only this rank's stages (after the groups exist), then share local ties
+        self.modules = {s: model.build(s).to(self.device) for s in placement.stages_on(c.stage)}
+        model.share_local_ties(self.modules)
+        groups.add_tied([ps for ps in (placement.groups_of(t.stages) for t in model.ties) if len(ps) > 1])
+
+        def describe(local: int) -> str:
+            return layout.coord(c.bundle * layout.bundle_size + local).tag()
+
+        self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.comm.timeout,
+                       me=c.tag(), describe_peer=describe)
+        n_slices = len(cfg.pipeline.slices) if cfg.pipeline.slices else 1
+        self.p2p.check_tags(cfg.pipeline.microbatches, n_slices)
+        self.precision = Precision(cfg.optim.precision)
+        self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
+                                 model.loss_fn, self.precision.autocast(self.device))
+        mbs = cfg.pipeline.microbatches
+        self.plan: list[Action] = sched.build(cfg.pipeline.schedule, self.graph, mbs, placement,
+                                              n_slices)[c.stage]
+        self.eval_plan: list[Action] = sched.build_forward_only(self.graph, cfg.pipeline.microbatches,
+                                                                placement)[c.stage]
+        self.sync = GradSync(groups, placement, self.modules, cfg.comm.fp16_compression)
+        self.sync.broadcast_parameters(self.modules)
+        self.optimizer = optimizer_fn(self.sync.params)
+        for g in self.optimizer.param_groups:  # the base of the schedule; saved with the groups
+            g.setdefault("initial_lr", g["lr"])
+        self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},
+                                {s: model.stage_buffers(s, m) for s, m in self.modules.items()},
+                                self.optimizer)
+        # the sink's loss counts once per row replica: on tensor rank 0
+        self.is_sink = self.graph.sink in self.modules and c.tensor == 0
+        #: written into every checkpoint's common file (e.g. the model's Hugging Face config for merging)
+        self.checkpoint_extra: dict[str, Any] = dict(model.checkpoint_extra or {})
+
+    def train_mode(self, on: bool) -> None:
+        """Put this rank's stages in training (dropout on) or evaluation mode."""
+        for m in self.modules.values():
+            m.train(on)
+
+    # -- data ------------------------------------------------------------------
+    def batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
+        """``mb -> (inputs, targets)``: this replica's rows of microbatch ``mb`` of ``indices``."""
+        rows = self.rows_fn(indices, microbatches)
+
+        def fn(mb: int) -> tuple[Any, Any]:
+            x, y = data.batch(rows(mb))
+            return _to(x, self.device), _to(y, self.device)
+        return fn
+
+    def rows_fn(self, indices: list[int], microbatches: int) -> Callable[[int], list[int]]:
+        """``mb -> data-set indices`` of this replica's rows of microbatch ``mb`` of ``indices``."""
+        layout, c = self.groups.layout, self.groups.coord
+        width = layout.widths[c.stage]
+
+        def fn(mb: int) -> list[int]:
+            lo, hi = replica_rows(len(indices), layout.num_bundles, c.bundle, microbatches,
+                                  mb, width, c.replica)
+            return indices[lo:hi]
+        return fn
+
+    # -- agreement ---------------------------------------------------------------
+    def world_sum(self, values: list[float], what: str) -> list[float]:
+        """Sum a few numbers over every rank (buffer call: it releases the GIL), with a deadline."""
+        import numpy as np
+        from mpi4py import MPI
+
+        mine = np.array(values, dtype=np.float64)
+        total = np.empty_like(mine)
+        req = self.groups.world.Iallreduce(mine, total, op=MPI.SUM)
+        self.p2p.wait_all([req], lambda: what)
+        return [float(v) for v in total]
+
+
+class EngineParts:
+    """An engine's parts under their own names, for a class that holds one in ``self.engine``.
+
+    Read-only: each reads the engine's attribute of the same name (the
+    :class:`~hvdhybrid.training.trainer.Trainer` offers them as before the engine).
+    """
+
+    engine: Engine
+
+    @property
+    def groups(self) -> ProcessGroups:
+        return self.engine.groups
+
+    @property
+    def model(self) -> StagedModel:
+        return self.engine.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def per_pass(self) -> int:
+        return self.engine.per_pass
+
+    @property
+    def graph(self) -> StageGraph:
+        return self.engine.graph
+
+    @property
+    def placement(self) -> Placement:
+        return self.engine.placement
+
+    @property
+    def modules(self) -> dict[int, torch.nn.Module]:
+        return self.engine.modules
+
+    @property
+    def p2p(self) -> P2P:
+        return self.engine.p2p
+
+    @property
+    def precision(self) -> Precision:
+        return self.engine.precision
+
+    @property
+    def executor(self) -> Executor:
+        return self.engine.executor
+
+    @property
+    def plan(self) -> list[Action]:
+        return self.engine.plan
+
+    @property
+    def eval_plan(self) -> list[Action]:
+        return self.engine.eval_plan
+
+    @property
+    def sync(self) -> GradSync:
+        return self.engine.sync
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def state(self) -> NamedState:
+        return self.engine.state
+
+    @property
+    def is_sink(self) -> bool:
+        return self.engine.is_sink
+
+    @property
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Written into every checkpoint's common file (e.g. the model's Hugging Face config)."""
+        return self.engine.checkpoint_extra
+
+    def train_mode(self, on: bool) -> None:
+        self.engine.train_mode(on)
+
+    def batch_fn(self, data: Dataset, indices: list[int], microbatches: int) -> Callable[[int], Any]:
+        """``mb -> (inputs, targets)``: this replica's rows of microbatch ``mb`` of ``indices``."""
+        return self.engine.batch_fn(data, indices, microbatches)
+
+    def rows_fn(self, indices: list[int], microbatches: int) -> Callable[[int], list[int]]:
+        """``mb -> data-set indices`` of this replica's rows of microbatch ``mb`` of ``indices``."""
+        return self.engine.rows_fn(indices, microbatches)
+
+    def world_sum(self, values: list[float], what: str) -> list[float]:
+        """Sum a few numbers over every rank, with a deadline."""
+        return self.engine.world_sum(values, what)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor) or hasattr(x, "to"):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device) for t in x)
+    return x
