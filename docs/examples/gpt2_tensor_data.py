@@ -21,8 +21,8 @@ staged = hh.parallelize_gpt2(model, groups)  # in place: heads, MLP and vocabula
 data = chunks(shakespeare(), 32, limit=512)  # windows of 32 bytes and their next bytes
 cfg = hh.TrainConfig(steps=20, batch_size=16, microbatches=2, out=out, progress=False)
 trainer = hh.Trainer(groups, staged, lambda params: torch.optim.AdamW(params, lr=3e-3), cfg)
-sampler = hh.Sampler(len(data), cfg.batch_size, seed=0)  # global batches; each bundle takes its share
-for step in range(1, cfg.steps + 1):
+sampler = hh.Sampler(len(data), cfg.optim.batch_size, seed=0)  # global batches; each bundle takes its share
+for step in range(1, cfg.optim.steps + 1):
     loss = trainer.train_step(data, sampler.next())
     if groups.world.Get_rank() == 0 and step % 5 == 0:
         print(f"step {step} loss {loss:.4f}", flush=True)

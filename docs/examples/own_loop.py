@@ -21,8 +21,8 @@ groups = hh.init(stages=stages)
 model = hh.sequential_model(layer_fns(), [4 // stages] * stages, nn.functional.cross_entropy, seed=0)
 cfg = hh.TrainConfig(steps=20, batch_size=64, microbatches=2, fp16_compression=False, progress=False)
 trainer = hh.Trainer(groups, model, lambda params: torch.optim.Adam(params, lr=1e-2), cfg)
-sampler = hh.Sampler(len(data), cfg.batch_size, seed=0)
-for step in range(1, cfg.steps + 1):  # your loop: one optimizer step (all ranks) per call
+sampler = hh.Sampler(len(data), cfg.optim.batch_size, seed=0)
+for step in range(1, cfg.optim.steps + 1):  # your loop: one optimizer step (all ranks) per call
     loss = trainer.train_step(data, sampler.next())
     if groups.world.Get_rank() == 0 and step % 5 == 0:
         print(f"step {step} loss {loss:.4f}", flush=True)

@@ -33,7 +33,7 @@ def agreed(comm: Any) -> Iterator[None]:
     exceptions pass through without the allgather. Names bound in the block are used after it::
 
         with agreed(w):
-            layout = Layout(w.Get_size(), widths)
+            layout = cfg.parallel.layout(w.Get_size())
         groups = ProcessGroups.create(layout, w)
 
     Raises:

@@ -36,9 +36,10 @@ class ModelSizes:
     fp16_gradients: bool = True
 
     @classmethod
-    def even(cls, param_bytes: float, stages: int, activation_bytes: float, fp16: bool = True) -> ModelSizes:
+    def even(cls, param_bytes: float, stages: int, activation_bytes: float,
+             fp16_compression: bool = True) -> ModelSizes:
         """Parameters split evenly over ``stages``."""
-        return cls(tuple([param_bytes / stages] * stages), activation_bytes, fp16)
+        return cls(tuple([param_bytes / stages] * stages), activation_bytes, fp16_compression)
 
 
 def link_bytes(layout: Layout, hosts: list[str], sizes: ModelSizes) -> dict[tuple[str, str], float]:

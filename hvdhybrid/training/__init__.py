@@ -4,7 +4,8 @@
     engine       Engine: what one rank built (stages, executor, plans, row and batch functions)
     gradsync     gradient averaging over rows, ties and bundles; the global-norm guard
     evaluation   forward-only evaluation and prediction over every held-out row
-    state        training state by full name: save, resume (reshard), gather
+    checkpointing  save, resume (resharded into any layout) and gather the training state
+    state        training state by full name: what a checkpoint holds, reading it into any layout
     checkpoint   checkpoint files: atomic writes, manifest, latest pointer
     precision    fp32 / bf16 / fp16 autocast and the dynamic loss scaler
     lr_schedule  warmup and constant / linear / cosine decay
@@ -19,17 +20,19 @@ from typing import TYPE_CHECKING
 
 from .._lazy import exports
 
-__all__ = ["CheckpointError", "DataError", "Dataset", "Diverged", "Job", "Precision", "Sampler",
+__all__ = ["CheckpointError", "DataError", "Dataset", "Diverged", "Engine", "Job", "Precision", "Sampler",
            "TensorDataset", "Trainer"]
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointError
     from .data import DataError, Dataset, Sampler, TensorDataset
+    from .engine import Engine
     from .job import Job
     from .precision import Precision
     from .trainer import Diverged, Trainer
 
 __getattr__ = exports(__name__, {
-    "Trainer": "trainer", "Diverged": "trainer", "Dataset": "data", "TensorDataset": "data", "Sampler":
-    "data", "DataError": "data", "Job": "job", "Precision": "precision", "CheckpointError": "checkpoint",
+    "Trainer": "trainer", "Diverged": "trainer", "Engine": "engine", "Dataset": "data",
+    "TensorDataset": "data", "Sampler": "data", "DataError": "data", "Job": "job", "Precision": "precision",
+    "CheckpointError": "checkpoint",
 })

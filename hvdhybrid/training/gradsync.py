@@ -69,8 +69,9 @@ class GradSync:
     """
 
     def __init__(self, groups: ProcessGroups, placement: Placement, modules: dict[int, nn.Module],
-                 fp16: bool = True) -> None:
-        self.groups, self.placement, self.fp16 = groups, placement, fp16
+                 fp16_compression: bool = True) -> None:
+        self.groups, self.placement = groups, placement
+        self.fp16_compression = fp16_compression  # float16 on the wire across bundles (not --precision)
         self.stages = sorted(modules)
         seen: set[int] = set()
         self.params: list[nn.Parameter] = []
@@ -110,7 +111,7 @@ class GradSync:
 
             c = self.groups.coord
             name = f"grads.s{c.stage}.r{c.replica}.t{c.tensor}"
-            if self.fp16:  # cast once into reused buffers, bucketed, overlapped with the wire
+            if self.fp16_compression:  # cast once into reused buffers, bucketed, overlapped with the wire
                 if self._fp16 is None:
                     from ..comm.fp16_allreduce import Fp16Allreduce
 

@@ -44,18 +44,8 @@ class Trainer(EngineParts):
     The engine's parts (``modules``, ``executor``, ``optimizer``, ``state``, ...)
     read as the trainer's own (:class:`EngineParts`).
 
-    Args:
-        groups: this rank's process groups (layout, coordinates, communicators).
-        model: the staged model; this rank builds only the stages it runs.
-        optimizer_fn: builds the optimizer from this rank's parameters.
-        cfg: the run's knobs.
-        device: where this rank computes.
-        placement: which stage group runs each stage (default: stage ``s`` on
-            stage group ``s``, which needs as many stage groups as stages).
-
-    Raises:
-        BatchError: the batch arithmetic of ``cfg`` does not fit the layout.
-        PlacementError: the model's stages do not fit the layout's stage groups.
+    Args and Raises: those of :class:`Engine`, which it builds (``cfg`` is the whole
+    :class:`~hvdhybrid.config.Config`; ``hvdhybrid.TrainConfig(steps=..., ...)`` makes one).
     """
 
     def __init__(self, groups: ProcessGroups, model: StagedModel, optimizer_fn: OptimizerFn,

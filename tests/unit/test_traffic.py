@@ -23,14 +23,14 @@ def test_map_by_slot_and_node() -> None:
 def test_slot_keeps_activations_in_the_host_node_keeps_gradients() -> None:
     """2 bundles x 2 stages on 2 hosts: 100 MB of parameters (50 per stage), 20 MB of activations."""
     lay = Layout(4, (1, 1))
-    sizes = ModelSizes.even(100 * MB, 2, 20 * MB, fp16=True)
+    sizes = ModelSizes.even(100 * MB, 2, 20 * MB, fp16_compression=True)
     slot = link_bytes(lay, place_ranks(TWO, 4), sizes)
     # ring of 2: each member sends its 25 MB fp16 piece once; 2 data groups x 2 members
     assert slot[("h0", "h1")] == pytest.approx(100 * MB)
     assert slot[("h0", "h0")] == pytest.approx(20 * MB)  # 10 MB per bundle, forward + backward
     node = link_bytes(lay, place_ranks(TWO, 4, "node"), sizes)
     assert node[("h0", "h1")] == pytest.approx(40 * MB) and cross_host_bytes(node) == pytest.approx(40 * MB)
-    fp32 = link_bytes(lay, place_ranks(TWO, 4), ModelSizes.even(100 * MB, 2, 20 * MB, fp16=False))
+    fp32 = link_bytes(lay, place_ranks(TWO, 4), ModelSizes.even(100 * MB, 2, 20 * MB, fp16_compression=False))
     assert fp32[("h0", "h1")] == pytest.approx(200 * MB)
     assert describe_links(slot)[0].startswith("h0 <-> h1: 100 MB/step (network)")
 
