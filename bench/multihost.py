@@ -54,7 +54,7 @@ def allreduce(hosts: EmulatedHosts, rate: str, repeats: int, openmpi_choice: boo
               mb: str = "16,64") -> list[dict]:
     """One rank per host: hvdhybrid's MPI settings, or (``openmpi_choice``) Open MPI's own choice."""
     env = _env(hosts)
-    if openmpi_choice:  # a user's coll_tuned setting wins over hvdhybrid's rules (hvdhybrid/mpi_env.py)
+    if openmpi_choice:  # a user's coll_tuned setting wins over hvdhybrid's rules (hvdhybrid/comm/mpi_env.py)
         env["OMPI_MCA_coll_tuned_use_dynamic_rules"] = "0"
     cmd = MPIRUN + ["-np", str(hosts.n), "--map-by", "node", "--hostfile", hosts.hostfile(), sys.executable,
                     os.path.join(HERE, "allreduce.py"), "--mb", mb, "--repeats", str(repeats),

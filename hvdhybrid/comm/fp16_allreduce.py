@@ -64,7 +64,7 @@ class Fp16Allreduce:
 
     def __call__(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` in place over the process set (sent as float16)."""
-        import horovod.torch as hvd
+        from . import horovod_ops
 
         if not tensors:
             return
@@ -76,10 +76,9 @@ class Fp16Allreduce:
                 n = tensors[i].numel()
                 buf[at:at + n].copy_(tensors[i].reshape(-1))  # the cast, into the reused buffer
                 at += n
-            handles.append(hvd.allreduce_async_(buf, name=f"{self.name}.b{b}", op=hvd.Average,
-                                                process_set=self.process_set))
+            handles.append(horovod_ops.average_async_(buf, self.process_set, f"{self.name}.b{b}"))
         for (idx, buf), h in zip(self._buckets, handles):
-            hvd.synchronize(h)
+            horovod_ops.synchronize(h)
             at = 0
             for i in idx:
                 n = tensors[i].numel()

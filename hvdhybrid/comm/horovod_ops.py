@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["ensure_init", "add_process_set", "remove_process_set", "allreduce_average",
-           "broadcast_", "shutdown"]
+           "average_async_", "synchronize", "broadcast_", "shutdown"]
 
 _state = {"init": False}
 
@@ -58,6 +58,20 @@ def allreduce_average(tensors: list[torch.Tensor], process_set: Any, name: str) 
     out: list[torch.Tensor] = hvd.grouped_allreduce(tensors, name=name, op=hvd.Average,
                                                     process_set=process_set)
     return out
+
+
+def average_async_(tensor: torch.Tensor, process_set: Any, name: str) -> Any:
+    """Start an in-place average of ``tensor`` over ``process_set``; :func:`synchronize` its handle."""
+    import horovod.torch as hvd
+
+    return hvd.allreduce_async_(tensor, name=name, op=hvd.Average, process_set=process_set)
+
+
+def synchronize(handle: Any) -> None:
+    """Wait for an operation started by :func:`average_async_`."""
+    import horovod.torch as hvd
+
+    hvd.synchronize(handle)
 
 
 def broadcast_(tensors: list[torch.Tensor], root_rank: int, process_set: Any, name: str) -> None:

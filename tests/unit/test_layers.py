@@ -304,3 +304,23 @@ def test_module_size():
     assert not oversized, (
         f"{len(oversized)} module(s) over {MAX_LINES} lines (split them, or say in the module docstring "
         f"why it is '{SIZE_EXCUSE}'):\n" + "\n".join(oversized))
+
+
+# One door to each outside system: Horovod only through comm/horovod_ops, click only in the CLI.
+DOORS = {"horovod": ("hvdhybrid.comm.horovod_ops",), "click": ("hvdhybrid.cli.",)}
+
+
+def test_one_door_to_horovod_and_click():
+    """Was: compression.py imported horovod.torch past hvd.py, and errors.py imported click."""
+    bad = []
+    for name, path in package_modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in _import_nodes(tree):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if node.level == 0 else [])
+            for target in targets:
+                top = target.split(".")[0]
+                allowed = DOORS.get(top)
+                if allowed and not any(name == a or name.startswith(a) for a in allowed):
+                    bad.append(f"{name} (line {node.lineno}) imports {target}")
+    assert not bad, "\n".join(bad)
