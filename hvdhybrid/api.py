@@ -49,8 +49,8 @@ def init(widths: Optional[Sequence[int]] = None, stages: Optional[int] = None, t
         from .layout.topology import LayoutError
 
         raise LayoutError("give either widths or stages, not both")
-    shape = ",".join(str(x) for x in widths) if widths is not None else None
-    layout = ParallelConfig(stages=stages, bundle_shape=shape, tensor=tensor).layout(w.Get_size())
+    given = tuple(widths) if widths is not None else None
+    layout = ParallelConfig(stages=stages, tensor=tensor).layout(w.Get_size(), widths=given)
     return ProcessGroups.create(layout, w)
 
 

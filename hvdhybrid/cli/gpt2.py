@@ -78,7 +78,7 @@ def gpt2(cfg: Config, size: str, data: Optional[str], seq_len: Optional[int], dr
             from ..training.data import TensorDataset
             from ..training.evaluation import unit_rows
 
-            k = min(len(test_set), unit_rows(trainer))
+            k = min(len(test_set), unit_rows(trainer.engine))
             probe = TensorDataset(test_set.x[:k], test_set.y[:k])
             logits = trainer.predict(probe, k, lambda o: gather_last(o, trainer.groups.tensor))
             if logits is not None:

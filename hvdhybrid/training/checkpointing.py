@@ -1,8 +1,8 @@
 """An engine's state to and from disk and to rank 0: save and resume checkpoints, gather parameters.
 
-The loop's facts (step, sampler position, model name, how many checkpoints to
-keep, where) come in as arguments; what the loop must take back (the step
-and sampler position resumed) comes out as a :class:`Resumed`. What a
+The loop's facts (step, sampler position) come in as arguments, the rest
+(model name, checkpoints kept, where) from the engine's config; what the loop
+must take back (the step and sampler position resumed) comes out as a :class:`Resumed`. What a
 checkpoint holds, by full name, is :mod:`state`; its files are :mod:`checkpoint`.
 """
 
@@ -33,18 +33,18 @@ class Resumed:
     sampler: Optional[dict[str, int]]
 
 
-def save(engine: Engine, step: int, sampler: Optional[dict[str, int]], model_name: str, keep: int,
-         out: Optional[str]) -> str:
-    """Collective: write ``step``'s checkpoint under ``out``/checkpoints, by name, once per stage.
+def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
+    """Collective: write ``step``'s checkpoint under ``--out``/checkpoints, by name, once per stage.
 
     Args:
         sampler: the sampler's state at ``step`` (saved for the resume to continue from).
-        keep: complete checkpoints kept (older ones are removed).
 
     Returns:
         The checkpoint's directory.
     """
     groups, state, precision = engine.groups, engine.state, engine.precision
+    run = engine.cfg.run
+    model_name, out = run.model_name, run.out
     lay, c, world = groups.layout, groups.coord, groups.world
     files, names = ({}, {}) if (c.bundle, c.replica) != (0, 0) else state.files(c.tensor, lay.tensor)
     rngs = world.gather(rng_state(), root=0)
@@ -56,14 +56,14 @@ def save(engine: Engine, step: int, sampler: Optional[dict[str, int]], model_nam
     facts = Manifest(step, model_name, lay.world_size, lay.widths, {}, lay.tensor,
                      {}, engine.placement.positions)
     assert out is not None
-    path = save_collective(world, os.path.join(out, "checkpoints"), step, facts, files, names, keep,
+    path = save_collective(world, os.path.join(out, "checkpoints"), step, facts, files, names, run.keep,
                            lambda: inject_failure(world.Get_rank(), step, "ckpt"))
     if world.Get_rank() == 0:
         get_logger().info(f"checkpoint step {step} written to {path}")
     return path
 
 
-def resume(engine: Engine, where: str, model_name: str) -> Optional[Resumed]:
+def resume(engine: Engine, where: str) -> Optional[Resumed]:
     """Collective: load the newest complete checkpoint under ``where`` (or that one directory).
 
     The checkpoint may come from any layout: parameters and optimizer state
@@ -87,7 +87,7 @@ def resume(engine: Engine, where: str, model_name: str) -> Optional[Resumed]:
         return None
     manifest = Manifest.read(os.path.join(path, "manifest.json"))
     common = load_file(path, COMMON)
-    check_model(model_name, str(common["model"]))
+    check_model(engine.cfg.run.model_name, str(common["model"]))
     engine.state.load(path, manifest, common["hyper"])
     same = (manifest.world_size, manifest.widths, manifest.tensor, manifest.placement) == \
         (lay.world_size, lay.widths, lay.tensor, engine.placement.positions)

@@ -85,8 +85,7 @@ class Engine:
         mbs = cfg.pipeline.microbatches
         self.plan: list[Action] = sched.build(cfg.pipeline.schedule, self.graph, mbs, placement,
                                               n_slices)[c.stage]
-        self.eval_plan: list[Action] = sched.build_forward_only(self.graph, cfg.pipeline.microbatches,
-                                                                placement)[c.stage]
+        self.eval_plan: list[Action] = sched.build_forward_only(self.graph, mbs, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.comm.fp16_compression)
         self.sync.broadcast_parameters(self.modules)
         self.optimizer = optimizer_fn(self.sync.params)
@@ -147,6 +146,10 @@ class EngineParts:
     """
 
     engine: Engine
+
+    @property
+    def cfg(self) -> Config:
+        return self.engine.cfg
 
     @property
     def groups(self) -> ProcessGroups:

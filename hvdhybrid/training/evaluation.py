@@ -17,7 +17,7 @@ of it, so:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,21 +32,10 @@ __all__ = ["MetricFn", "evaluate", "language_model_metrics", "predict", "unit_ro
 MetricFn = Callable[[Any, Any], tuple[float, int]]
 
 
-class _HasEngine(Protocol):
-    """Anything that runs on an engine (a Trainer)."""
-
-    @property
-    def engine(self) -> Engine: ...
-
-
-def unit_rows(engine: Union[Engine, _HasEngine]) -> int:
-    """The smallest batch every layout split accepts: bundles x microbatches x lcm(widths).
-
-    Takes the engine, or anything that has one (a Trainer).
-    """
-    e = engine if isinstance(engine, Engine) else engine.engine
-    layout = e.groups.layout
-    return layout.num_bundles * e.cfg.pipeline.microbatches * math.lcm(*layout.widths)
+def unit_rows(engine: Engine) -> int:
+    """The smallest batch every layout split accepts: bundles x microbatches x lcm(widths)."""
+    layout = engine.groups.layout
+    return layout.num_bundles * engine.cfg.pipeline.microbatches * math.lcm(*layout.widths)
 
 
 def _forward(engine: Engine, data: Dataset, idx: list[int]) -> list[Any]:

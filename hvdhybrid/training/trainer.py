@@ -51,7 +51,6 @@ class Trainer(EngineParts):
     def __init__(self, groups: ProcessGroups, model: StagedModel, optimizer_fn: OptimizerFn,
                  cfg: Config, device: Optional[torch.device] = None,
                  placement: Optional[Placement] = None) -> None:
-        self.cfg = cfg
         #: what this rank built: stages, executor, plans, sync, optimizer, state by name
         self.engine = Engine(groups, model, optimizer_fn, cfg, device, placement)
         self.step = 0
@@ -208,10 +207,8 @@ class Trainer(EngineParts):
 
     def save_checkpoint(self) -> str:
         """Collective: write this step's checkpoint, by name, once per stage (see :mod:`checkpointing`)."""
-        cfg = self.cfg
         sampler = self.sampler.state() if self.sampler else self._resume_sampler
-        path = checkpointing.save(self.engine, self.step, sampler, cfg.run.model_name, cfg.run.keep,
-                                  cfg.run.out)
+        path = checkpointing.save(self.engine, self.step, sampler)
         self._last_checkpoint = self.step
         return path
 
@@ -228,7 +225,7 @@ class Trainer(EngineParts):
         Raises:
             CheckpointError: the named checkpoint is corrupt, or belongs to another run/model.
         """
-        got = checkpointing.resume(self.engine, where, self.cfg.run.model_name)
+        got = checkpointing.resume(self.engine, where)
         if got is None:
             return None
         self.step = got.step
