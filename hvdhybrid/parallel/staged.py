@@ -23,29 +23,41 @@ from .graph import StageGraph
 from .ownership import Sharded, Tie, Tied, owner_of, shard_of, tag
 from .partition import STRATEGIES, PartitionError
 
-__all__ = ["StagedModel", "Part", "LayerFn", "partition_sizes", "split_sequential",
+__all__ = ["StagedModel", "Part", "Unit", "LayerFn", "partition_sizes", "split_sequential",
            "sequential_model", "keyed", "keyed_layers", "meta_layers", "mount"]
 
 LayerFn = Callable[[], nn.Module]
 T = TypeVar("T")
 
 
+class Unit(nn.Module):
+    """A layer whose children are the full model's top-level modules (torchvision's ``conv1``, ``bn1``,
+    ``layer1``, ``fc``): :class:`Part` registers its children under their own names instead of the
+    layer under its index, so a chain of units carries a named model's parameter names."""
+
+
 class Part(nn.Module):
     """Layers ``first .. first+len-1`` of a sequential model, applied in order.
 
     Parameters keep their full-model names: layer ``i`` is registered as ``str(i)``,
-    exactly as in ``nn.Sequential(*all_layers)``.
+    exactly as in ``nn.Sequential(*all_layers)``; a :class:`Unit`'s children under their own names.
     """
 
     def __init__(self, layers: Sequence[nn.Module], first: int) -> None:
         super().__init__()
         self.first = first
+        self._order = list(layers)  # a plain list: a reused module runs each time it appears
         for i, layer in enumerate(layers):
-            self.add_module(str(first + i), layer)
+            if not isinstance(layer, Unit):
+                self.add_module(str(first + i), layer)
+                continue
+            for name, child in layer.named_children():
+                if name in self._modules and self._modules[name] is not child:
+                    raise ValueError(f"two units of one stage both name a module {name!r}")
+                self.add_module(name, child)
 
     def forward(self, x: Any) -> Any:
-        for layer in self._modules.values():  # not children(): a reused module runs each time
-            assert layer is not None
+        for layer in self._order:
             x = layer(x)
         return x
 

@@ -107,7 +107,8 @@ def named_parameters(state: NamedState) -> dict[str, torch.Tensor]:
 
 
 def gather_parameters(engine: Engine) -> Optional[dict[str, torch.Tensor]]:
-    """Collective: the whole model's parameters on world rank 0, shards joined (None elsewhere)."""
+    """Collective: the whole model's parameters and persistent buffers on world rank 0, shards joined
+    (None elsewhere)."""
     c = engine.groups.coord
     mine: dict[str, tuple[torch.Tensor, Optional[Sharded]]] = {}
     if (c.bundle, c.replica) == (0, 0):
@@ -117,6 +118,9 @@ def gather_parameters(engine: Engine) -> Optional[dict[str, torch.Tensor]]:
                 if shard is None and c.tensor != 0:
                     continue
                 mine[n] = (p.detach().cpu().clone(), shard)
+        if c.tensor == 0:  # buffers (BatchNorm's statistics) are whole on every tensor rank
+            for names in engine.state.named_buffers.values():
+                mine.update((n, (b.detach().cpu().clone(), None)) for n, b in names.items())
     parts = engine.groups.world.gather(mine, root=0)
     if parts is None:
         return None

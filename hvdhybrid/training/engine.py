@@ -94,6 +94,10 @@ class Engine:
         self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},
                                 {s: model.stage_buffers(s, m) for s, m in self.modules.items()},
                                 self.optimizer)
+        #: BatchNorm running means and variances: averaged over the copies of a stage after each step
+        self.statistics = [b for m in self.modules.values() for mod in m.modules()
+                           if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+                           for b in (mod.running_mean, mod.running_var) if b is not None]
         # the sink's loss counts once per row replica: on tensor rank 0
         self.is_sink = self.graph.sink in self.modules and c.tensor == 0
         #: written into every checkpoint's common file (e.g. the model's Hugging Face config for merging)

@@ -122,6 +122,23 @@ class GradSync:
             for g, r in zip(grads, reduced):
                 g.copy_(r)
 
+    def average_statistics(self, tensors: list[torch.Tensor]) -> None:
+        """Average running statistics (BatchNorm's mean and variance) over the row group and the data
+        group, so every copy of a stage holds one value (each copy saw only its own rows)."""
+        if not tensors:
+            return
+        width = self.groups.rows.Get_size()
+        if width > 1:
+            _allreduce(self.groups.rows, tensors, divide=width)
+        if self.groups.data_set is not None:
+            from ..comm import horovod_ops
+
+            c = self.groups.coord
+            reduced = horovod_ops.allreduce_average(tensors, self.groups.data_set,
+                                                    name=f"stats.s{c.stage}.r{c.replica}.t{c.tensor}")
+            for t, r in zip(tensors, reduced):
+                t.copy_(r)
+
     def norm_share(self) -> float:
         """This rank's share of the squared global norm: the world sum of shares is the norm^2.
 

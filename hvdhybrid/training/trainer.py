@@ -103,6 +103,7 @@ class Trainer(EngineParts):
                 self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {norm}); "
                                  f"step skipped ({self.skipped_steps} so far{more})")
         self.optimizer.zero_grad(set_to_none=True)
+        self.sync.average_statistics(self.engine.statistics)
         self.step += 1
         loss = self._step_end(loss_sum / (cfg.pipeline.microbatches * cfg.optim.accumulate))
         if not math.isfinite(loss):

@@ -56,6 +56,18 @@ def raw_file(base: str, name: str, data: bytes) -> str:
     return p
 
 
+def resnet18_file(base: str) -> str:
+    """A torchvision-format resnet18 state dict (GroupNorm, 10 classes)."""
+    import torch
+
+    from hvdhybrid.models.resnet import torchvision_layer_fns
+    from hvdhybrid.parallel.staged import Part
+
+    p = os.path.join(base, "resnet18.pt")
+    torch.save(Part([f() for f in torchvision_layer_fns("resnet18", 3, 10)], 0).state_dict(), p)
+    return p
+
+
 def bad_hostfile(base: str) -> str:
     p = os.path.join(base, "hosts")
     open(p, "w").write("# two nodes\nnode1 slots=2\nnode2:2\n")
@@ -120,6 +132,18 @@ CASES: list[Case] = [
     ("unreadable image",
      lambda b: run([HVDTRAIN, "resnet", "--steps", "1", "--data", image_dir(b), "--out", f"{b}/x"]),
      "cannot read image"),
+    ("ResNet: an --init file that does not exist",
+     lambda b: mpirun(2, "resnet", "--arch", "resnet18", "--steps", "1", "--init", f"{b}/nope.pt",
+                      "--out", f"{b}/x"),
+     "--init /tmp/"),
+    ("ResNet: an --init file of another architecture",
+     lambda b: run([HVDTRAIN, "resnet", "--arch", "resnet50", "--steps", "1", "--init", resnet18_file(b),
+                    "--out", f"{b}/x"]),
+     "does not fit --arch resnet50: it lacks 99 of the model's"),
+    ("ResNet: --width with a torchvision architecture",
+     lambda b: run([HVDTRAIN, "resnet", "--arch", "resnet18", "--width", "8", "--steps", "1",
+                    "--out", f"{b}/x"]),
+     "--width sets the channels of --arch small; resnet18 has torchvision's widths: drop --width"),
     ("hostfile with a bad line",
      lambda b: run([HVDTRAIN, "launch", "-np", "2", "--hostfile", bad_hostfile(b), "--", *MLP]),
      "hosts:3: cannot read 'node2:2'"),
