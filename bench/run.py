@@ -1,6 +1,8 @@
 """Run every benchmark in one go and print ratios against the peers measured in the same run.
 
-    .venv/bin/python bench/run.py [--out DIR] [--only pipeline|grover|memory|bert|gpt2|gpt|multihost ...]
+    .venv/bin/python bench/run.py [--out DIR] [--only PART ...]
+
+PART: pipeline, grover, memory, bert, gpt2, gpt, multihost, resnet (repeat --only for several).
 
 Writes into DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...):
 results.json, results.md (the tables below, as printed), scaling.png (each run
@@ -95,6 +97,56 @@ def bert(steps: int = 10, warmup: int = 2, batch: int = 32, max_len: int = 64) -
                   f"| {r['samples_s'] / best:.2f}x |")
     ours = {r["precision"]: r["step_s"] for r in res if r["name"] == "bert-hvdhybrid"}
     print(f"\nhvdtrain bert bf16 vs fp32 step time: {ours['fp32'] / ours['bf16']:.2f}x faster")
+    return res
+
+
+def _hvdtrain_resnet(np_: int, layout: list[str], batch: int, image_size: int, steps: int, warmup: int
+                     ) -> dict:
+    """`hvdtrain resnet --arch resnet50` on ``np_`` ranks: the median step time after ``warmup`` steps."""
+    import statistics
+    import tempfile
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-resnet-"), "run")
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", PY,
+           "-m", "hvdhybrid", "resnet", "--arch", "resnet50", *layout, "--steps", str(steps + warmup),
+           "--batch-size", str(batch), "--image-size", str(image_size), "-m", "4", "--no-progress",
+           "--out", out]
+    _run(cmd)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    step_s = statistics.median(batch / r["samples_per_s"] for r in rows[warmup:])
+    return {"name": "resnet50-hvdhybrid", "procs": np_,
+            "layout": " ".join(layout), "batch": batch, "image_size": image_size, "step_s": step_s,
+            "images_s": batch / step_s}
+
+
+def resnet(steps: int = 6, warmup: int = 2, batch: int = 48, image_size: int = 32) -> list[dict]:
+    """ResNet-50 images/s: hvdtrain at bundle shape 2,1 (3 ranks) and 2 bundles x 1,1 (4 ranks) against
+    torch DDP (gloo) and plain Horovod on the same ranks and global batch, and one process."""
+    peers = os.path.join(HERE, "resnet_peers.py")
+    opts = ["--batch", str(batch), "--image-size", str(image_size), "--steps", str(steps),
+            "--warmup", str(warmup)]
+    torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
+    res = _run([PY, peers, "single", *opts])
+    shape11 = ["--bundle-shape", "1,1"]
+    by_procs = ((3, [["--bundle-shape", "2,1"]]), (4, [shape11, [*shape11, "--partition", "params"]]))
+    for np_, layouts in by_procs:
+        for layout in layouts:  # the default --partition of resnet50 is time
+            res.append(_hvdtrain_resnet(np_, layout, batch, image_size, steps, warmup))
+        res += _run([torchrun, "--nproc-per-node", str(np_), peers, "ddp", *opts])
+        res += _run(mpirun(np_, "resnet_peers.py", "horovod", *opts))
+    one = res[0]["images_s"]
+    print(f"\nResNet-50 (GroupNorm, 10 classes), global batch {batch} of {image_size}x{image_size} images, "
+          "SGD, 1 thread per process; hvdtrain: 4 microbatches, fp16 compression across bundles; "
+          "Horovod: fp16 compression\n")
+    print("| run | processes | layout | s/step | images/s | vs one process | vs the best peer on as many "
+          "processes |")
+    print("|---|---|---|---|---|---|---|")
+    for r in res:
+        same = [p["images_s"] for p in res if p["procs"] == r["procs"] and "hvdhybrid" not in p["name"]]
+        vs = f"{r['images_s'] / max(same):.2f}x" if r["procs"] > 1 else ""
+        print(f"| {r['name']} | {r['procs']} | {r.get('layout', 'data parallel')} | {r['step_s']:.3f} "
+              f"| {r['images_s']:.1f} | {r['images_s'] / one:.2f}x | {vs} |")
     return res
 
 
@@ -295,7 +347,7 @@ def speedups(res: list[dict]) -> list[dict]:
 
 PARTS: dict[str, Callable[[], list[dict]]] = {
     "pipeline": pipeline, "grover": grover, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
-    "multihost": multihost,
+    "multihost": multihost, "resnet": resnet,
 }
 
 
