@@ -45,31 +45,43 @@ class Sharded:
     ``parts > 1``: the dimension is ``parts`` equal blocks (e.g. GPT-2's fused
     query | key | value projection) and the rank holds slice ``t`` of *each*
     block, side by side: :func:`cut` and :func:`join` are the one definition.
+
+    ``pad > 0`` (with ``parts == 1``): the dimension is padded with ``pad`` zero
+    rows at its end so that it divides by ``size`` (a vocabulary of 50,257 over
+    2 ranks, as Megatron pads it); the padding belongs to no model: :func:`join`
+    drops it, :func:`cut` adds it, checkpoints record the unpadded shape.
     """
 
     dim: int
     size: int
     index: int
     parts: int = 1
+    pad: int = 0
 
     def describe(self) -> str:
         blocks = f", in each of {self.parts} blocks" if self.parts > 1 else ""
-        return f"sharded on dim {self.dim} ({self.index + 1} of {self.size}{blocks})"
+        padded = f", {self.pad} padding row(s) at the end" if self.pad else ""
+        return f"sharded on dim {self.dim} ({self.index + 1} of {self.size}{blocks}{padded})"
 
 
 def cut(full: torch.Tensor, shard: Optional[Sharded]) -> torch.Tensor:
     """The slice of the whole tensor ``full`` that ``shard`` holds (``full`` itself when None)."""
     if shard is None:
         return full
+    if shard.pad:
+        shape = list(full.shape)
+        shape[shard.dim] = shard.pad
+        full = torch.cat([full, full.new_zeros(shape)], shard.dim)
     blocks = full.chunk(shard.parts, shard.dim)
     n = blocks[0].shape[shard.dim] // shard.size
     return torch.cat([b.narrow(shard.dim, n * shard.index, n) for b in blocks], shard.dim)
 
 
-def join(pieces: list[torch.Tensor], dim: int, parts: int = 1) -> torch.Tensor:
+def join(pieces: list[torch.Tensor], dim: int, parts: int = 1, pad: int = 0) -> torch.Tensor:
     """The whole tensor from every tensor rank's slice, in rank order (inverse of :func:`cut`)."""
     if parts == 1:
-        return torch.cat(pieces, dim)
+        whole = torch.cat(pieces, dim)
+        return whole.narrow(dim, 0, whole.shape[dim] - pad) if pad else whole
     split = [p.chunk(parts, dim) for p in pieces]
     return torch.cat([split[r][b] for b in range(parts) for r in range(len(pieces))], dim)
 

@@ -165,9 +165,16 @@ class StagedModel:
                     m = self.builder(s)  # type: ignore[misc]
             # one Parameter under two names (a tie within the stage) counts once
             unique = {id(p): p for n, p in self.stage_parameters(s, m).items() if n not in shared}
-            total += sum(p.numel() * (shard.size if (shard := shard_of(owner_of(p))) else 1)
-                         for p in unique.values())
+            total += sum(_whole_numel(p) for p in unique.values())
         return total
+
+
+def _whole_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter that ``p`` is (a shard: all shards, without padding)."""
+    shard = shard_of(owner_of(p))
+    if shard is None:
+        return p.numel()
+    return (p.numel() // p.shape[shard.dim]) * (p.shape[shard.dim] * shard.size - shard.pad)
 
 
 def mount(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -92,12 +92,13 @@ def gather_last(x: torch.Tensor, comm: Any) -> torch.Tensor:
     return torch.cat(list(parts), -1)
 
 
-def shard_parameter(full: torch.Tensor, comm: Any, dim: int, parts: int = 1) -> nn.Parameter:
-    """This tensor rank's slice of ``full`` as a new Parameter, tagged :class:`Sharded`."""
+def shard_parameter(full: torch.Tensor, comm: Any, dim: int, parts: int = 1, pad: int = 0) -> nn.Parameter:
+    """This tensor rank's slice of ``full`` (padded with ``pad`` zero rows of ``dim`` first) as a new
+    Parameter, tagged :class:`Sharded`."""
     from .ownership import cut
 
     size, rank = comm.Get_size(), comm.Get_rank()
-    shard = Sharded(dim, size, rank, parts)
+    shard = Sharded(dim, size, rank, parts, pad)
     p = nn.Parameter(cut(full.detach(), shard).clone())
     tag(p, shard)
     return p

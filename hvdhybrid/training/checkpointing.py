@@ -132,5 +132,5 @@ def gather_parameters(engine: Engine) -> Optional[dict[str, torch.Tensor]]:
     for n, ps in pieces.items():
         ps.sort(key=lambda x: x[0])
         shard = ps[0][2]
-        out[n] = ps[0][1] if shard is None else join([t for _, t, _ in ps], shard.dim, shard.parts)
+        out[n] = ps[0][1] if shard is None else join([t for _, t, _ in ps], shard.dim, shard.parts, shard.pad)
     return out

@@ -40,9 +40,9 @@ def _piece(file: str, kind: str, t: torch.Tensor, shard: Optional[Sharded]) -> d
     if shard is None:
         return {"file": file, "kind": kind, "shape": shape, "dim": None, "start": None, "stop": None}
     n = t.shape[shard.dim]
-    shape[shard.dim] = n * shard.size
+    shape[shard.dim] = n * shard.size - shard.pad  # the global shape: without padding
     return {"file": file, "kind": kind, "shape": shape, "dim": shard.dim, "parts": shard.parts,
-            "start": n * shard.index, "stop": n * (shard.index + 1)}
+            "start": n * shard.index, "stop": n * (shard.index + 1), "pad": shard.pad}
 
 
 def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:
@@ -82,7 +82,7 @@ class CheckpointReader:
         slice_shape = [[ps[i]["stop"] - ps[i]["start"] if j == dim else d
                         for j, d in enumerate(ps[i]["shape"])] for i in range(len(ps))]
         if all(torch.is_tensor(v) and list(v.shape) == sh for v, sh in zip(vals, slice_shape)):
-            return join(vals, dim, int(ps[0].get("parts", 1)))
+            return join(vals, dim, int(ps[0].get("parts", 1)), int(ps[0].get("pad", 0)))
         return vals[0]  # a scalar-like state (Adam's step) rides with every slice alike
 
     def parameters(self) -> dict[str, torch.Tensor]:
