@@ -15,8 +15,9 @@ from ..layout.topology import Layout
 from ..models.gpt.model import CONFIGS
 from .options import config_options, optimizer_fn, optimizer_option
 from .session import Built, run_model
+from .textgen import end_sample, sample_options, sample_text
 
-__all__ = ["gpt", "configs", "plan_slices_cmd", "choose_slices"]
+__all__ = ["gpt", "configs", "plan_slices_cmd", "choose_slices", "sample"]
 
 
 def _config_option(fn: Any) -> Any:
@@ -84,11 +85,18 @@ def gpt(cfg: Config, name: str, seq_len: int, slices: str, granularity: Optional
         sl = ("whole sequences" if chosen is None
               else f"{len(chosen)} token slices {lengths_text(chosen)}")
         head = TensorDataset(train_set.x[:len(test_set)], train_set.y[:len(test_set)])
+
+        def finish(trainer: Any, out: str) -> None:  # a short sample from the final checkpoint
+            if trainer.groups.world.Get_rank() == 0:
+                from ..models.gpt.sample import gpt_sampler
+
+                end_sample(lambda c: gpt_sampler(out, c), test_set.x[0, :16].tolist())
+
         return Built(model, train_set, {"train": head, "test": test_set}, evaluate,
                      opt, f"gpt {name}: {gcfg.layers} layers, hidden {gcfg.hidden}, {gcfg.heads} heads, "
                           f"{'tied' if gcfg.tied else 'untied'} output, tensor {cfg.parallel.tensor}, "
                           f"sequences of "
-                          f"{seq_len} bytes in {sl}", slices=chosen)
+                          f"{seq_len} bytes in {sl}", slices=chosen, finish=finish)
 
     run_model("gpt", cfg, (1,), build, tensor_parallel=True)
 
@@ -239,3 +247,13 @@ def _plan_slices(name: str, seq_len: Optional[int], stages: int, batch: int, gra
     for u in uniforms[:3]:
         click.echo(f"  {len(u.lengths):>5} slices: {u.predicted:.4g} s "
                    f"({u.predicted / plan.predicted:.2f}x the plan)")
+
+
+@gpt.command("sample")
+@sample_options
+def sample(source: str, prompt: str, tokens: int, top_k: int, seed: int) -> None:
+    """Continue PROMPT with a gpt run's model (SOURCE: a run, its newest checkpoint of any layout); on one
+    rank, or tensor-parallel over the ranks of mpirun."""
+    from ..models.gpt.sample import gpt_sampler
+
+    sample_text(lambda w: gpt_sampler(source, w), prompt, tokens, top_k, seed)

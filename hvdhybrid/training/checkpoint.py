@@ -164,6 +164,16 @@ def find_complete(root: str) -> tuple[Optional[str], list[str]]:
     return None, warnings
 
 
+def newest_checkpoint(where: str) -> Optional[str]:
+    """The checkpoint ``where`` names: a run's ``--out`` or its ``checkpoints/`` (the newest complete
+    one there), or one ``step-NNNNNN`` directory; None when there is none."""
+    if os.path.isdir(os.path.join(where, "checkpoints")):
+        where = os.path.join(where, "checkpoints")
+    if os.path.isfile(os.path.join(where, "manifest.json")):
+        return where
+    return find_complete(where)[0]
+
+
 def prune(root: str, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (and incomplete older ones)."""
     names = sorted((n for n in os.listdir(root) if n.startswith("step-")), reverse=True)

@@ -133,10 +133,10 @@ def predict(engine: Engine, data: Dataset, batch_size: int,
 
 
 def language_model_metrics(loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, batch: int = 64,
-                           **extra: float) -> Callable[[Any, Any], dict[str, float]]:
-    """``(trainer, data set) -> metrics`` of a byte-level language model: the mean next-byte loss
+                           unit: str = "byte", **extra: float) -> Callable[[Any, Any], dict[str, float]]:
+    """``(trainer, data set) -> metrics`` of a language model: the mean next-``unit`` loss
     (``loss_fn`` is a mean over a microbatch's positions; default: the trained model's loss),
-    bits per byte, rows, and ``extra`` (e.g. a baseline's loss), evaluated ``batch`` rows at a time."""
+    bits per ``unit``, rows, and ``extra`` (e.g. a baseline's loss), evaluated ``batch`` rows at a time."""
 
     def run(trainer: Any, d: Any) -> dict[str, float]:
         fn = loss_fn if loss_fn is not None else trainer.model.loss_fn
@@ -145,5 +145,5 @@ def language_model_metrics(loss_fn: Optional[Callable[[Any, Any], torch.Tensor]]
             return float(fn(out, y)) * y.shape[0], int(y.shape[0])
 
         loss, rows = trainer.evaluate(d, nll, batch)
-        return {"loss": loss, "bits_per_byte": loss / math.log(2), "rows": rows, **extra}
+        return {"loss": loss, f"bits_per_{unit}": loss / math.log(2), "rows": rows, **extra}
     return run

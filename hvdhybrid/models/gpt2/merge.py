@@ -10,7 +10,9 @@ __all__ = ["merge_checkpoint"]
 
 
 def merge_checkpoint(ckpt: str, out: str) -> tuple[str, Any]:
-    """Write the newest complete checkpoint under ``ckpt`` to ``out`` as a from_pretrained directory.
+    """Write the newest complete checkpoint under ``ckpt`` to ``out`` as a from_pretrained directory,
+    with the tokenizer the run was trained with (a run from ``--model DIR``); any vocabulary padding
+    for the tensor size is dropped (the slices are joined without it).
 
     Returns:
         (the checkpoint directory merged, the merged ``GPT2LMHeadModel``).
@@ -21,22 +23,15 @@ def merge_checkpoint(ckpt: str, out: str) -> tuple[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ...training.checkpoint import CheckpointError, Manifest, find_complete, load_file
+    from ...training.checkpoint import CheckpointError, Manifest, load_file, newest_checkpoint
     from ...training.state import COMMON, CheckpointReader
 
     if os.path.exists(out):
         raise CheckpointError(f"{out} exists; merge writes a new directory: pass another OUT")
-    where = ckpt
-    if os.path.isdir(os.path.join(ckpt, "checkpoints")):
-        where = os.path.join(ckpt, "checkpoints")
-    if os.path.isfile(os.path.join(where, "manifest.json")):
-        path = where
-    else:
-        found = find_complete(where)[0] if os.path.isdir(where) else None
-        if not found:
-            raise CheckpointError(f"{ckpt}: no complete checkpoint there; pass a gpt2 run's --out, its "
-                                  "checkpoints/ or one step-NNNNNN directory")
-        path = found
+    path = newest_checkpoint(ckpt)
+    if path is None:
+        raise CheckpointError(f"{ckpt}: no complete checkpoint there; pass a gpt2 run's --out, its "
+                              "checkpoints/ or one step-NNNNNN directory")
     manifest = Manifest.read(os.path.join(path, "manifest.json"))
     common = load_file(path, COMMON)
     cfg = (common.get("extra") or {}).get("hf_config")
@@ -52,7 +47,13 @@ def merge_checkpoint(ckpt: str, out: str) -> tuple[str, Any]:
     with torch.no_grad():
         model.tie_weights()
     os.makedirs(out)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(out)
+    for name, data in (common["extra"].get("tokenizer_files") or {}).items():  # the tokenizer travels
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
     with open(os.path.join(out, "hvdhybrid.json"), "w") as f:
         json.dump({"from": os.path.abspath(path), "step": manifest.step}, f, indent=2)
     return path, model

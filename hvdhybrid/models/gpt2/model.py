@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch import nn
 from ...errors import InputError
 from ...parallel.dropout import KeyedDropout, keyed_head_drop
 from ...parallel.graph import StageGraph
-from ...parallel.ownership import Tie
+from ...parallel.ownership import Sharded, Tie, owner_of, shard_of, tag
 from ...parallel.staged import StagedModel, mount
 from ...parallel.tensor_parallel import (
     copy_to,
@@ -43,7 +43,7 @@ from ...parallel.tensor_parallel import (
 )
 
 __all__ = ["CONFIGS", "GPT2Size", "ConfigError", "hf_config", "hf_model", "gpt2_model", "unit_names",
-           "check_tensor", "parallelize"]
+           "check_tensor", "parallelize", "vocab_padding", "materialize"]
 
 BYTES = 256  # byte-level vocabulary: no tokenizer files to download
 
@@ -90,12 +90,11 @@ def hf_model(config: Any, seed: int) -> Any:
 
 
 def check_tensor(config: Any, tensor: int) -> None:
-    """The tensor size must divide the heads, the hidden size and the vocabulary."""
+    """The tensor size must divide the heads and the hidden size (the vocabulary is padded to fit)."""
     for what, n in (("attention heads", config.n_head), ("hidden size", config.n_embd),
-                    ("vocabulary", config.vocab_size), ("MLP width", 4 * config.n_embd)):
+                    ("MLP width", 4 * config.n_embd)):
         if n % tensor:
-            ok = [t for t in range(1, 9) if config.n_head % t == 0 and config.n_embd % t == 0
-                  and config.vocab_size % t == 0]
+            ok = [t for t in range(1, 9) if config.n_head % t == 0 and config.n_embd % t == 0]
             raise ConfigError(f"--tensor {tensor} does not divide the {what} ({n}); use --tensor "
                               f"{' or '.join(map(str, ok))}")
 
@@ -114,21 +113,22 @@ class GPT2Stage(nn.Module):
         self.tp, self.rank = comm.Get_size(), comm.Get_rank()
         self.heads = cfg.n_head
         self.local_heads = cfg.n_head // self.tp
-        self.vocab_start = (cfg.vocab_size // self.tp) * self.rank
+        self.vocab, self.pad = cfg.vocab_size, vocab_padding(cfg.vocab_size, self.tp)
+        self.vocab_start = ((cfg.vocab_size + self.pad) // self.tp) * self.rank
         self.p = cfg.attn_pdrop
         t = full.transformer
         wte: Optional[nn.Parameter] = None
         for u in self.units:
             if u == "embeddings":
                 emb = t.wte
-                emb.weight = wte = shard_parameter(emb.weight, comm, 0)
+                emb.weight = wte = shard_parameter(emb.weight, comm, 0, pad=self.pad)
                 mount(self, "transformer.wte", emb)
                 mount(self, "transformer.wpe", t.wpe)
                 mount(self, "transformer.drop", KeyedDropout(cfg.embd_pdrop, "transformer.drop"))
             elif u == "head":
                 mount(self, "transformer.ln_f", t.ln_f)
                 head = full.lm_head
-                head.weight = wte if wte is not None else shard_parameter(t.wte.weight, comm, 0)
+                head.weight = wte if wte is not None else shard_parameter(t.wte.weight, comm, 0, pad=self.pad)
                 mount(self, "lm_head", head)
             else:
                 i = int(u.split(".")[1])
@@ -156,6 +156,9 @@ class GPT2Stage(nn.Module):
                 h = self.get_submodule("transformer.ln_f")(x)
                 head: Any = self.get_submodule("lm_head")
                 x = copy_to(h, self.comm) @ head.weight.t()
+                if self.pad:  # padding rows of the vocabulary: never predicted, never in the loss
+                    cols = self.vocab_start + torch.arange(x.shape[-1], device=x.device)
+                    x = x.masked_fill(cols >= self.vocab, float("-inf"))
             else:
                 x = self._block(u, self.get_submodule(f"transformer.{u}"), x)
         return x
@@ -184,32 +187,62 @@ class GPT2Stage(nn.Module):
         return out2
 
 
-def gpt2_model(config: Any, seed: int, sizes: Sequence[int], tensor: Any,
-               source: Optional[Any] = None) -> StagedModel:
+def vocab_padding(vocab: int, tensor: int) -> int:
+    """Rows added to the vocabulary so that it divides by the tensor size (Megatron pads it too)."""
+    return (-vocab) % tensor
+
+
+def materialize(module: nn.Module, read: Callable[[str, Optional[Sharded]], torch.Tensor]) -> nn.Module:
+    """Replace every parameter of ``module`` (built on the meta device, named by full names) with
+    ``read(full name, its shard)`` as float32, keeping its ownership tag and any sharing."""
+    made: dict[int, nn.Parameter] = {}
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        if id(p) not in made:
+            owner = owner_of(p)
+            made[id(p)] = q = nn.Parameter(read(name, shard_of(owner)).float(), requires_grad=p.requires_grad)
+            tag(q, owner)
+            if tuple(q.shape) != tuple(p.shape):
+                raise ConfigError(f"{name} has shape {tuple(q.shape)} in the weights, {tuple(p.shape)} in "
+                                  "the model of their config.json: the directory is inconsistent")
+        owner_path, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner_path), leaf, made[id(p)])
+    return module
+
+
+def gpt2_model(config: Any, seed: int, sizes: Sequence[int], tensor: Any, source: Optional[Any] = None,
+               reader: Optional[Any] = None, checkpoint_extra: Optional[dict[str, Any]] = None
+               ) -> StagedModel:
     """A chain of ``len(sizes)`` stages with ``sizes[s]`` units each (embeddings, blocks, head).
 
     Every rank builds the stock model from ``config`` under ``seed`` (build-then-drop), or takes
-    ``source`` (a model the user built: converted in place), and keeps its stages' units, split
-    over ``tensor``, the tensor communicator of the caller's groups (``groups.tensor``;
-    ``MPI.COMM_SELF`` for whole tensors).
+    ``source`` (a model the user built: converted in place), or, with ``reader`` (a
+    :class:`~hvdhybrid.models.gpt2.pretrained.WeightReader`), builds the model on the meta device
+    and reads only its stages' tensors, and of each shard only its slice. Stages are split over
+    ``tensor``, the tensor communicator of the caller's groups (``groups.tensor``;
+    ``MPI.COMM_SELF`` for whole tensors); the vocabulary is padded to divide by its size.
     """
     units = unit_names(config.n_layer)
     if sum(sizes) != len(units) or any(s < 1 for s in sizes):
         raise ConfigError(f"stage sizes {list(sizes)} do not cover the {len(units)} units")
     firsts = [sum(sizes[:s]) for s in range(len(sizes))]
     last = len(sizes) - 1
+    per = (config.vocab_size + vocab_padding(config.vocab_size, tensor.Get_size())) // tensor.Get_size()
 
     def build(stage: int) -> nn.Module:
+        mine = units[firsts[stage]:firsts[stage] + sizes[stage]]
+        if reader is not None:
+            with torch.device("meta"):
+                skeleton = hf_model(config, seed)
+            return materialize(GPT2Stage(skeleton, mine, tensor), reader.read)
         full = source if source is not None else hf_model(config, seed)
-        return GPT2Stage(full, units[firsts[stage]:firsts[stage] + sizes[stage]], tensor)
+        return GPT2Stage(full, mine, tensor)
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        start = (config.vocab_size // tensor.Get_size()) * tensor.Get_rank()
-        return vocab_parallel_cross_entropy(logits, target, start, tensor)
+        return vocab_parallel_cross_entropy(logits, target, per * tensor.Get_rank(), tensor)
 
     ties = (Tie({0: "transformer.wte.weight", last: "lm_head.weight"}),) if last > 0 else ()
     return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,
-                       checkpoint_extra={"hf_config": config.to_dict()})
+                       checkpoint_extra={"hf_config": config.to_dict(), **(checkpoint_extra or {})})
 
 
 def parallelize(model: Any, groups: Any) -> StagedModel:
