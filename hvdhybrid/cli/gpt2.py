@@ -70,14 +70,14 @@ def gpt2(cfg: Config, size: str, model_dir: Optional[str], data: Optional[str], 
             source = ModelDir.open(model_dir)
             config = source.config
             config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = dropout
-            what = f"{model_dir}'s model"
+            what = f"the context of {model_dir}"
         else:
             config = hf_config(size, dropout)
-            what = f"the {size} model"
+            what = f"the {size} model's context"
         check_tensor(config, cfg.parallel.tensor)
         seq_len = seq_len or config.n_positions
         if seq_len > config.n_positions:
-            raise DataError(f"--seq-len {seq_len} is longer than {what}'s context ({config.n_positions}); "
+            raise DataError(f"--seq-len {seq_len} is longer than {what} ({config.n_positions}); "
                             f"use --seq-len {config.n_positions} or less")
         documents = [text_file(data)] if data else shakespeare_plays()
         if source is not None and w.Get_rank() == 0:  # tokenized once, here; the others receive the ids

@@ -68,6 +68,37 @@ def resnet18_file(base: str) -> str:
     return p
 
 
+def gpt2_dir(base: str, variant: str = "") -> str:
+    """A small GPT-2 directory (vocabulary 301, 32 positions), or a broken copy of it."""
+    import json
+
+    from hvdhybrid.models.gpt2.data import shakespeare
+    from hvdhybrid.models.gpt2.make_dir import make_model_dir
+
+    good = os.path.join(base, "gpt2-model")
+    if not os.path.exists(good):
+        make_model_dir(good, vocab=301, positions=32, text=shakespeare()[:200_000])
+    if not variant:
+        return good
+    d = os.path.join(base, f"gpt2-{variant}")
+    if not os.path.exists(d):
+        shutil.copytree(good, d)
+        if variant == "bare":
+            os.remove(os.path.join(d, "tokenizer.json"))
+        else:
+            c = json.load(open(os.path.join(d, "config.json")))
+            c.update({"bert": {"model_type": "bert"}, "small": {"vocab_size": 300}}[variant])
+            json.dump(c, open(os.path.join(d, "config.json"), "w"))
+    return d
+
+
+def empty_run(base: str) -> str:
+    """A run directory whose checkpoints folder holds nothing complete."""
+    d = os.path.join(base, "empty-run")
+    os.makedirs(os.path.join(d, "checkpoints", "step-000001"), exist_ok=True)
+    return d
+
+
 def bad_hostfile(base: str) -> str:
     p = os.path.join(base, "hosts")
     open(p, "w").write("# two nodes\nnode1 slots=2\nnode2:2\n")
@@ -144,6 +175,22 @@ CASES: list[Case] = [
      lambda b: run([HVDTRAIN, "resnet", "--arch", "resnet18", "--width", "8", "--steps", "1",
                     "--out", f"{b}/x"]),
      "--width sets the channels of --arch small; resnet18 has torchvision's widths: drop --width"),
+    ("GPT-2: a --model directory without a tokenizer",
+     lambda b: mpirun(2, "gpt2", "--model", gpt2_dir(b, "bare"), "--steps", "1", "--out", f"{b}/x"),
+     "has no tokenizer (tokenizer.json, or vocab.json and merges.txt)"),
+    ("GPT-2: a --model directory of another model type",
+     lambda b: run([HVDTRAIN, "gpt2", "--model", gpt2_dir(b, "bert"), "--steps", "1", "--out", f"{b}/x"]),
+     "holds a 'bert' model; hvdtrain gpt2 trains GPT-2"),
+    ("GPT-2: a tokenizer larger than the embedding",
+     lambda b: run([HVDTRAIN, "gpt2", "--model", gpt2_dir(b, "small"), "--steps", "1", "--out", f"{b}/x"]),
+     "the tokenizer has 301 tokens but the embedding 300 rows"),
+    ("GPT-2: --seq-len beyond the model's positions",
+     lambda b: run([HVDTRAIN, "gpt2", "--model", gpt2_dir(b), "--seq-len", "64", "--steps", "1",
+                    "--out", f"{b}/x"]),
+     "--seq-len 64 is longer than the context of"),
+    ("GPT-2: sample from a run with no checkpoint",
+     lambda b: run([HVDTRAIN, "gpt2", "sample", empty_run(b), "--prompt", "ROMEO:"]),
+     "has no complete checkpoint to sample from"),
     ("hostfile with a bad line",
      lambda b: run([HVDTRAIN, "launch", "-np", "2", "--hostfile", bad_hostfile(b), "--", *MLP]),
      "hosts:3: cannot read 'node2:2'"),
@@ -264,7 +311,7 @@ CASES: list[Case] = [
      "--tensor 3 does not divide the attention heads (4); use --tensor 1 or 2 or 4"),
     ("GPT-2: --seq-len beyond the context",
      lambda b: run([HVDTRAIN, "gpt2", "--seq-len", "100", "--steps", "1", "--out", f"{b}/x"]),
-     "--seq-len 100 is longer than the tiny context (64)"),
+     "--seq-len 100 is longer than the tiny model's context (64)"),
     ("GPT: slice lengths that do not sum to the sequence",
      lambda b: mpirun(2, *GPT, "--slices", "16,16", "--out", f"{b}/x"),
      "--slices 16,16 sums to 32 but the sequence length is 48"),
