@@ -50,6 +50,9 @@ def cli() -> None:
     Launch with `mpirun -np N bin/hvdtrain MODEL ...` or
     `horovodrun -np N bin/hvdtrain MODEL ...`; `hvdtrain plan` shows a layout first.
     """
+    from ..log import tag_logger
+
+    tag_logger("hvdtrain")  # until a run tags its lines with the rank's coordinates
 
 
 for _command in (resnet, mlp, run_job, plan, launch, grover, bert, gpt, gpt2, merge):
