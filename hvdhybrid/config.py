@@ -26,6 +26,7 @@ from .layout.placement import Placement, PlacementError
 from .layout.rows import BatchError
 from .layout.rows import check_batch as _check_rows
 from .layout.topology import Layout, LayoutError, parse_bundle_shape
+from .parallel.recompute import Recompute
 from .pipeline.schedules import SCHEDULES
 from .training import lr_schedule
 
@@ -122,15 +123,20 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How a step runs through the stages: microbatches, schedule, token slices."""
+    """How a step runs through the stages: microbatches, schedule, token slices, recomputation."""
 
     microbatches: int = knob(1, "Microbatches per pass through the pipeline.")
     schedule: str = knob("1f1b", "Pipeline schedule.", choices=tuple(sorted(SCHEDULES)))
     slices: Optional[tuple[int, ...]] = knob(None, "Token slices of every sequence (TeraPipe; None: whole).",
                                             cli=False)
+    recompute: str = knob("none", "Recompute activations in the backward instead of keeping them: full "
+                                  "(a stage keeps only its inputs), selective (the attention core of gpt, "
+                                  "gpt2, bert); :S0,S1,.. for those model stages only (e.g. full:0,1).",
+                          metavar="none|full|selective[:S0,S1,..]")
 
     def __post_init__(self) -> None:
         _at_least("--microbatches", self.microbatches, 1)
+        Recompute.parse(self.recompute)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(sorted(SCHEDULES))}")
         if self.slices is not None and (not self.slices or any(n < 1 for n in self.slices)):

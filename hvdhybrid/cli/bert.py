@@ -82,7 +82,7 @@ def bert(cfg: Config, model_dir: Optional[str], data: Optional[str], text_col: s
         return Built(model, train_set, {"test": test_set}, evaluate, opt,
                      f"bert: {os.path.basename(spec.model_dir.rstrip('/'))} "
                      f"({spec.num_layers} layers), {len(text.classes)} classes {text.classes}, "
-                     f"max length {max_len}, stages [{cut}]")
+                     f"max length {max_len}, stages [{cut}]", attention=True)
 
     run_model("bert", cfg, (1,), build)
 

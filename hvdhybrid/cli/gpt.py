@@ -96,7 +96,7 @@ def gpt(cfg: Config, name: str, seq_len: int, slices: str, granularity: Optional
                      opt, f"gpt {name}: {gcfg.layers} layers, hidden {gcfg.hidden}, {gcfg.heads} heads, "
                           f"{'tied' if gcfg.tied else 'untied'} output, tensor {cfg.parallel.tensor}, "
                           f"sequences of "
-                          f"{seq_len} bytes in {sl}", slices=chosen, finish=finish)
+                          f"{seq_len} bytes in {sl}", slices=chosen, finish=finish, attention=True)
 
     run_model("gpt", cfg, (1,), build, tensor_parallel=True)
 

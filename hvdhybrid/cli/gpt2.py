@@ -130,7 +130,7 @@ def gpt2(cfg: Config, size: str, model_dir: Optional[str], data: Optional[str], 
                      language_model_metrics(unit=unit, unigram_loss=unigram_loss(train_set, test_set, vocab)),
                      opt, f"{origin}: {config.n_layer} layers, hidden {config.n_embd}, "
                           f"{config.n_head} heads, vocabulary {vocab}{padded}, tensor {cfg.parallel.tensor}, "
-                          f"windows of {seq_len} {unit}s", finish=finish)
+                          f"windows of {seq_len} {unit}s", finish=finish, attention=True)
 
     run_model("gpt2", cfg, (1,), build, tensor_parallel=True)
 

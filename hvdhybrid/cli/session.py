@@ -25,6 +25,7 @@ from ..config import Config, ConfigError, check_batch
 from ..errors import UserError
 from ..layout.placement import Placement
 from ..layout.topology import Layout
+from ..parallel.recompute import Recompute
 from ..training.data import DataError
 from .launcher import LAYOUT_FILE_ENV
 
@@ -45,6 +46,7 @@ class Built:
     describe: str = ""  # logged once by rank 0, e.g. the named config and its parameter count
     finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
     slices: Optional[tuple[int, ...]] = None  # token slices of every sequence (TeraPipe); None: whole
+    attention: bool = False  # the model runs attention through recompute.attention (--recompute selective)
 
 
 ModelFn = Callable[[Any], Any]
@@ -117,6 +119,8 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
             resolved["steps"] = steps_for_epochs(cfg.optim.epochs, len(built.train_set), cfg.optim.batch_size)
         cfg = cfg.resolved(**resolved)
         check_batch(cfg, layout)
+        Recompute.parse(cfg.pipeline.recompute).check(p.model_stages(layout), built.attention,
+                                                      f"hvdtrain {name}", built.slices is not None)
     out = w.bcast(out, root=0)
     assert out is not None
     cfg = cfg.resolved(out=out)
@@ -212,6 +216,7 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                    **results, "skipped_steps": trainer.skipped_steps, "train_seconds": elapsed,
                    "samples_per_s": done * o.batch_size / max(elapsed, 1e-9)}
         trainer.write_json("summary.json", summary)
+        _log_memory(w, trainer, layout, log)
         params = trainer.gather_parameters() if cfg.run.save_params else None
         if built.finish is not None:
             built.finish(trainer, out)
@@ -237,6 +242,23 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
             w.Abort(1)  # end every rank now instead of leaving peers waiting
         raise
     horovod_ops.shutdown(w)
+
+
+def _log_memory(w: Any, trainer: Any, layout: Layout, log: Any) -> None:
+    """Collective: every rank's bytes (parameters, gradients, optimizer state, saved activations, RSS),
+    logged by rank 0 a line per rank and written to memory.json."""
+    mine = {"rank": w.Get_rank(), "coord": layout.coord(w.Get_rank()).tag(), **trainer.memory()}
+    every = w.gather(mine, root=0)
+    if every is None:
+        return
+    trainer.write_json("memory.json", every)
+
+    def mb(n: int) -> str:
+        return f"{n / 2**20:.1f}"
+    for m in every:
+        log.info(f"memory of rank {m['rank']} (MB): parameters {mb(m['parameters'])}, gradients "
+                 f"{mb(m['gradients'])}, optimizer state {mb(m['optimizer'])}, saved activations peak "
+                 f"{mb(m['activations_peak'])}, peak RSS {mb(m['rss_peak'])}")
 
 
 def _rounded(losses: list[float]) -> str:

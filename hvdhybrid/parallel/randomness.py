@@ -13,12 +13,14 @@ state in the package, and it holds only integers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-__all__ = ["set_step", "current_step", "set_rows", "current_rows", "generator", "randint"]
+__all__ = ["set_step", "current_step", "set_rows", "current_rows", "snapshot", "restored", "generator",
+           "randint"]
 
 _STATE = {"seed": 0, "step": 0}
 _ROWS: dict[str, Optional[tuple[int, ...]]] = {"rows": None}
@@ -40,6 +42,22 @@ def set_rows(rows: Optional[Sequence[int]]) -> None:
 
 def current_rows() -> Optional[tuple[int, ...]]:
     return _ROWS["rows"]
+
+
+def snapshot() -> tuple[int, int, Optional[tuple[int, ...]]]:
+    """The keys of every draw now (seed, step, rows): what a recomputation must draw under again."""
+    return _STATE["seed"], _STATE["step"], _ROWS["rows"]
+
+
+@contextlib.contextmanager
+def restored(snap: tuple[int, int, Optional[tuple[int, ...]]]) -> Iterator[None]:
+    """Within: draws are keyed as at :func:`snapshot` time; the keys of now come back after."""
+    now = snapshot()
+    _STATE["seed"], _STATE["step"], _ROWS["rows"] = snap
+    try:
+        yield
+    finally:
+        _STATE["seed"], _STATE["step"], _ROWS["rows"] = now
 
 
 def _key(*names: object) -> int:

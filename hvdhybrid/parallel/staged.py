@@ -82,6 +82,9 @@ class StagedModel:
     ties: tuple[Tie, ...] = ()
     #: saved in every checkpoint's common file (e.g. a Hugging Face config, for merging)
     checkpoint_extra: Optional[dict[str, Any]] = None
+    #: its stages run their attention through :func:`hvdhybrid.parallel.recompute.attention`
+    #: (``--recompute selective`` applies)
+    attention: bool = False
 
     def __post_init__(self) -> None:
         if (self.stages is None) == (self.builder is None):

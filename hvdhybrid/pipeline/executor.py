@@ -52,10 +52,12 @@ from ..comm.p2p import P2P, MsgKey, PendingRecv
 from ..layout.placement import Placement
 from ..layout.rows import Piece, transfer_pieces
 from ..layout.topology import Layout, RankCoord
-from ..parallel import randomness
+from ..parallel import randomness, recompute
 from ..parallel.graph import StageGraph
+from ..parallel.recompute import Recompute
 from . import trace
 from .kvcache import SliceCache
+from .saved import SavedBytes
 from .schedules import Action
 
 __all__ = ["Executor", "StepResult", "StageShapeError"]
@@ -141,7 +143,8 @@ class Executor:
     def __init__(self, graph: StageGraph, layout: Layout, placement: Placement, coord: RankCoord,
                  modules: dict[int, nn.Module], p2p: P2P,
                  loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
+                 recompute: Optional[Recompute] = None) -> None:
         if graph.num_stages != placement.num_stages:
             raise ValueError(f"graph has {graph.num_stages} stages, placement {placement.num_stages}")
         if placement.num_positions != layout.num_stages:
@@ -153,6 +156,10 @@ class Executor:
         self.graph, self.layout, self.placement, self.coord = graph, layout, placement, coord
         self.modules, self.p2p, self.loss_fn = modules, p2p, loss_fn
         self.autocast = autocast
+        self.recompute = recompute or Recompute()
+        #: bytes of activations kept for the backward (live, peak), counted by saved-tensor hooks
+        self.saved = SavedBytes()
+        self.saved.exclude(p for m in modules.values() for p in m.parameters())
         self.replica = coord.replica
         self.width = layout.widths[coord.stage]
         self._mailbox: dict[tuple[int, int, int, int, int], Tensors] = {}
@@ -308,14 +315,19 @@ class Executor:
                 raise StageShapeError(f"stage {s} got an empty tensor from stage {up}, microbatch {mb}")
             args.append(_unpack(joined))  # type: ignore[arg-type]
         randomness.set_rows(self._rows_fn(mb) if self._rows_fn is not None else None)
-        with self.autocast():
-            out = _as_tuple(self.modules[s](*args) if cache is None else self.modules[s](*args, cache=cache))
+        mode = self.recompute.mode_of(s) if train else "none"
+        module = self.modules[s]
+        with self.autocast(), self.saved.hooks(), recompute.selective(mode == "selective"):
+            if mode == "full":  # keep the inputs only; the forward runs again in the backward
+                out = _as_tuple(recompute.recomputed(module, *args))
+            else:
+                out = _as_tuple(module(*args) if cache is None else module(*args, cache=cache))
         loss = None
         if s == g.sink:
             if train:
                 if self.loss_fn is None:
                     raise ValueError("the sink stage needs a loss function")
-                with self.autocast():
+                with self.autocast(), self.saved.hooks():
                     loss = self.loss_fn(_unpack(out), targets)
                 if loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()

@@ -18,6 +18,7 @@ from ..config import Config, check_batch
 from ..layout.placement import Placement, PlacementError
 from ..layout.rows import replica_rows
 from ..parallel.graph import StageGraph
+from ..parallel.recompute import Recompute
 from ..parallel.staged import StagedModel
 from ..pipeline import schedules as sched
 from ..pipeline.actions import Action
@@ -80,8 +81,10 @@ class Engine:
         n_slices = len(cfg.pipeline.slices) if cfg.pipeline.slices else 1
         self.p2p.check_tags(cfg.pipeline.microbatches, n_slices)
         self.precision = Precision(cfg.optim.precision)
+        rc = Recompute.parse(cfg.pipeline.recompute)
+        rc.check(self.graph.num_stages, model.attention, "this model", cfg.pipeline.slices is not None)
         self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
-                                 model.loss_fn, self.precision.autocast(self.device))
+                                 model.loss_fn, self.precision.autocast(self.device), rc)
         mbs = cfg.pipeline.microbatches
         self.plan: list[Action] = sched.build(cfg.pipeline.schedule, self.graph, mbs, placement,
                                               n_slices)[c.stage]

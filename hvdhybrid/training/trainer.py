@@ -24,7 +24,7 @@ from ..log import get_logger
 from ..parallel import randomness
 from ..parallel.staged import StagedModel
 from ..pipeline import trace
-from . import checkpointing, evaluation, lr_schedule
+from . import checkpointing, evaluation, lr_schedule, memory
 from .data import Dataset, Sampler
 from .engine import Engine, EngineParts, OptimizerFn
 from .evaluation import MetricFn
@@ -61,6 +61,7 @@ class Trainer(EngineParts):
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
         self._last_checkpoint = -1  # the step of the last checkpoint written or resumed from
+        self.grad_bytes = 0  # the largest gradient bytes after a synchronisation (memory accounting)
 
     # -- one optimizer step ----------------------------------------------------
     def train_step(self, data: Dataset, indices: list[int]) -> float:
@@ -102,6 +103,7 @@ class Trainer(EngineParts):
                 more = f"; loss scale now {self.precision.loss_scale:g}" if self.precision.scaler else ""
                 self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {norm}); "
                                  f"step skipped ({self.skipped_steps} so far{more})")
+        self.grad_bytes = max(self.grad_bytes, memory.grad_bytes(self.sync.params))
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.average_statistics(self.engine.statistics)
         self.step += 1
@@ -244,7 +246,11 @@ class Trainer(EngineParts):
         return checkpointing.gather_parameters(self.engine)
 
     # -- run records ----------------------------------------------------------------
-    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+    def memory(self) -> dict[str, int]:
+        """This rank's bytes: parameters, gradients, optimizer state, saved activations (peak), RSS (peak)."""
+        return memory.memory_report(self.engine, self.grad_bytes)
+
+    def write_json(self, name: str, obj: Any) -> None:
         if self.groups.world.Get_rank() == 0 and self.cfg.run.out:
             with open(os.path.join(self.cfg.run.out, name), "w") as f:
                 json.dump(obj, f, indent=2)

@@ -51,6 +51,14 @@ def test_resume_into_another_layout_continues_as_if_never_stopped(
     assert max_diff(params(out), params(uninterrupted)) <= 1e-5
 
 
+def test_full_recompute_with_a_split_backward_matches_one_process(uninterrupted: str, tmp_path) -> None:
+    out = str(tmp_path / "recomputed")
+    r = mpirun(2, *BASE, "--stages", "2", "--schedule", "zb1", "--recompute", "full", "--steps", "6",
+               "--out", out, "--save-params")
+    assert r.rc == 0, r.err[-3000:]
+    assert max_diff(params(out), params(uninterrupted)) <= 1e-5
+
+
 def test_several_stages_per_rank_match_one_process(uninterrupted: str, tmp_path) -> None:
     out = str(tmp_path / "looped")
     r = mpirun(2, *BASE, "--stages", "2", "--stages-per-rank", "2", "--placement", "looped",

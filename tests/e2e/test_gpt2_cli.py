@@ -3,6 +3,7 @@ transformers and gives the parallel model's logits; a checkpoint resumes into ot
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -56,11 +57,18 @@ def test_resume_at_another_layout_continues_as_if_never_stopped(uninterrupted: s
     assert max_diff(params(out), params(uninterrupted)) <= 1e-5
 
 
-@pytest.mark.parametrize("np_,layout", [(1, []), (4, ["--tensor", "2", "--stages", "2"])],
-                         ids=["one-rank", "tensor2-pipeline2"])
+@pytest.mark.parametrize("np_,layout", [
+    (1, []), (4, ["--tensor", "2", "--stages", "2"]),
+    (4, ["--tensor", "2", "--stages", "2", "--recompute", "full"]),
+    (2, ["--stages", "2", "--schedule", "zb1", "--recompute", "selective"]),
+], ids=["one-rank", "tensor2-pipeline2", "tensor2-pipeline2-recompute-full", "pipeline2-zb1-selective"])
 def test_layouts_through_the_cli_match(uninterrupted: str, tmp_path, np_: int, layout: list[str]) -> None:
-    """--save-params at one rank and at tensor 2 x pipeline 2 against tensor 2 x data 2 (dropout on)."""
+    """--save-params at one rank and at tensor 2 x pipeline 2 against tensor 2 x data 2 (dropout on), also
+    with the activations recomputed in the backward (the same keyed dropout masks)."""
     out = str(tmp_path / "run")
     r = mpirun(np_, *GPT2, *layout, "--steps", "6", "--out", out)
     assert r.rc == 0, r.err[-3000:]
     assert max_diff(params(out), params(uninterrupted)) <= 1e-5
+    memory = json.load(open(os.path.join(out, "memory.json")))
+    assert len(memory) == np_ and all(m["parameters"] > 0 and m["rss_peak"] > m["parameters"] for m in memory)
+    assert "saved activations peak" in r.err

@@ -129,3 +129,28 @@ def test_generation_is_greedy_or_seeded_top_k() -> None:
     assert generate(nxt, [1], 20, 4, top_k=3, seed=5) == generate(nxt, [1], 20, 4, top_k=3, seed=5)
     assert generate(nxt, [1], 20, 4, top_k=3, seed=5) != generate(nxt, [1], 20, 4, top_k=3, seed=6)
     assert ByteCodec().decode(ByteCodec().encode("héllo")) == "héllo"
+
+
+def test_bin_weights_and_a_sharded_index_read_alike(model_dir: str, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    shard = Sharded(0, 4, 3, pad=3)
+    want = cut(sd["transformer.wte.weight"], shard)
+    as_bin = str(tmp_path / "bin")
+    shutil.copytree(model_dir, as_bin)
+    os.remove(os.path.join(as_bin, "model.safetensors"))
+    torch.save(sd, os.path.join(as_bin, "pytorch_model.bin"))
+    split = str(tmp_path / "split")
+    shutil.copytree(model_dir, split)
+    os.remove(os.path.join(split, "model.safetensors"))
+    names = sorted(sd)
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for f, ns in halves.items():
+        save_file({n: sd[n] for n in ns}, os.path.join(split, f))
+    index = {"weight_map": {n: f for f, ns in halves.items() for n in ns}}
+    json.dump(index, open(os.path.join(split, "model.safetensors.index.json"), "w"))
+    for d in (as_bin, split):
+        reader = ModelDir.open(d).reader()
+        assert torch.equal(reader.read("transformer.wte.weight", shard), want)
+        assert torch.equal(reader.read("transformer.ln_f.bias", None), sd["transformer.ln_f.bias"])

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
+from ...parallel import recompute
 from ...parallel.dropout import keyed_dropouts
 from ...parallel.graph import StageGraph
 from ...parallel.staged import StagedModel, keyed, mount
@@ -190,10 +191,13 @@ class BertStage(nn.Module):
             return t.view(b, n, self.num_heads, hd).transpose(1, 2)
 
         q, k, v = heads(sa.query(h)), heads(sa.key(h)), heads(sa.value(h))
-        scores = torch.matmul(q, k.transpose(2, 3)) * (1.0 / math.sqrt(hd))
-        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
-        probs = sa.dropout(torch.softmax(scores, dim=-1))
-        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, d)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scores = torch.matmul(q, k.transpose(2, 3)) * (1.0 / math.sqrt(hd))
+            scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+            probs = sa.dropout(torch.softmax(scores, dim=-1))
+            return torch.matmul(probs, v)
+        ctx = recompute.attention(core, q, k, v).transpose(1, 2).reshape(b, n, d)
         a = so.LayerNorm(so.dropout(so.dense(ctx)) + h)
         out = layer.output
         y: torch.Tensor = out.LayerNorm(out.dropout(out.dense(layer.intermediate(a))) + a)
@@ -211,4 +215,4 @@ def bert_model(spec: BertSpec, sizes: Sequence[int],
 
     def build(stage: int) -> nn.Module:
         return BertStage(spec, units[firsts[stage]:firsts[stage] + sizes[stage]])
-    return StagedModel(StageGraph.chain(len(sizes)), None, loss_fn, builder=build)
+    return StagedModel(StageGraph.chain(len(sizes)), None, loss_fn, builder=build, attention=True)

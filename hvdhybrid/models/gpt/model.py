@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
+from ...parallel import recompute
 from ...parallel.dropout import keyed_window_drop
 from ...parallel.graph import StageGraph
 from ...parallel.ownership import Tie
@@ -220,15 +221,18 @@ class GPTStage(nn.Module):
         if cache is not None:
             k, v = cache.extend(name, k, v)
         ctx = k.shape[2]  # start + n: this slice's tokens attend to every earlier one
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-        causal = (torch.arange(ctx, device=x.device)[None, :]
-                  <= torch.arange(start, start + n, device=x.device)[:, None])
-        probs = torch.softmax(scores.masked_fill(~causal, torch.finfo(scores.dtype).min), dim=-1)
-        if self.training and self.cfg.dropout > 0:
-            probs = keyed_window_drop(
-                probs, self.cfg.dropout, f"{name}.attn.drop", (self.cfg.heads, total, total),
-                (slice(self.first_head, self.first_head + hl), slice(start, start + n), slice(0, ctx)))
-        att = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, hl * hd)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
+            causal = (torch.arange(ctx, device=x.device)[None, :]
+                      <= torch.arange(start, start + n, device=x.device)[:, None])
+            probs = torch.softmax(scores.masked_fill(~causal, torch.finfo(scores.dtype).min), dim=-1)
+            if self.training and self.cfg.dropout > 0:
+                probs = keyed_window_drop(
+                    probs, self.cfg.dropout, f"{name}.attn.drop", (self.cfg.heads, total, total),
+                    (slice(self.first_head, self.first_head + hl), slice(start, start + n), slice(0, ctx)))
+            return torch.matmul(probs, v)
+        att = recompute.attention(core, q, k, v).transpose(1, 2).reshape(b, n, hl * hd)
         out = reduce_from(nn.functional.linear(att, blk.proj.weight), self.comm) + blk.proj.bias
         x = x + self._drop(out, f"{name}.attn.resid", start, total)
         hmid = nn.functional.gelu(nn.functional.linear(copy_to(blk.ln_2(x), self.comm), blk.fc.weight,
@@ -262,5 +266,5 @@ def gpt_model(cfg: GPTConfig, seed: int, sizes: Sequence[int], tensor: Any) -> S
         return vocab_parallel_cross_entropy(logits, target, start, tensor)
 
     ties = (Tie({0: "wte.weight", last: "lm_head.weight"}),) if cfg.tied and last > 0 else ()
-    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,
+    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties, attention=True,
                        checkpoint_extra={"gpt_config": cfg.__dict__.copy()})

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
+from ...parallel import recompute
 from ...parallel.dropout import KeyedDropout, keyed_head_drop
 from ...parallel.graph import StageGraph
 from ...parallel.ownership import Sharded, Tie, owner_of, shard_of, tag
@@ -170,14 +171,17 @@ class GPT2Stage(nn.Module):
         qkv = torch.addmm(a.c_attn.bias, copy_to(block.ln_1(x), self.comm).reshape(b * n, -1),
                           a.c_attn.weight).view(b, n, -1)
         q, k, v = (t.view(b, n, self.local_heads, hd).transpose(1, 2) for t in qkv.chunk(3, -1))
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1)
-        if self.training and self.p > 0:
-            probs = keyed_head_drop(probs, self.p, f"transformer.{name}.attn.attn_dropout", self.heads,
-                                    self.rank * self.local_heads)
-        ctx = torch.matmul(probs, v).transpose(1, 2).reshape(b, n, -1)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            probs = torch.softmax(scores, dim=-1)
+            if self.training and self.p > 0:
+                probs = keyed_head_drop(probs, self.p, f"transformer.{name}.attn.attn_dropout", self.heads,
+                                        self.rank * self.local_heads)
+            return torch.matmul(probs, v)
+        ctx = recompute.attention(core, q, k, v).transpose(1, 2).reshape(b, n, -1)
         out = reduce_from(ctx @ a.c_proj.weight, self.comm) + a.c_proj.bias
         x = x + a.resid_dropout(out)
         hmid = m.act(torch.addmm(m.c_fc.bias, copy_to(block.ln_2(x), self.comm).reshape(b * n, -1),
@@ -241,7 +245,7 @@ def gpt2_model(config: Any, seed: int, sizes: Sequence[int], tensor: Any, source
         return vocab_parallel_cross_entropy(logits, target, per * tensor.Get_rank(), tensor)
 
     ties = (Tie({0: "transformer.wte.weight", last: "lm_head.weight"}),) if last > 0 else ()
-    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties,
+    return StagedModel(StageGraph.chain(len(sizes)), None, loss, builder=build, ties=ties, attention=True,
                        checkpoint_extra={"hf_config": config.to_dict(), **(checkpoint_extra or {})})
 
 

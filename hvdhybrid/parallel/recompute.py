@@ -1,0 +1,107 @@
+"""Activation recomputation: keep a region's inputs in the forward, recompute the region in the backward.
+
+Modes (``--recompute MODE[:S0,S1,..]``, per model stage):
+
+    none        every activation a backward needs is kept
+    full        a stage keeps only its inputs per microbatch; its forward runs again in its backward
+    selective   the attention core of GPT, GPT-2 and BERT (scores, softmax, dropout, the product with
+                V) is recomputed; it holds the largest activations (heads x tokens x tokens per row)
+
+Pure up to :func:`recomputed` (the config tree parses ``--recompute`` with :class:`Recompute`).
+Keyed randomness makes the recomputed dropout masks the same ones: a mask is a
+function of (seed, step, rows, name) (:mod:`randomness`), and the rows are set
+per microbatch forward, so the recomputation restores the rows current at the
+forward it repeats. Built on torch's non-reentrant checkpoint, which also
+works when a backward runs split (zero-bubble schedules' B and W).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+from ..errors import InputError
+
+__all__ = ["MODES", "RecomputeError", "Recompute", "attention", "recomputed", "selective"]
+
+MODES = ("none", "full", "selective")
+
+
+class RecomputeError(InputError):
+    """A ``--recompute`` value that does not fit the model (one line, naming the fix)."""
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """``--recompute``: a mode, and the model stages it applies to (None: every stage)."""
+
+    mode: str = "none"
+    stages: Optional[tuple[int, ...]] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Recompute":
+        mode, _, rest = text.partition(":")
+        if mode not in MODES:
+            raise RecomputeError(f"--recompute {text!r}: the mode must be one of {', '.join(MODES)} "
+                                 "(optionally with :STAGE,STAGE.., e.g. full:0,1)")
+        if not rest:
+            return cls(mode)
+        try:
+            stages = tuple(sorted({int(s) for s in rest.split(",")}))
+        except ValueError:
+            raise RecomputeError(f"--recompute {text!r}: stages must be numbers, e.g. {mode}:0,1") from None
+        if mode == "none":
+            raise RecomputeError(f"--recompute {text!r}: none takes no stages; drop ':{rest}'")
+        return cls(mode, stages)
+
+    def mode_of(self, stage: int) -> str:
+        return self.mode if self.stages is None or stage in self.stages else "none"
+
+    def check(self, num_stages: int, selective_ok: bool, model: str, sliced: bool = False) -> None:
+        """Raises RecomputeError: a stage out of range, ``selective`` for a model without attention,
+        ``full`` with token slices (a second forward would extend their key/value cache again)."""
+        bad = [s for s in self.stages or () if not 0 <= s < num_stages]
+        if bad:
+            raise RecomputeError(f"--recompute {self.mode}:{','.join(map(str, self.stages or ()))}: stage(s) "
+                                 f"{bad} out of range; the model has stages 0..{num_stages - 1}")
+        if self.mode == "selective" and not selective_ok:
+            raise RecomputeError(f"--recompute selective recomputes attention, and {model} has none; use "
+                                 "--recompute full")
+        if self.mode == "full" and sliced:
+            raise RecomputeError("--recompute full runs a stage's forward again, which would extend the "
+                                 "token slices' key/value cache twice; use --recompute selective with "
+                                 "--slices")
+
+
+_SELECTIVE = {"on": False}
+
+
+@contextlib.contextmanager
+def selective(on: bool) -> Iterator[None]:
+    """Within: :func:`attention` recomputes (the executor sets it per stage forward)."""
+    before = _SELECTIVE["on"]
+    _SELECTIVE["on"] = on
+    try:
+        yield
+    finally:
+        _SELECTIVE["on"] = before
+
+
+def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, its activations dropped after the forward and recomputed in the backward, under
+    the keyed-randomness rows and step of now."""
+    from torch.utils.checkpoint import checkpoint
+
+    from . import randomness
+
+    snap = randomness.snapshot()
+
+    def contexts() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), randomness.restored(snap)
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+
+
+def attention(core: Callable[..., Any], *args: Any) -> Any:
+    """A model's attention core: recomputed under ``selective``, else run as it is."""
+    return recomputed(core, *args) if _SELECTIVE["on"] else core(*args)

@@ -1,0 +1,42 @@
+"""What one rank holds, in bytes: parameters, gradients, optimizer state, saved activations, peak RSS.
+
+Counted from the tensors themselves: parameters once each (a tie on one rank
+is one object), gradients at their largest after a step's synchronisation,
+every tensor of the optimizer's state, the peak of activations kept for the
+backward (:class:`hvdhybrid.pipeline.saved.SavedBytes`), and the process's
+peak resident set size from the kernel (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from typing import Any
+
+import torch
+
+__all__ = ["grad_bytes", "memory_report", "peak_rss", "tensor_bytes"]
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of distinct tensors (by identity)."""
+    seen = {id(t): t for t in tensors if torch.is_tensor(t)}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def grad_bytes(params: Any) -> int:
+    return tensor_bytes(p.grad for p in params if p.grad is not None)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size, in bytes."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb if sys.platform == "darwin" else kb * 1024)
+
+
+def memory_report(engine: Any, grads: int) -> dict[str, int]:
+    """This rank's figures (``grads``: the largest gradient bytes seen after a synchronisation)."""
+    params = [p for m in engine.modules.values() for p in m.parameters()]
+    state = [v for st in engine.optimizer.state.values() for v in st.values()]
+    return {"parameters": tensor_bytes(params), "gradients": grads, "optimizer": tensor_bytes(state),
+            "activations_peak": engine.executor.saved.peak, "rss_peak": peak_rss()}
