@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--out DIR] [--only PART ...]
 
-PART: pipeline, grover, memory, bert, gpt2, gpt, multihost, resnet (repeat --only for several).
+PART: pipeline, grover, memory, bert, gpt2, gpt, multihost, resnet, zero (repeat --only for several).
 
 Writes into DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...):
 results.json, results.md (the tables below, as printed), scaling.png (each run
@@ -147,6 +147,51 @@ def resnet(steps: int = 6, warmup: int = 2, batch: int = 48, image_size: int = 3
         vs = f"{r['images_s'] / max(same):.2f}x" if r["procs"] > 1 else ""
         print(f"| {r['name']} | {r['procs']} | {r.get('layout', 'data parallel')} | {r['step_s']:.3f} "
               f"| {r['images_s']:.1f} | {r['images_s'] / one:.2f}x | {vs} |")
+    return res
+
+
+def _memory_run(np_: int, args: list[str]) -> dict:
+    """`hvdtrain gpt2` on ``np_`` ranks: its memory.json (every rank) and metrics.jsonl rows."""
+    import tempfile
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-zero-"), "run")
+    _run(["mpirun", "-np", str(np_), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", PY, "-m",
+          "hvdhybrid", "gpt2", *args, "--no-progress", "--out", out])
+    mem = json.load(open(os.path.join(out, "memory.json")))
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    return {"memory": mem, "rows": rows}
+
+
+def zero(size: str = "mini", steps: int = 4) -> list[dict]:
+    """Bytes per parameter per rank under --zero 0/1/2 at 2 and 4 bundles (fp32 AdamW), against the
+    formulas 16, 8+8/d and 4+12/d; saved-activation peaks under --recompute none/full/selective."""
+    base = ["--size", size, "--seq-len", "256", "--batch-size", "8", "--microbatches", "2", "--limit", "256",
+            "--steps", str(steps), "--optimizer", "adamw"]
+    res: list[dict] = []
+    print("\nBytes per parameter per rank (parameters + gradients after the sync + optimizer state, from "
+          f"the tensors held), gpt2 {size}, fp32 AdamW\n")
+    print("| --zero | bundles (d) | measured bytes/param | formula | measured / formula |")
+    print("|---|---|---|---|---|")
+    for d in (2, 4):
+        for level in (0, 1, 2):
+            m = _memory_run(d, [*base, "--batch-size", str(4 * d), "--zero", str(level)])["memory"]
+            n = m[0]["parameters"] / 4
+            per = max((r["parameters"] + r["gradients"] + r["optimizer"]) / n for r in m)
+            formula = {0: 16.0, 1: 8 + 8 / d, 2: 4 + 12 / d}[level]
+            res.append({"name": f"zero{level}-d{d}", "bytes_per_param": per, "formula": formula,
+                        "rss_peak": max(r["rss_peak"] for r in m)})
+            print(f"| {level} | {d} | {per:.2f} | {formula:.2f} | {per / formula:.3f} |")
+    print(f"\nSaved activations peak per rank, gpt2 {size}, 256 tokens, one process\n")
+    print("| --recompute | saved activations peak (MB) | vs none |")
+    print("|---|---|---|")
+    peaks = {}
+    for mode in ("none", "full", "selective"):
+        m = _memory_run(1, [*base, "--recompute", mode])["memory"][0]
+        peaks[mode] = m["activations_peak"]
+        res.append({"name": f"recompute-{mode}", "activations_peak": m["activations_peak"]})
+        ratio = m["activations_peak"] / peaks["none"]
+        print(f"| {mode} | {m['activations_peak'] / 2**20:.1f} | {ratio:.3f} |")
     return res
 
 
@@ -347,7 +392,7 @@ def speedups(res: list[dict]) -> list[dict]:
 
 PARTS: dict[str, Callable[[], list[dict]]] = {
     "pipeline": pipeline, "grover": grover, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
-    "multihost": multihost, "resnet": resnet,
+    "multihost": multihost, "resnet": resnet, "zero": zero,
 }
 
 

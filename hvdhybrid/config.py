@@ -159,6 +159,8 @@ class OptimConfig:
     clip_grad: float = knob(0.0, "Clip the whole model's gradient to this L2 norm (0: off).")
     precision: str = knob("fp32", "bf16: autocast; fp16: autocast with dynamic loss scaling (for GPUs).",
                           choices=PRECISIONS)
+    zero: int = knob(0, "Shard over each data group (the bundles): 1 the optimizer state, 2 also the "
+                        "averaged gradients (reduce-scatter); 0 keeps whole copies.", metavar="0|1|2")
 
     def __post_init__(self) -> None:
         _at_least("--steps", self.steps, 0)
@@ -171,6 +173,8 @@ class OptimConfig:
                              f"{max(self.accumulate, self.batch_size // self.accumulate * self.accumulate)}")
         _at_least("--clip-grad", self.clip_grad, 0.0, "0 turns clipping off")
         lr_schedule.check(self.lr_schedule, self.warmup, self.steps)
+        if self.zero not in (0, 1, 2):
+            raise ConfigError(f"--zero {self.zero} is unknown; choose 0, 1 or 2")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r} is unknown; choose one of "
                               f"{', '.join(PRECISIONS)}")

@@ -174,6 +174,13 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                      f"accumulate {o.accumulate}, precision {o.precision}, fp16 compression "
                      f"{'on' if cfg.comm.fp16_compression else 'off'}, device {device}, "
                      f"{threads} thread(s)/rank")
+            if o.zero and layout.num_bundles == 1:
+                log.info(f"--zero {o.zero} with one bundle: nothing to shard across bundles; the optimizer "
+                         "state and gradients stay whole")
+            elif o.zero:
+                also = " and averaged gradients" if o.zero == 2 else ""
+                log.info(f"--zero {o.zero}: optimizer state{also} sharded over each data group of "
+                         f"{layout.num_bundles} ranks")
             if placement is not None:
                 log.info(f"{model.graph.num_stages} model stages placed {cfg.parallel.placement}: "
                          f"{placement.describe()}")

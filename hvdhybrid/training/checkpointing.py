@@ -46,7 +46,12 @@ def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
     run = engine.cfg.run
     model_name, out = run.model_name, run.out
     lay, c, world = groups.layout, groups.coord, groups.world
+    zero = engine.sync.zero
+    if zero is not None:  # each parameter's whole state, gathered to bundle 0 (the writer)
+        zero.gather_state()
     files, names = ({}, {}) if (c.bundle, c.replica) != (0, 0) else state.files(c.tensor, lay.tensor)
+    if zero is not None:
+        zero.release_state()
     rngs = world.gather(rng_state(), root=0)
     if world.Get_rank() == 0:
         files[COMMON] = {"model": model_name, "step": step, "rng": rngs, "sampler": sampler,
@@ -93,7 +98,10 @@ def resume(engine: Engine, where: str) -> Optional[Resumed]:
         (lay.world_size, lay.widths, lay.tensor, engine.placement.positions)
     if same:
         set_rng_state(common["rng"][world.Get_rank()])
-    engine.sync.broadcast_optimizer_state(engine.optimizer)  # every copy continues from bundle 0's
+    if engine.sync.zero is not None:  # every member keeps its share of the whole state it read
+        engine.sync.zero.absorb_loaded_state()
+    else:
+        engine.sync.broadcast_optimizer_state(engine.optimizer)  # every copy continues from bundle 0's
     scaler = engine.precision.scaler
     if scaler is not None and common.get("scaler"):
         scaler.load_state(common["scaler"])

@@ -27,6 +27,7 @@ from .data import Dataset
 from .gradsync import GradSync
 from .precision import Precision
 from .state import NamedState
+from .zero import ZeroOptimizer
 
 __all__ = ["Engine", "EngineParts", "OptimizerFn"]
 
@@ -91,7 +92,14 @@ class Engine:
         self.eval_plan: list[Action] = sched.build_forward_only(self.graph, mbs, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.comm.fp16_compression)
         self.sync.broadcast_parameters(self.modules)
-        self.optimizer = optimizer_fn(self.sync.params)
+        self.optimizer: Any
+        if cfg.optim.zero and groups.data_set is not None:  # one bundle: nothing to shard
+            zero = ZeroOptimizer(self.sync.params, optimizer_fn, groups.data, groups.data_set,
+                                 cfg.optim.zero, f"zero.s{c.stage}.r{c.replica}.t{c.tensor}")
+            zero.set_weights(self.sync.weight_of)
+            self.optimizer = self.sync.zero = zero
+        else:
+            self.optimizer = optimizer_fn(self.sync.params)
         for g in self.optimizer.param_groups:  # the base of the schedule; saved with the groups
             g.setdefault("initial_lr", g["lr"])
         self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},
@@ -211,7 +219,7 @@ class EngineParts:
         return self.engine.sync
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
+    def optimizer(self) -> Any:  # a torch optimizer, or a ZeroOptimizer (--zero)
         return self.engine.optimizer
 
     @property

@@ -89,6 +89,8 @@ class GradSync:
                 by.setdefault(placement.groups_of(owner.stages), []).append(p)
         self.remote_ties = [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
         self._fp16: Optional[Any] = None  # compression.Fp16Allreduce, made at the first sync
+        #: --zero: the sharded optimizer (level 2: the data-group all-reduce becomes its reduce-scatter)
+        self.zero: Optional[Any] = None
 
     def _grads(self) -> list[torch.Tensor]:
         for p in self.params:
@@ -111,6 +113,9 @@ class GradSync:
 
             c = self.groups.coord
             name = f"grads.s{c.stage}.r{c.replica}.t{c.tensor}"
+            if self.zero is not None and self.zero.level == 2:  # each member keeps its share only
+                self.zero.reduce_scatter(self.fp16_compression)
+                return
             if self.fp16_compression:  # cast once into reused buffers, bucketed, overlapped with the wire
                 if self._fp16 is None:
                     from ..comm.fp16_allreduce import Fp16Allreduce
@@ -147,17 +152,29 @@ class GradSync:
         ranks too unless the parameter is sharded, and a tie counts only on
         the rank holding its first stage.
         """
-        lay, c = self.groups.layout, self.groups.coord
         total = 0.0
         for p in self.params:
-            if p.grad is None:
-                continue
-            owner = owner_of(p)
-            if isinstance(owner, Tied) and owner.first not in self.stages:
-                continue
-            copies = lay.widths[c.stage] * lay.num_bundles * (lay.tensor if shard_of(owner) is None else 1)
-            total += _square_sum(p.grad) / copies
+            if p.grad is not None:
+                total += _square_sum(p.grad) * self.weight_of(p) / self.groups.layout.num_bundles
+        if self.zero is not None:  # level 2: a share of the data group's average, counted once there
+            total += self.zero.norm_share()
         return total
+
+    def weight_of(self, p: nn.Parameter) -> float:
+        """How much one bundle's copy of ``p`` counts in the squared norm: 1 over its copies in a
+        bundle (row replicas, and tensor ranks unless sharded); 0 for a tie off its first stage."""
+        lay, c = self.groups.layout, self.groups.coord
+        owner = owner_of(p)
+        if isinstance(owner, Tied) and owner.first not in self.stages:
+            return 0.0
+        return 1.0 / (lay.widths[c.stage] * (lay.tensor if shard_of(owner) is None else 1))
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """Every gradient this rank holds now (with --zero 2, after the sync: its share)."""
+        out = [p.grad for p in self.params if p.grad is not None]
+        if self.zero is not None and self.zero.part.grad is not None:
+            out.append(self.zero.part.grad)
+        return out
 
     def guard(self, clip: float, world_sum: WorldSum) -> tuple[bool, float]:
         """Collective: the global gradient norm; skip a non-finite step, clip a large one.
@@ -174,9 +191,8 @@ class GradSync:
         norm = math.sqrt(total)
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
+            for g in self.grad_tensors():
+                g.mul_(coef)
         return True, norm
 
     def broadcast_optimizer_state(self, optimizer: torch.optim.Optimizer) -> None:

@@ -15,17 +15,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["grad_bytes", "memory_report", "peak_rss", "tensor_bytes"]
+__all__ = ["memory_report", "peak_rss", "tensor_bytes"]
 
 
 def tensor_bytes(tensors: Any) -> int:
     """Bytes of distinct tensors (by identity)."""
     seen = {id(t): t for t in tensors if torch.is_tensor(t)}
     return sum(t.numel() * t.element_size() for t in seen.values())
-
-
-def grad_bytes(params: Any) -> int:
-    return tensor_bytes(p.grad for p in params if p.grad is not None)
 
 
 def peak_rss() -> int:
@@ -37,6 +33,7 @@ def peak_rss() -> int:
 def memory_report(engine: Any, grads: int) -> dict[str, int]:
     """This rank's figures (``grads``: the largest gradient bytes seen after a synchronisation)."""
     params = [p for m in engine.modules.values() for p in m.parameters()]
-    state = [v for st in engine.optimizer.state.values() for v in st.values()]
+    opt = getattr(engine.optimizer, "inner", engine.optimizer)  # --zero: the share's optimizer
+    state = [v for st in opt.state.values() for v in st.values()]
     return {"parameters": tensor_bytes(params), "gradients": grads, "optimizer": tensor_bytes(state),
             "activations_peak": engine.executor.saved.peak, "rss_peak": peak_rss()}

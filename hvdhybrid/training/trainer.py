@@ -84,9 +84,8 @@ class Trainer(EngineParts):
         with trace.span("sync", "sync"):
             self.sync.sync()
         if scale != 1.0:  # unscale the averaged gradients before the norm, the clip and the step
-            for p in self.sync.params:
-                if p.grad is not None:
-                    p.grad.div_(scale)
+            for grad in self.sync.grad_tensors():
+                grad.div_(scale)
         with trace.span("guard", "sync"):
             ok, norm = self.sync.guard(cfg.optim.clip_grad, self.world_sum)
         if self.precision.scaler is not None:
@@ -103,7 +102,7 @@ class Trainer(EngineParts):
                 more = f"; loss scale now {self.precision.loss_scale:g}" if self.precision.scaler else ""
                 self.log.warning(f"step {self.step + 1}: the gradient is not finite (norm {norm}); "
                                  f"step skipped ({self.skipped_steps} so far{more})")
-        self.grad_bytes = max(self.grad_bytes, memory.grad_bytes(self.sync.params))
+        self.grad_bytes = max(self.grad_bytes, memory.tensor_bytes(self.sync.grad_tensors()))
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.average_statistics(self.engine.statistics)
         self.step += 1

@@ -1,0 +1,186 @@
+"""Optimizer state (``--zero 1``) and averaged gradients (``--zero 2``) sharded over each data group.
+
+A data group is the ranks that hold the same piece of the model across bundles.
+Its ``d`` members put their parameters into one flat buffer, in the same order
+(the parameters become views of it), padded to a multiple of ``d``. Member ``r``
+owns elements ``[r * n, (r + 1) * n)``: the inner optimizer (the user's, for one
+flat parameter: the shard) keeps state for that share only, steps it, and the
+updated shares are all-gathered back into every member's buffer.
+
+- level 1: gradients are averaged as before (every member holds them whole until
+  the step); each member copies out its share for the step.
+- level 2: the data-group all-reduce becomes a reduce-scatter (fp16 on the wire
+  when asked, as the all-reduce): after the sync a member holds only the
+  average of its share, the whole gradients are freed.
+
+The gradient guard sees the same norm as unsharded: each element of a share
+counts with its parameter's weight (replicated copies down-weighted, ties once)
+and once across the data group (:meth:`GradSync.norm_share`). Only optimizers
+whose step is elementwise can be sharded this way; others are refused by name.
+Checkpoints keep each parameter's state whole under its full name (gathered to
+the writing bundle when saving, cut back to the share when loading), so a run
+saved at one zero level and layout resumes at any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = ["ELEMENTWISE", "ZeroError", "ZeroOptimizer"]
+
+#: optimizers whose step treats every element alone (a share can be stepped by itself)
+ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD")
+
+
+class ZeroError(InputError):
+    """An optimizer ZeRO cannot shard."""
+
+
+def _np(t: torch.Tensor) -> Any:
+    return t.numpy()
+
+
+class ZeroOptimizer:
+    """The user's optimizer over this member's share of a flat buffer of ``params``.
+
+    Args:
+        params: this rank's parameters, in the order every member of the data group lists them.
+        optimizer_fn: ``params -> optimizer`` (called with the one flat share).
+        data: the data group's MPI communicator (rank = bundle).
+        data_set: its Horovod process set (the level-2 reduce-scatter).
+        level: 1 or 2.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter], optimizer_fn: Callable[[list[nn.Parameter]], Any],
+                 data: Any, data_set: Any, level: int, name: str) -> None:
+        self.params, self.comm, self.data_set = list(params), data, data_set
+        self.level, self.name = level, name
+        d, r = data.Get_size(), data.Get_rank()
+        self.total = sum(p.numel() for p in self.params)
+        self.n = -(-self.total // d) if self.total else 0
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self.flat = torch.zeros(self.n * d, dtype=torch.float32, device=dev)
+        self.offsets: list[int] = []
+        off = 0
+        for p in self.params:
+            self.offsets.append(off)
+            self.flat[off:off + p.numel()].copy_(p.data.reshape(-1))
+            p.data = self.flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        self.lo, self.hi = r * self.n, (r + 1) * self.n
+        self.part = nn.Parameter(self.flat[self.lo:self.hi])  # shares the buffer's storage
+        self.inner = optimizer_fn([self.part])
+        kind = type(self.inner).__name__
+        if kind not in ELEMENTWISE and not getattr(self.inner, "elementwise", False):
+            raise ZeroError(f"--zero shards the optimizer state element by element, and {kind} is not known "
+                            f"to step elementwise ({', '.join(ELEMENTWISE)}); use --zero 0, or set "
+                            f"elementwise = True on {kind} if its step is")
+        if len(self.inner.param_groups) != 1:
+            raise ZeroError(f"--zero needs one parameter group; the optimizer has "
+                            f"{len(self.inner.param_groups)}")
+        #: per parameter, the whole state: filled to save (gather_state) or by a load (absorb_loaded_state)
+        self.state: dict[nn.Parameter, dict[str, Any]] = {}
+        self._weights: Optional[torch.Tensor] = None
+
+    # -- what the trainer uses of an optimizer ---------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.inner.param_groups  # type: ignore[no-any-return]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+        self.part.grad = None
+
+    def step(self) -> None:
+        """Step this member's share, then all-gather every share into every member's buffer."""
+        from mpi4py import MPI
+
+        if self.part.grad is None:  # level 1: the whole averaged gradients are here
+            self.part.grad = self.flat_grads()[self.lo:self.hi].clone()
+        self.inner.step()
+        host = self.flat if self.flat.device.type == "cpu" else self.flat.cpu()
+        self.comm.Allgather(MPI.IN_PLACE, _np(host))
+        if host is not self.flat:
+            self.flat.copy_(host)
+
+    # -- gradients ------------------------------------------------------------------------------
+    def flat_grads(self) -> torch.Tensor:
+        out = torch.zeros_like(self.flat)
+        for p, off in zip(self.params, self.offsets):
+            if p.grad is not None:
+                out[off:off + p.numel()].copy_(p.grad.reshape(-1))
+        return out
+
+    def reduce_scatter(self, fp16: bool) -> None:
+        """Level 2: average the gradients over the data group, keeping only this member's share."""
+        from ..comm import horovod_ops
+
+        flat = self.flat_grads()
+        for p in self.params:
+            p.grad = None  # the whole gradients go; only the share stays
+        wire = flat.half() if fp16 else flat
+        self.part.grad = horovod_ops.reduce_scatter_average(wire, self.data_set, self.name).float()
+
+    def set_weights(self, weight_of: Callable[[nn.Parameter], float]) -> None:
+        """Each element of the share weighted as its parameter counts in the global norm."""
+        w = torch.zeros_like(self.flat)
+        for p, off in zip(self.params, self.offsets):
+            w[off:off + p.numel()] = weight_of(p)
+        self._weights = w[self.lo:self.hi].clone()
+
+    def norm_share(self) -> float:
+        """Level 2: this member's weighted share of the squared global norm."""
+        g = self.part.grad
+        if g is None or self._weights is None:
+            return 0.0
+        return float((g.double().pow(2) * self._weights.double()).sum())
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        """Collective over the data group: the whole state of every parameter, on member 0 (the writer)."""
+        st = self.inner.state.get(self.part, {})
+        keys = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.numel() == self.n and self.n)
+        shares = self.comm.gather({k: st[k].detach().cpu() for k in keys}, root=0)
+        self.state = {}
+        if shares is None:
+            return
+        for k in keys:
+            whole = torch.cat([s[k] for s in shares])
+            for p, off in zip(self.params, self.offsets):
+                self.state.setdefault(p, {})[k] = whole[off:off + p.numel()].view_as(p).clone()
+        for k, v in st.items():  # scalars (Adam's step) ride with every parameter
+            if k not in keys:
+                for p in self.params:
+                    self.state.setdefault(p, {})[k] = v.clone() if torch.is_tensor(v) else v
+
+    def release_state(self) -> None:
+        self.state = {}
+
+    def absorb_loaded_state(self) -> None:
+        """After a load filled :attr:`state` with whole per-parameter state: keep this member's share."""
+        if not self.state:
+            return
+        first = self.state.get(self.params[0], {}) if self.params else {}
+        new: dict[str, Any] = {}
+        for k, v in first.items():
+            if torch.is_tensor(v) and v.shape == self.params[0].shape and v.dim() > 0:
+                flat = torch.zeros_like(self.flat)
+                for p, off in zip(self.params, self.offsets):
+                    got = self.state.get(p, {}).get(k)
+                    if got is not None:
+                        flat[off:off + p.numel()].copy_(got.reshape(-1))
+                new[k] = flat[self.lo:self.hi].clone()
+            else:
+                new[k] = v
+        self.inner.state[self.part] = new
+        self.state = {}
+
+    def state_bytes(self) -> int:
+        st = self.inner.state.get(self.part, {})
+        return sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))

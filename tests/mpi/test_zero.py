@@ -1,0 +1,77 @@
+"""ZeroOptimizer on the data group: a share stepped alone is the whole step; the state gathers to whole
+per-parameter tensors and cuts back to the share; optimizers that are not elementwise are refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from hvdhybrid.comm.groups import ProcessGroups
+from hvdhybrid.layout.topology import Layout
+from hvdhybrid.training.zero import ZeroError, ZeroOptimizer
+
+
+def _params() -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(n, generator=g)) for n in (7, 30, 1, 13)]  # 51: not a multiple of 2, 4
+
+
+def _grads(step: int, rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return [torch.randn(n, generator=g) for n in (7, 30, 1, 13)]
+
+
+def _adamw(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_sharded_step_is_the_whole_step_and_its_state_round_trips(world: Any, level: int) -> None:
+    if world.Get_size() < 2:
+        pytest.skip("needs 2 bundles")
+    d = world.Get_size()
+    groups = ProcessGroups.create(Layout(d, (1,)), world)
+    try:
+        ref_params = _params()
+        ref = _adamw(ref_params)
+        mine = _params()
+        zero = ZeroOptimizer(mine, _adamw, groups.data, groups.data_set, level, f"zero.test.{level}")
+        assert zero.n * d >= 51 and zero.n == -(-51 // d)
+        for step in range(3):
+            every = [_grads(step, r) for r in range(d)]  # the average the data group computes
+            for i, p in enumerate(ref_params):
+                p.grad = sum(e[i] for e in every) / d
+            ref.step()
+            for p, gr in zip(mine, _grads(step, world.Get_rank())):
+                p.grad = gr.clone()
+            if level == 2:
+                zero.reduce_scatter(fp16=False)
+                assert all(p.grad is None for p in mine) and zero.part.grad.numel() == zero.n
+            else:  # level 1: the sync averaged them whole already
+                for i, p in enumerate(mine):
+                    p.grad = sum(e[i] for e in every) / d
+            zero.step()
+            zero.zero_grad()
+            for a, b in zip(ref_params, mine):
+                assert torch.allclose(a, b, atol=1e-6), (step, float((a - b).abs().max()))
+        zero.gather_state()
+        if groups.data.Get_rank() == 0:
+            for p, q in zip(ref_params, mine):
+                for k in ("exp_avg", "exp_avg_sq"):
+                    assert torch.allclose(ref.state[p][k], zero.state[q][k], atol=1e-6)
+        whole = {q: {k: ref.state[p][k].clone() for k in ref.state[p]} for p, q in zip(ref_params, mine)}
+        before = {k: v.clone() for k, v in zero.inner.state[zero.part].items() if torch.is_tensor(v)}
+        zero.state = whole
+        zero.absorb_loaded_state()
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(zero.inner.state[zero.part][k], before[k], atol=1e-6)
+    finally:
+        groups.close()
+
+
+def test_an_optimizer_that_is_not_elementwise_is_refused_by_name(world: Any) -> None:
+    with pytest.raises(ZeroError, match="LBFGS is not known to step elementwise"):
+        ZeroOptimizer(_params(), lambda ps: torch.optim.LBFGS(ps), world, None, 1, "zero.refused")
