@@ -98,8 +98,26 @@ def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
     snap = randomness.snapshot()
 
     def contexts() -> tuple[Any, Any]:
-        return contextlib.nullcontext(), randomness.restored(snap)
+        return contextlib.nullcontext(), _Restored(snap)
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+
+
+class _Restored:
+    """The keys of ``snap`` within; re-enterable (a split backward, B then W, recomputes twice)."""
+
+    def __init__(self, snap: Any) -> None:
+        self.snap = snap
+        self.stack: list[Any] = []
+
+    def __enter__(self) -> None:
+        from . import randomness
+
+        cm = randomness.restored(self.snap)
+        cm.__enter__()
+        self.stack.append(cm)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.pop().__exit__(*exc)
 
 
 def attention(core: Callable[..., Any], *args: Any) -> Any:

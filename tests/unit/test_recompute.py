@@ -93,3 +93,22 @@ def test_saved_bytes_count_storages_once_and_leave_out_parameters() -> None:
     out.backward()
     del out, h
     assert counted.live == 0 and counted.peak > 0
+
+
+def test_a_split_backward_recomputes_twice_with_the_same_masks() -> None:
+    """zb1's B (input gradients, graph kept) then W (weight gradients): two recomputations."""
+    torch.manual_seed(0)
+    net = Net().train()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def run(fn: callable) -> list[torch.Tensor]:  # type: ignore[valid-type]
+        net.zero_grad()
+        x.grad = None
+        randomness.set_step(0, 1)
+        randomness.set_rows(range(4))
+        out = fn(x)
+        randomness.set_rows(range(100, 104))
+        torch.autograd.backward([out.sum()], inputs=[x], retain_graph=True)
+        torch.autograd.backward([out.sum()], inputs=list(net.parameters()))
+        return [x.grad.clone()] + [p.grad.clone() for p in net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(run(net), run(lambda t: recomputed(net, t))))
