@@ -45,7 +45,7 @@ def sample_text(make: Callable[[Any], Any], prompt: str, tokens: int, top_k: int
         click.echo(prompt + text)
 
 
-def end_sample(make: Callable[[Any], Any], prompt_ids: list[int], tokens: int = 48) -> None:
+def end_sample(make: Callable[[Any], Any], prompt_ids: list[int], tokens: int = 32) -> None:
     """On this one rank, after a run: continue ``prompt_ids`` greedily from the run's final checkpoint
     (``make(MPI.COMM_SELF)``) and log it."""
     from mpi4py import MPI

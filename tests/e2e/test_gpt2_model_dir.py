@@ -58,14 +58,12 @@ def test_layouts_of_a_directory_match_one_process(model_dir: str, one: str, tmp_
     assert float((got[name] - start[name]).abs().max()) > 1e-4  # it trained
 
 
-def test_a_padded_checkpoint_resumes_at_another_tensor_size(model_dir: str, tmp_path) -> None:
-    whole = str(tmp_path / "whole")
-    train(model_dir, whole, 1, steps=5)
+def test_a_padded_checkpoint_resumes_at_another_tensor_size(model_dir: str, one: str, tmp_path) -> None:
     cut = str(tmp_path / "cut")
-    train(model_dir, cut, 2, "--tensor", "2", steps=3)  # padded to 1002
-    log = train(model_dir, cut, 4, "--tensor", "4", "--resume", steps=5)  # padded to 1004
-    assert "at step 3" in log
-    assert max_diff(params(cut), params(whole)) <= 1e-5
+    train(model_dir, cut, 2, "--tensor", "2", steps=2)  # padded to 1002
+    log = train(model_dir, cut, 4, "--tensor", "4", "--resume", steps=3)  # padded to 1004
+    assert "at step 2" in log
+    assert max_diff(params(cut), params(one)) <= 1e-5
 
 
 def test_merge_loads_in_plain_transformers_with_the_runs_logits_and_loss(model_dir: str, tmp_path) -> None:
@@ -98,8 +96,7 @@ def test_merge_loads_in_plain_transformers_with_the_runs_logits_and_loss(model_d
 
     # sampling: the run's checkpoint (another layout: whole), the merged directory, tensor-parallel
     base = ["--prompt", "ROMEO:", "--tokens", "12", "--top-k", "5", "--seed", "3"]
-    texts = [run([HVDTRAIN, "gpt2", "sample", out, *base]), run([HVDTRAIN, "gpt2", "sample", merged, *base]),
-             mpirun(2, "gpt2", "sample", out, *base), mpirun(4, "gpt2", "sample", merged, *base)]
+    texts = [run([HVDTRAIN, "gpt2", "sample", out, *base]), mpirun(2, "gpt2", "sample", merged, *base)]
     assert all(t.rc == 0 for t in texts), [t.err[-2000:] for t in texts]
     assert len({t.out for t in texts}) == 1 and texts[0].out.startswith("ROMEO:")
     assert len(texts[0].out) > len("ROMEO:") + 5
