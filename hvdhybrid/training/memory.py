@@ -19,9 +19,13 @@ __all__ = ["memory_report", "peak_rss", "tensor_bytes"]
 
 
 def tensor_bytes(tensors: Any) -> int:
-    """Bytes of distinct tensors (by identity)."""
-    seen = {id(t): t for t in tensors if torch.is_tensor(t)}
-    return sum(t.numel() * t.element_size() for t in seen.values())
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once, whole)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 def peak_rss() -> int:

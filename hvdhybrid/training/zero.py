@@ -101,8 +101,11 @@ class ZeroOptimizer:
         """Step this member's share, then all-gather every share into every member's buffer."""
         from mpi4py import MPI
 
-        if self.part.grad is None:  # level 1: the whole averaged gradients are here
-            self.part.grad = self.flat_grads()[self.lo:self.hi].clone()
+        if self.part.grad is None:  # level 1: the whole averaged gradients are here; into one buffer,
+            flat = self.flat_grads()  # the parameters' gradients and the share's all views of it
+            for p, off in zip(self.params, self.offsets):
+                p.grad = flat[off:off + p.numel()].view_as(p)
+            self.part.grad = flat[self.lo:self.hi]
         self.inner.step()
         host = self.flat if self.flat.device.type == "cpu" else self.flat.cpu()
         self.comm.Allgather(MPI.IN_PLACE, _np(host))
