@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import InputError
 from ..parallel.ownership import cut, owner_of, shard_of
 
-__all__ = ["ByteCodec", "SampleError", "Sampler", "generate", "load_from_checkpoint"]
+__all__ = ["ByteCodec", "SampleError", "Sampler", "checkpoint_extra", "generate", "load_from_checkpoint"]
 
 
 class SampleError(InputError):
@@ -82,6 +82,26 @@ class Sampler:
             raise SampleError(f"--tokens must be >= 1 and --top-k >= 0 (got {tokens}, {top_k})")
         self.module.eval()
         return str(self.codec.decode(generate(self.next_logits, ids, tokens, self.context, top_k, seed)))
+
+
+def checkpoint_extra(source: str, key: str, command: str) -> tuple[str, dict[str, Any]]:
+    """The newest complete checkpoint of the run ``source`` and its model facts (``checkpoint_extra``),
+    which must hold ``key`` (the model's config, written by ``hvdtrain COMMAND``).
+
+    Raises:
+        SampleError: no checkpoint, or one of another model.
+    """
+    from ..training.checkpoint import load_file, newest_checkpoint
+    from ..training.state import COMMON
+
+    path = newest_checkpoint(source)
+    if path is None:
+        raise SampleError(f"{source} has no complete checkpoint to sample from; let the run finish (it "
+                          "writes one at the end) or train with --checkpoint-every N")
+    extra: dict[str, Any] = load_file(path, COMMON).get("extra") or {}
+    if key not in extra:
+        raise SampleError(f"{path} is not a checkpoint of hvdtrain {command}")
+    return path, extra
 
 
 def load_from_checkpoint(module: nn.Module, path: str) -> nn.Module:

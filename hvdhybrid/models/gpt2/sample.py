@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any
 
-from ..sampling import ByteCodec, SampleError, Sampler, load_from_checkpoint
+from ..sampling import ByteCodec, SampleError, Sampler, checkpoint_extra, load_from_checkpoint
 
 __all__ = ["TokenizerCodec", "gpt2_sampler", "is_checkpoint_source", "tokenizer_from_files"]
 
@@ -50,8 +50,6 @@ def gpt2_sampler(source: str, comm: Any) -> Sampler:
     """
     from transformers import GPT2Config
 
-    from ...training.checkpoint import load_file, newest_checkpoint
-    from ...training.state import COMMON
     from .model import check_tensor, gpt2_model, unit_names
     from .pretrained import ModelDir
 
@@ -63,13 +61,7 @@ def gpt2_sampler(source: str, comm: Any) -> Sampler:
         model = gpt2_model(md.config, 0, [len(unit_names(md.config.n_layer))], comm, reader=md.reader())
         return Sampler(model.build(0), comm, TokenizerCodec(md.tokenizer), md.config.n_positions,
                        md.config.vocab_size)
-    path = newest_checkpoint(source)
-    if path is None:
-        raise SampleError(f"{source} has no complete checkpoint to sample from; let the run finish (it "
-                          "writes one at the end) or train with --checkpoint-every N")
-    extra = load_file(path, COMMON).get("extra") or {}
-    if "hf_config" not in extra:
-        raise SampleError(f"{path} is not a checkpoint of hvdtrain gpt2")
+    path, extra = checkpoint_extra(source, "hf_config", "gpt2")
     config = GPT2Config.from_dict(extra["hf_config"])
     check_tensor(config, comm.Get_size())
     files = extra.get("tokenizer_files")
