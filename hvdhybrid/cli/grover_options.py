@@ -77,7 +77,7 @@ def make_optimizer(lr: float, name: str) -> Callable[[Any], Any]:
     def opt(params: Any) -> torch.optim.Optimizer:
         if name == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=0.9)
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     return opt
 
 

@@ -46,7 +46,9 @@ def run_job(cfg: Config, target: str, args: tuple[str, ...]) -> None:
                                      cfg.run.seed)
 
         def opt(params: Any) -> torch.optim.Optimizer:
-            return job.optimizer(params) if job.optimizer else torch.optim.AdamW(params, lr=cfg.optim.lr)
+            if job.optimizer:
+                return job.optimizer(params)
+            return torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True)
         sets = {"eval": job.eval_set} if job.eval_set is not None else {}
         return Built(model, job.train_set, sets, accuracy_eval(job.metric or classify), opt,
                      f"run {target}: {model.graph.num_stages} stage(s)")

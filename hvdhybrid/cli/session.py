@@ -224,6 +224,7 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                    "samples_per_s": done * o.batch_size / max(elapsed, 1e-9)}
         trainer.write_json("summary.json", summary)
         _log_memory(w, trainer, layout, log)
+        trainer.release_optimizer_state()  # the end-of-run work (gather, sample) fits in what it held
         params = trainer.gather_parameters() if cfg.run.save_params else None
         if built.finish is not None:
             built.finish(trainer, out)

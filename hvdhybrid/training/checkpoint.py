@@ -35,7 +35,7 @@ from ..errors import InputError
 
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "encode_shard",
-           "save_collective", "resolve_resume", "load_file"]
+           "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest"]
 
 FORMAT = 2
 
@@ -80,6 +80,48 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class _Hashing:
+    """A file that hashes and counts what goes through it (torch.save streams into it)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: Any) -> int:
+        self.h.update(b)
+        self.n += len(memoryview(b).cast("B"))
+        return int(self.f.write(b))
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_shard(path: str, state: dict[str, Any]) -> tuple[str, int]:
+    """``state`` streamed to ``path`` (temporary name, fsync, rename): no copy of its tensors in memory.
+
+    Returns:
+        The file's sha256 and size.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        out = _Hashing(f)
+        torch.save({"format": FORMAT, **state}, out)  # type: ignore[arg-type]  # a writable file
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+    return out.h.hexdigest(), out.n
+
+
+def file_digest(path: str) -> tuple[str, int]:
+    """sha256 and size of the file at ``path``, read 8 MiB at a time."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
 @dataclass(frozen=True)
 class Manifest:
     step: int
@@ -92,13 +134,16 @@ class Manifest:
     #: "parts" (the dim is that many blocks; start/stop are within each block)}
     names: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     placement: tuple[int, ...] = ()
+    #: --zero: full name -> optimizer-state pieces, each a parameter's slice as above plus "flat" (the
+    #: range [a, b) of that slice, flattened) and "at" (where it starts in its file's share tensors)
+    optim: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "step": self.step, "model": self.model,
                            "world_size": self.world_size, "widths": list(self.widths),
                            "tensor": self.tensor, "placement": list(self.placement),
                            "shards": {k: {"sha256": h, "bytes": n} for k, (h, n) in self.shards.items()},
-                           "names": self.names}, indent=1)
+                           "names": self.names, "optim": self.optim}, indent=1)
 
     @classmethod
     def read(cls, path: str) -> Manifest:
@@ -113,7 +158,7 @@ class Manifest:
                        tuple(int(w) for w in d["widths"]),
                        {k: (str(v["sha256"]), int(v["bytes"])) for k, v in d["shards"].items()},
                        int(d.get("tensor", 1)), dict(d.get("names", {})),
-                       tuple(int(p) for p in d.get("placement", ())))
+                       tuple(int(p) for p in d.get("placement", ())), dict(d.get("optim", {})))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"unreadable manifest {path}: {e}") from None
 
@@ -138,13 +183,12 @@ def verify(path: str) -> Manifest:
     for name, (digest, size) in sorted(m.shards.items()):
         f = os.path.join(path, name)
         try:
-            with open(f, "rb") as fh:
-                data = fh.read()
+            got, n = file_digest(f)
         except OSError:
             raise CheckpointError(f"checkpoint {path} lacks shard {name}") from None
-        if len(data) != size:
-            raise CheckpointError(f"checkpoint shard {f} is truncated ({len(data)} of {size} bytes)")
-        if sha256(data) != digest:
+        if n != size:
+            raise CheckpointError(f"checkpoint shard {f} is truncated ({n} of {size} bytes)")
+        if got != digest:
             raise CheckpointError(f"checkpoint shard {f} is corrupt (checksum mismatch)")
     return m
 
@@ -191,7 +235,7 @@ def load_file(path: str, name: str) -> dict[str, Any]:
     """One file of a verified checkpoint directory."""
     f = os.path.join(path, name)
     try:
-        state: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise CheckpointError(f"cannot load checkpoint shard {f}: {e}") from None
     if state.get("format") != FORMAT:
@@ -201,13 +245,15 @@ def load_file(path: str, name: str) -> dict[str, Any]:
 
 def save_collective(world: Any, root: str, step: int, manifest: Manifest,
                     files: dict[str, dict[str, Any]], names: dict[str, list[dict[str, Any]]],
-                    keep: int, after_shard: Any = None) -> str:
+                    keep: int, after_shard: Any = None,
+                    optim: Optional[dict[str, list[dict[str, Any]]]] = None) -> str:
     """Every rank writes its files (maybe none); rank 0 commits the manifest and ``latest``; collective.
 
     Args:
         manifest: the run's layout facts (its ``shards`` and ``names`` are filled in here).
         files: this rank's files, name -> contents.
         names: this rank's entries of the name map (full name -> pieces).
+        optim: this rank's entries of the optimizer-state share map (``--zero``).
 
     Returns:
         The checkpoint directory.
@@ -216,22 +262,25 @@ def save_collective(world: Any, root: str, step: int, manifest: Manifest,
     os.makedirs(d, exist_ok=True)
     written = []
     for name, state in sorted(files.items()):
-        data = encode_shard(state)
-        atomic_write(os.path.join(d, name), data)
-        written.append((name, sha256(data), len(data)))
+        written.append((name, *write_shard(os.path.join(d, name), state)))
     if after_shard is not None:  # failure tests: die with the shard written, the manifest not
         after_shard()
-    entries = world.gather((written, names), root=0)
+    entries = world.gather((written, names, optim or {}), root=0)
     if world.Get_rank() == 0:
-        shards = {n: (h, size) for ws, _ in entries for n, h, size in ws}
+        shards = {n: (h, size) for ws, _, _ in entries for n, h, size in ws}
         all_names: dict[str, list[dict[str, Any]]] = {}
-        for _, ns in entries:
+        all_optim: dict[str, list[dict[str, Any]]] = {}
+        for _, ns, os_ in entries:
             for k, pieces in ns.items():
                 all_names.setdefault(k, []).extend(pieces)
+            for k, pieces in os_.items():
+                all_optim.setdefault(k, []).extend(pieces)
         for pieces in all_names.values():
             pieces.sort(key=lambda p: (p.get("start") or 0))
+        for pieces in all_optim.values():
+            pieces.sort(key=lambda p: (p.get("start") or 0, p["flat"][0]))
         m = Manifest(step, manifest.model, manifest.world_size, manifest.widths, shards,
-                     manifest.tensor, all_names, manifest.placement)
+                     manifest.tensor, all_names, manifest.placement, all_optim)
         write_manifest(root, m)
         prune(root, keep)
     world.Barrier()  # nobody moves on before the checkpoint is committed

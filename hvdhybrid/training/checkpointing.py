@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -19,7 +19,7 @@ from ..parallel.ownership import Sharded, join, owner_of, shard_of
 from .checkpoint import CheckpointError, Manifest, load_file, resolve_resume, save_collective
 from .engine import Engine
 from .faults import inject_failure
-from .state import COMMON, NamedState, check_model, rng_state, set_rng_state
+from .state import COMMON, NamedState, check_model, rng_state, set_rng_state, stage_file
 
 __all__ = ["Resumed", "gather_parameters", "named_parameters", "resume", "save"]
 
@@ -47,11 +47,12 @@ def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
     model_name, out = run.model_name, run.out
     lay, c, world = groups.layout, groups.coord, groups.world
     zero = engine.sync.zero
-    if zero is not None:  # each parameter's whole state, gathered to bundle 0 (the writer)
-        zero.gather_state()
     files, names = ({}, {}) if (c.bundle, c.replica) != (0, 0) else state.files(c.tensor, lay.tensor)
-    if zero is not None:
-        zero.release_state()
+    optim: dict[str, list[dict[str, Any]]] = {}
+    if zero is not None and c.replica == 0:  # every member of replica 0's data groups writes its share
+        first = stage_file(min(state.named_params), c.tensor, lay.tensor)[:-len(".pt")]
+        fname = f"zero-{first}-b{c.bundle:03d}.pt"
+        files[fname], optim = state.share_file(zero, fname)
     rngs = world.gather(rng_state(), root=0)
     if world.Get_rank() == 0:
         files[COMMON] = {"model": model_name, "step": step, "rng": rngs, "sampler": sampler,
@@ -62,7 +63,7 @@ def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
                      {}, engine.placement.positions)
     assert out is not None
     path = save_collective(world, os.path.join(out, "checkpoints"), step, facts, files, names, run.keep,
-                           lambda: inject_failure(world.Get_rank(), step, "ckpt"))
+                           lambda: inject_failure(world.Get_rank(), step, "ckpt"), optim)
     if world.Get_rank() == 0:
         get_logger().info(f"checkpoint step {step} written to {path}")
     return path

@@ -214,16 +214,14 @@ class GradSync:
                 _bcast(self.groups.tied[ps], [t.data], root=ps.index(self.placement.position_of(first)))
 
     def _from_bundle0(self, tensors: list[torch.Tensor], what: str) -> None:
-        """Collective: ``tensors`` become row replica 0's, then bundle 0's (in place)."""
+        """Collective: ``tensors`` become row replica 0's, then bundle 0's (in place).
+
+        MPI broadcasts, not Horovod's: Horovod keeps the tensors it broadcast alive (measured: the
+        whole model's parameters stayed resident after ``--zero`` moved them into its flat buffer)."""
         if self.groups.rows.Get_size() > 1:
             _bcast(self.groups.rows, tensors, root=0)
         if self.groups.data_set is not None and tensors:
-            from ..comm import horovod_ops
-
-            c = self.groups.coord
-            root = self.groups.layout.rank_of(0, c.stage, c.replica, c.tensor)
-            horovod_ops.broadcast_(tensors, root, self.groups.data_set,
-                           name=f"{what}.s{c.stage}.r{c.replica}.t{c.tensor}")
+            _bcast(self.groups.data, tensors, root=0)  # the data group's rank is the bundle
 
 
 def _bcast(comm: Any, tensors: Sequence[torch.Tensor], root: int) -> None:

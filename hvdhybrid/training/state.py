@@ -45,6 +45,15 @@ def _piece(file: str, kind: str, t: torch.Tensor, shard: Optional[Sharded]) -> d
             "start": n * shard.index, "stop": n * (shard.index + 1), "pad": shard.pad}
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a checkpoint writes it: itself when it is its storage's whole, else a compact copy (a
+    saved view would carry the whole storage it views). Writing is synchronous, so no copy is kept."""
+    t = t.detach().cpu()
+    whole = t.storage_offset() == 0 and t.is_contiguous() and \
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return t if whole else t.clone()
+
+
 def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:
     return CheckpointError(
         f"the checkpoint's {name} has shape {tuple(saved.shape)}, this model's has {tuple(mine.shape)}: "
@@ -85,6 +94,39 @@ class CheckpointReader:
             return join(vals, dim, int(ps[0].get("parts", 1)), int(ps[0].get("pad", 0)))
         return vals[0]  # a scalar-like state (Adam's step) rides with every slice alike
 
+    def optimizer(self, name: str) -> dict[str, Any]:
+        """``name``'s optimizer state, every tensor whole: from the parameter's file, or (``--zero``)
+        joined from the shares of every member of its data group."""
+        zs = self.manifest.optim.get(name)
+        if not zs:
+            st0 = self.read(self.pieces(name)[0]["file"])["optimizer"].get(name, {})
+            return {k: self.whole(name, "optimizer", k) for k in st0}
+        first = self.read(zs[0]["file"])
+        out: dict[str, Any] = dict(first["scalars"])
+        by_slice: dict[int, list[dict[str, Any]]] = {}
+        for p in zs:
+            by_slice.setdefault(p["start"] or 0, []).append(p)
+        for k in first["share"]:
+            slices = []
+            for start in sorted(by_slice):
+                group = by_slice[start]
+                g0, dim = group[0], group[0]["dim"]
+                shape = [g0["stop"] - g0["start"] if j == dim else d for j, d in enumerate(g0["shape"])]
+                flat = torch.empty(int(torch.Size(shape).numel()))
+                covered = 0
+                for p in group:
+                    a, b = p["flat"]
+                    flat[a:b] = self.read(p["file"])["share"][k][p["at"]:p["at"] + b - a]
+                    covered += b - a
+                if covered != flat.numel():
+                    raise CheckpointError(f"the checkpoint's optimizer state of {name} covers {covered} of "
+                                          f"{flat.numel()} elements: a share file is missing from it")
+                slices.append(flat.view(shape))
+            dim = zs[0]["dim"]
+            out[k] = slices[0] if dim is None else join(slices, dim, int(zs[0].get("parts", 1)),
+                                                        int(zs[0].get("pad", 0)))
+        return out
+
     def parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter of the checkpoint, whole, by full name (a tie once, under its first name)."""
         names = self.manifest.names
@@ -119,16 +161,35 @@ class NamedState:
                 owner = owner_of(p)
                 if isinstance(owner, Tied) and owner.first != s:
                     continue  # written once, by the tie's first stage
-                params[n] = p.detach().cpu().clone()
+                params[n] = _own(p)
                 st = self.optimizer.state.get(p, {})  # type: ignore[call-overload]
-                optim[n] = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                            for k, v in st.items()}
+                optim[n] = {k: (_own(v) if torch.is_tensor(v) else v) for k, v in st.items()}
                 names[n] = [_piece(fname, "param", p, shard_of(owner))]
-            buffers = {n: b.detach().cpu().clone() for n, b in self.named_buffers[s].items()}
+            buffers = {n: _own(b) for n, b in self.named_buffers[s].items()}
             for n, b in buffers.items():
                 names[n] = [_piece(fname, "buffer", b, None)]
             files[fname] = {"params": params, "buffers": buffers, "optimizer": optim}
         return files, names
+
+    def share_file(self, zero: Any, fname: str) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """``--zero``: this member's share of the optimizer state as one file (each state tensor once, as
+        the optimizer holds it), and the pieces of it that belong to each full name."""
+        st = zero.inner.state.get(zero.part, {})
+        share = {k: _own(v) for k, v in st.items()
+                 if torch.is_tensor(v) and v.dim() == 1 and zero.n and v.numel() == zero.n}
+        offset = {id(p): off for p, off in zip(zero.params, zero.offsets)}
+        names: dict[str, list[dict[str, Any]]] = {}
+        for s in sorted(self.named_params):
+            for n, p in self.named_params[s].items():
+                owner = owner_of(p)
+                if isinstance(owner, Tied) and owner.first != s:
+                    continue  # written once, by the tie's first stage
+                off = offset[id(p)]
+                a, b = max(off, zero.lo), min(off + p.numel(), zero.hi)
+                if a < b:
+                    names[n] = [{**_piece(fname, "optim", p, shard_of(owner)),
+                                 "flat": [a - off, b - off], "at": a - zero.lo}]
+        return {"share": share, "scalars": {k: v for k, v in st.items() if k not in share}}, names
 
     def hyperparameters(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
@@ -141,7 +202,7 @@ class NamedState:
             CheckpointError: a name this model needs is missing, or its shape differs.
         """
         r = CheckpointReader(path, manifest)
-        read, pieces, whole = r.read, r.pieces, r.whole
+        whole = r.whole
 
         for s in sorted(self.named_params):
             # one Parameter under several names (a tie inside the stage): read it under whichever
@@ -164,10 +225,8 @@ class NamedState:
                     raise _other_size(src, full, p)
                 with torch.no_grad():
                     p.copy_(got)
-                st0 = read(pieces(src)[0]["file"])["optimizer"].get(src, {})
                 state: dict[str, Any] = {}
-                for k in st0:
-                    v = whole(src, "optimizer", k)
+                for k, v in r.optimizer(src).items():
                     if torch.is_tensor(v) and k != "step":  # Adam keeps its step count on the CPU
                         if v.shape == full.shape and v.dim() > 0:
                             v = cut(v, shard_of(owner))

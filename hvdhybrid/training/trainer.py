@@ -245,6 +245,12 @@ class Trainer(EngineParts):
         return checkpointing.gather_parameters(self.engine)
 
     # -- run records ----------------------------------------------------------------
+    def release_optimizer_state(self) -> None:
+        """Drop the optimizer's state and the gradients, once training is over and checkpointed (a later
+        :meth:`fit` starts its moments afresh unless it resumes)."""
+        getattr(self.optimizer, "inner", self.optimizer).state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def memory(self) -> dict[str, int]:
         """This rank's bytes: parameters, gradients, optimizer state, saved activations (peak), RSS (peak)."""
         return memory.memory_report(self.engine, self.grad_bytes)

@@ -17,9 +17,12 @@ The gradient guard sees the same norm as unsharded: each element of a share
 counts with its parameter's weight (replicated copies down-weighted, ties once)
 and once across the data group (:meth:`GradSync.norm_share`). Only optimizers
 whose step is elementwise can be sharded this way; others are refused by name.
-Checkpoints keep each parameter's state whole under its full name (gathered to
-the writing bundle when saving, cut back to the share when loading), so a run
-saved at one zero level and layout resumes at any other.
+Checkpoints: every member writes its share as it holds it, and the manifest
+names, per parameter, which flat range of it each share file holds
+(:meth:`NamedState.share_file`); a load joins a parameter's state whole by name
+and each member cuts its share back out (:meth:`absorb_loaded_state`), so a run
+saved at one zero level and layout resumes at any other, and no rank ever holds
+the whole state to save it.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ class ZeroOptimizer:
         if len(self.inner.param_groups) != 1:
             raise ZeroError(f"--zero needs one parameter group; the optimizer has "
                             f"{len(self.inner.param_groups)}")
-        #: per parameter, the whole state: filled to save (gather_state) or by a load (absorb_loaded_state)
+        #: per parameter, the whole state: filled by a load, then cut to the share (absorb_loaded_state)
         self.state: dict[nn.Parameter, dict[str, Any]] = {}
-        self._weights: Optional[torch.Tensor] = None
+        self._weights: Optional[list[tuple[int, int, float]]] = None
 
     # -- what the trainer uses of an optimizer ---------------------------------------------------
     @property
@@ -114,57 +117,49 @@ class ZeroOptimizer:
 
     # -- gradients ------------------------------------------------------------------------------
     def flat_grads(self) -> torch.Tensor:
+        """The whole gradients in one buffer laid out as :attr:`flat`; each gradient is freed once in."""
         out = torch.zeros_like(self.flat)
         for p, off in zip(self.params, self.offsets):
             if p.grad is not None:
                 out[off:off + p.numel()].copy_(p.grad.reshape(-1))
+                p.grad = None
         return out
 
     def reduce_scatter(self, fp16: bool) -> None:
-        """Level 2: average the gradients over the data group, keeping only this member's share."""
+        """Level 2: average the gradients over the data group, keeping only this member's share.
+
+        The wire buffer (fp16 when compressing) is filled a parameter at a time, each whole gradient
+        freed as soon as it is in: the whole gradients and the buffer never coexist in full."""
         from ..comm import horovod_ops
 
-        flat = self.flat_grads()
-        for p in self.params:
+        wire = torch.zeros(self.flat.numel(), dtype=torch.float16 if fp16 else torch.float32,
+                           device=self.flat.device)
+        for p, off in zip(self.params, self.offsets):
+            if p.grad is not None:
+                wire[off:off + p.numel()].copy_(p.grad.reshape(-1))
             p.grad = None  # the whole gradients go; only the share stays
-        wire = flat.half() if fp16 else flat
-        self.part.grad = horovod_ops.reduce_scatter_average(wire, self.data_set, self.name).float()
+        got = horovod_ops.reduce_scatter_average(wire, self.data_set, self.name)
+        del wire
+        self.part.grad = got.float() if fp16 else got
 
     def set_weights(self, weight_of: Callable[[nn.Parameter], float]) -> None:
-        """Each element of the share weighted as its parameter counts in the global norm."""
-        w = torch.zeros_like(self.flat)
+        """Each element of the share weighted as its parameter counts in the global norm: kept as
+        ``(start, stop, weight)`` runs over the share, one per parameter it overlaps."""
+        self._weights = []
         for p, off in zip(self.params, self.offsets):
-            w[off:off + p.numel()] = weight_of(p)
-        self._weights = w[self.lo:self.hi].clone()
+            a, b = max(off, self.lo), min(off + p.numel(), self.hi)
+            if a < b:
+                self._weights.append((a - self.lo, b - self.lo, weight_of(p)))
 
     def norm_share(self) -> float:
-        """Level 2: this member's weighted share of the squared global norm."""
+        """Level 2: this member's weighted share of the squared global norm (float64, a chunk at a time)."""
         g = self.part.grad
         if g is None or self._weights is None:
             return 0.0
-        return float((g.double().pow(2) * self._weights.double()).sum())
+        return sum(w * sum(float(c.double().pow_(2).sum()) for c in g[a:b].split(1 << 20))
+                   for a, b, w in self._weights if w)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def gather_state(self) -> None:
-        """Collective over the data group: the whole state of every parameter, on member 0 (the writer)."""
-        st = self.inner.state.get(self.part, {})
-        keys = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.numel() == self.n and self.n)
-        shares = self.comm.gather({k: st[k].detach().cpu() for k in keys}, root=0)
-        self.state = {}
-        if shares is None:
-            return
-        for k in keys:
-            whole = torch.cat([s[k] for s in shares])
-            for p, off in zip(self.params, self.offsets):
-                self.state.setdefault(p, {})[k] = whole[off:off + p.numel()].view_as(p).clone()
-        for k, v in st.items():  # scalars (Adam's step) ride with every parameter
-            if k not in keys:
-                for p in self.params:
-                    self.state.setdefault(p, {})[k] = v.clone() if torch.is_tensor(v) else v
-
-    def release_state(self) -> None:
-        self.state = {}
-
     def absorb_loaded_state(self) -> None:
         """After a load filled :attr:`state` with whole per-parameter state: keep this member's share."""
         if not self.state:
