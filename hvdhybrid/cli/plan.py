@@ -16,7 +16,7 @@ from .options import config_options, map_by_option
 __all__ = ["plan", "render_plan"]
 
 
-@click.command()
+@click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-np", "--np", "np_", type=int, required=True, help="Number of ranks.")
 @config_options(only=("stages", "bundle_shape", "tensor", "stages_per_rank", "placement", "fp16_compression"),
                 collective=False)
@@ -26,14 +26,25 @@ __all__ = ["plan", "render_plan"]
               help="With --hostfile: the model's parameters in MB (fp32), split evenly over the stages.")
 @click.option("--activation-mb", type=float, default=0.0, show_default=True,
               help="With --hostfile: MB of activations crossing each stage boundary per global batch.")
+@click.option("--json", "as_json", is_flag=True, help="With a model command: print the prediction as JSON.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
-         activation_mb: float) -> None:
+         activation_mb: float, as_json: bool, command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
     With --hostfile, each rank's host (as mpirun --map-by places it) and, given
     --param-mb (and --activation-mb), the bytes per step on every link between
     hosts: what crosses the network and what stays in a host.
+
+    With a model command after the options (hvdtrain plan -np 4 gpt2 --size
+    gpt2-medium --tensor 2 --zero 2 --recompute full), each rank's memory as the
+    run will count it: parameters, gradients, optimizer state, saved
+    activations. The command's own options set the layout, the schedule,
+    --zero and --recompute.
     """
+    if command:
+        _plan_memory(np_, list(command), as_json)
+        return
     try:
         layout = cfg.parallel.layout(np_)
         pl = cfg.parallel.placement_for(layout)
@@ -55,6 +66,25 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
         for line in describe_links(links):
             click.echo(f"  {line}")
         click.echo(f"  across the network: {cross_host_bytes(links) / 1e6:.3g} MB/step")
+
+
+def _plan_memory(np_: int, command: list[str], as_json: bool) -> None:
+    import json
+
+    from .plan_memory import predict_memory, render_memory
+
+    ctx = click.get_current_context()
+    given = [f"--{k.replace('_', '-')}" for k in ("stages", "bundle_shape", "tensor", "stages_per_rank",
+                                                   "placement", "hostfile", "param_mb")
+             if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    try:
+        if given:
+            raise LayoutError(f"{', '.join(given)} given before the model command: put the layout options "
+                              f"after it (hvdtrain plan -np {np_} {command[0]} --tensor 2 ...)")
+        pred = predict_memory(command, np_)
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps(pred, indent=1) if as_json else render_memory(pred))
 
 
 def render_plan(layout: Layout, hosts: Optional[list[str]] = None,

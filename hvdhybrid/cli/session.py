@@ -33,6 +33,10 @@ __all__ = ["Built", "ModelFn", "run_model", "steps_for_epochs"]
 
 STOPPED_EXIT = 143  # 128 + SIGTERM: stopped on request, after a checkpoint
 
+#: ``hvdtrain plan -np N MODEL ...`` puts its planner here: :func:`run_model` hands it what it got
+#: (name, config, default widths, widths, build, tensor_parallel) instead of training
+PLANNER: list[Callable[..., None]] = []
+
 
 @dataclass
 class Built:
@@ -83,6 +87,9 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     seed. ``tensor_parallel``: the model can split its tensors (else ``--tensor`` > 1 is refused).
     ``widths``: the model's own rule gave the stage widths (GROVER: two chains with task parallelism).
     """
+    if PLANNER:
+        PLANNER[-1](name, cfg, default_widths, widths, build, tensor_parallel)
+        return
     import torch
 
     from ..training.device import local_size, pick_device

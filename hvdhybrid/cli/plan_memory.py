@@ -1,0 +1,125 @@
+"""``hvdhybrid plan -np N MODEL [its options]``: each rank's memory, predicted before any rank runs.
+
+The model command runs as far as :func:`session.run_model` in this one
+process; there, instead of training, :func:`predict` builds each stage as its
+rank would, measures its facts (:mod:`hvdhybrid.training.memory_probe`) and
+predicts every rank's figures (:mod:`hvdhybrid.training.memory_plan`): the ones
+a run logs and writes to ``memory.json``.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+from ..config import Config, ConfigError, check_batch
+from ..layout.placement import Placement
+from ..layout.rows import replica_rows
+
+__all__ = ["predict", "predict_memory", "render_memory"]
+
+
+def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
+            widths: Optional[tuple[int, ...]], build: Callable[[int, Any], Any],
+            tensor_parallel: bool) -> dict[str, Any]:
+    """The prediction for ``np_`` ranks of model command ``name`` (what :func:`session.run_model` got)."""
+    import torch
+
+    from ..parallel.recompute import Recompute
+    from ..parallel.staged import StagedModel
+    from ..pipeline import schedules as sched
+    from ..training.memory_plan import predict_rank
+    from ..training.memory_probe import StandInComm, measure_stage, optimizer_facts
+    from ..training.precision import Precision
+
+    p = cfg.parallel
+    if p.tensor > 1 and not tensor_parallel:
+        raise ConfigError(f"hvdtrain {name} cannot split its tensors (--tensor {p.tensor})")
+    layout = p.layout(np_, default_widths, widths)
+    check_batch(cfg, layout)
+    torch.manual_seed(cfg.run.seed)
+    built = build(p.model_stages(layout), layout)
+    if built.slices is not None:
+        raise ConfigError("hvdtrain plan predicts memory for whole sequences; drop --slices to plan it")
+    n = p.model_stages(layout)
+    placement = p.placement_for(layout) or Placement.identity(n)
+    rc = Recompute.parse(cfg.pipeline.recompute)
+    rc.check(n, built.attention, f"hvdtrain {name}", False)
+    model = built.model if isinstance(built.model, StagedModel) else \
+        built.model(SimpleNamespace(tensor=StandInComm(layout.tensor, 0)))
+    mbs = cfg.pipeline.microbatches
+    plans = sched.build(cfg.pipeline.schedule, model.graph, mbs, placement)
+    per_pass = cfg.optim.batch_size // cfg.optim.accumulate
+    modules: dict[int, Any] = {}
+    saved: dict[int, int] = {}
+    facts = {}
+    autocast = Precision(cfg.optim.precision).autocast(torch.device("cpu"))
+    for s in range(n):
+        pos = placement.position_of(s)
+        lo, hi = replica_rows(per_pass, layout.num_bundles, 0, mbs, 0, layout.widths[pos], 0)
+        with autocast():
+            facts[s] = measure_stage(model, modules, s, built.train_set.batch(list(range(hi - lo))),
+                                     rc.mode_of(s), cfg.run.seed)
+        saved[s] = facts[s].activations
+    ties = [(t.stages, int(model.stage_parameters(min(t.stages), modules[min(t.stages)])
+                           [t.names[min(t.stages)]].numel())) for t in model.ties]
+    modules.clear()
+    opt = optimizer_facts(built.optimizer_fn)
+    rows = []
+    for pos in range(layout.num_stages):
+        stages = placement.stages_on(pos)
+        # a tie whose stages are all on this rank is one tensor there (counted once per extra stage)
+        local = [(ts, size) for ts, size in ties if all(s in stages for s in ts)]
+        fig = predict_rank([facts[s] for s in stages], sum(size * (len(ts) - 1) for ts, size in local), opt,
+                           cfg.optim.zero, layout.num_bundles, plans[pos], saved,
+                           sum(len(ts) - 1 for ts, _ in local))
+        ranks = [r for r in range(layout.world_size) if layout.coord(r).stage == pos]
+        rows.append({"ranks": ranks, "stages": list(stages), **fig})
+    return {"model": name, "layout": layout.describe(), "zero": cfg.optim.zero,
+            "recompute": cfg.pipeline.recompute, "schedule": cfg.pipeline.schedule, "microbatches": mbs,
+            "positions": rows}
+
+
+def predict_memory(command: list[str], np_: int) -> dict[str, Any]:
+    """Python API of ``hvdtrain plan -np N MODEL ...``: ``command`` is the model command and its
+    options (as after ``hvdtrain``); returns the prediction (see :func:`predict`)."""
+    import click
+
+    from . import session
+    from .main import cli
+
+    got: dict[str, Any] = {}
+
+    def planner(name: str, cfg: Config, default_widths: tuple[int, ...], widths: Any, build: Any,
+                tensor_parallel: bool) -> None:
+        got.update(predict(name, cfg, np_, default_widths, widths, build, tensor_parallel))
+
+    session.PLANNER.append(planner)
+    try:
+        cli.main(args=list(command), prog_name="hvdtrain", standalone_mode=False)
+    except click.ClickException as e:
+        raise ConfigError(f"hvdtrain {' '.join(command[:1])}: {e.format_message()}") from None
+    finally:
+        session.PLANNER.pop()
+    if not got:
+        raise ConfigError(f"hvdtrain {' '.join(command[:1])} is not a model command to plan; "
+                          "give one of mlp, resnet, gpt, gpt2, bert, grover with its options")
+    return got
+
+
+def render_memory(pred: dict[str, Any]) -> str:
+    """The prediction as a table, one row per stage group position (its ranks alike)."""
+    mb = 1e6
+    lines = [f"memory per rank, predicted (MB): hvdtrain {pred['model']} at {pred['layout']}, "
+             f"--zero {pred['zero']}, --recompute {pred['recompute']}, schedule {pred['schedule']}, "
+             f"{pred['microbatches']} microbatches",
+             f"{'ranks':<14} {'stages':<8} {'parameters':>11} {'gradients':>10} {'optimizer':>10} "
+             f"{'activations':>12} {'total':>9}"]
+    for r in pred["positions"]:
+        total = r["parameters"] + r["gradients"] + r["optimizer"] + r["activations_peak"]
+        lines.append(f"{','.join(map(str, r['ranks'])):<14} {','.join(map(str, r['stages'])):<8} "
+                     f"{r['parameters'] / mb:>11.1f} {r['gradients'] / mb:>10.1f} {r['optimizer'] / mb:>10.1f} "
+                     f"{r['activations_peak'] / mb:>12.1f} {total / mb:>9.1f}")
+    lines.append("(gradients at their largest after the synchronisation; activations: the peak kept for "
+                 "the backward; the interpreter, libraries and transient buffers come on top)")
+    return "\n".join(lines)
