@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from typing import Callable, Optional
@@ -151,7 +152,8 @@ def resnet(steps: int = 6, warmup: int = 2, batch: int = 48, image_size: int = 3
 
 
 def _memory_run(np_: int, args: list[str]) -> dict:
-    """`hvdtrain gpt2` on ``np_`` ranks: its memory.json (every rank) and metrics.jsonl rows."""
+    """`hvdtrain gpt2` on ``np_`` ranks: its memory.json (every rank), metrics.jsonl rows and the median
+    step time after the first two steps."""
     import tempfile
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-zero-"), "run")
@@ -160,38 +162,121 @@ def _memory_run(np_: int, args: list[str]) -> dict:
     mem = json.load(open(os.path.join(out, "memory.json")))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     shutil.rmtree(os.path.dirname(out), ignore_errors=True)
-    return {"memory": mem, "rows": rows}
+    t = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows[1:], rows[2:])]
+    return {"memory": mem, "rows": rows, "step_s": statistics.median(t) if t else None}
 
 
-def zero(size: str = "mini", steps: int = 4) -> list[dict]:
-    """Bytes per parameter per rank under --zero 0/1/2 at 2 and 4 bundles (fp32 AdamW), against the
-    formulas 16, 8+8/d and 4+12/d; saved-activation peaks under --recompute none/full/selective."""
-    base = ["--size", size, "--seq-len", "256", "--batch-size", "8", "--microbatches", "2", "--limit", "256",
+def _planned(np_: int, args: list[str]) -> dict:
+    """`hvdtrain plan -np N gpt2 ARGS --json`: rank -> predicted figures."""
+    out = subprocess.run([PY, "-m", "hvdhybrid", "plan", "-np", str(np_), "--json", "gpt2", *args],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=_env())
+    if out.returncode:
+        raise RuntimeError(f"hvdtrain plan failed: {out.stderr[-1500:]}")
+    pred = json.loads(out.stdout[out.stdout.index("{"):])
+    return {r: pos for pos in pred["positions"] for r in pos["ranks"]}
+
+
+FIGURES = ("parameters", "gradients", "optimizer", "activations_peak")
+
+
+def _plan_error(np_: int, args: list[str], measured: list[dict]) -> float:
+    """Largest relative error of the plan against a run, over every rank and figure (0 for 0 vs 0)."""
+    pred = _planned(np_, args)
+    worst = 0.0
+    for m in measured:
+        for f in FIGURES:
+            p, g = pred[m["rank"]][f], m[f]
+            worst = max(worst, abs(p - g) / g if g else float(p != 0))
+    return worst
+
+
+def zero(size: str = "mini", steps: int = 8) -> list[dict]:
+    """--zero and --recompute: bytes per parameter per rank against the ZeRO formulas, saved-activation
+    peaks, the plan's predictions against every run, step times against ZeroRedundancyOptimizer and
+    FSDP2, and the gpt2-medium headline (peak RSS per rank against one process)."""
+    base = ["--size", size, "--seq-len", "256", "--microbatches", "1", "--limit", "256",
             "--steps", str(steps), "--optimizer", "adamw"]
     res: list[dict] = []
-    print("\nBytes per parameter per rank (parameters + gradients after the sync + optimizer state, from "
-          f"the tensors held), gpt2 {size}, fp32 AdamW\n")
-    print("| --zero | bundles (d) | measured bytes/param | formula | measured / formula |")
-    print("|---|---|---|---|---|")
+    print("\nBytes per parameter per rank (parameters + gradients after the sync + optimizer state, "
+          f"from the tensors held), gpt2 {size}, fp32 AdamW, 4 rows per bundle; the plan's largest "
+          "error over every figure and rank; median s/step\n")
+    print("| --zero | bundles (d) | measured bytes/param | formula | measured / formula | plan error "
+          "| s/step |")
+    print("|---|---|---|---|---|---|---|")
     for d in (2, 4):
         for level in (0, 1, 2):
-            m = _memory_run(d, [*base, "--batch-size", str(4 * d), "--zero", str(level)])["memory"]
+            args = [*base, "--batch-size", str(4 * d), "--zero", str(level)]
+            run = _memory_run(d, args)
+            m = run["memory"]
             n = m[0]["parameters"] / 4
             per = max((r["parameters"] + r["gradients"] + r["optimizer"]) / n for r in m)
             formula = {0: 16.0, 1: 8 + 8 / d, 2: 4 + 12 / d}[level]
+            err = _plan_error(d, args, m)
             res.append({"name": f"zero{level}-d{d}", "bytes_per_param": per, "formula": formula,
+                        "plan_error": err, "step_s": run["step_s"],
                         "rss_peak": max(r["rss_peak"] for r in m)})
-            print(f"| {level} | {d} | {per:.2f} | {formula:.2f} | {per / formula:.3f} |")
-    print(f"\nSaved activations peak per rank, gpt2 {size}, 256 tokens, one process\n")
-    print("| --recompute | saved activations peak (MB) | vs none |")
+            print(f"| {level} | {d} | {per:.2f} | {formula:.2f} | {per / formula:.3f} | {err:.3f} "
+                  f"| {run['step_s']:.3f} |")
+    print("\nPeers on 2 processes, same model and global batch (8 rows), gloo on the CPU\n")
+    print("| run | s/step | hvdtrain --zero 1 vs it |")
     print("|---|---|---|")
-    peaks = {}
-    for mode in ("none", "full", "selective"):
-        m = _memory_run(1, [*base, "--recompute", mode])["memory"][0]
-        peaks[mode] = m["activations_peak"]
-        res.append({"name": f"recompute-{mode}", "activations_peak": m["activations_peak"]})
-        ratio = m["activations_peak"] / peaks["none"]
-        print(f"| {mode} | {m['activations_peak'] / 2**20:.1f} | {ratio:.3f} |")
+    z1 = next(r["step_s"] for r in res if r["name"] == "zero1-d2")
+    z0 = next(r["step_s"] for r in res if r["name"] == "zero0-d2")
+    print(f"| hvdtrain --zero 0 | {z0:.3f} | {z1 / z0:.2f}x |")
+    for mode in ("zero", "fsdp2"):
+        t = _run(["torchrun", "--nproc-per-node", "2", os.path.join(HERE, "zero_peers.py"),
+                  "--mode", mode, "--size", size, "--seq-len", "256", "--batch-size", "8",
+                  "--steps", str(steps)])[0]["step_s"]
+        name = {"zero": "torch ZeroRedundancyOptimizer (DDP)", "fsdp2": "torch FSDP2 fully_shard"}[mode]
+        res.append({"name": f"peer-{mode}", "step_s": t})
+        print(f"| {name} | {t:.3f} | {z1 / t:.2f}x |")
+    print(f"\nSaved activations peak and step time, gpt2 {size}, 4 rows of 256 tokens, 2 microbatches, "
+          "dropout 0.1, one process; and 2 stages x 2 bundles (1f1b, 4 microbatches)\n")
+    print("| --recompute | ranks | saved activations peak (MB) | vs none | s/step | vs none | plan error |")
+    print("|---|---|---|---|---|---|---|")
+    for np_, extra in ((1, ["--batch-size", "4", "--microbatches", "2"]),
+                       (4, ["--batch-size", "8", "--microbatches", "4", "--stages", "2", "--zero", "1"])):
+        first: dict = {}
+        for mode in ("none", "full", "selective"):
+            args = [*base, *extra, "--recompute", mode]
+            run = _memory_run(np_, args)
+            peak = max(r["activations_peak"] for r in run["memory"])
+            first = first or {"peak": peak, "step_s": run["step_s"]}
+            err = _plan_error(np_, args, run["memory"])
+            res.append({"name": f"recompute-{mode}-np{np_}", "activations_peak": peak,
+                        "step_s": run["step_s"], "plan_error": err})
+            print(f"| {mode} | {np_} | {peak / 2**20:.1f} | {peak / first['peak']:.3f} | {run['step_s']:.3f} "
+                  f"| {run['step_s'] / first['step_s']:.2f}x | {err:.3f} |")
+    res += headline()
+    return res
+
+
+def headline() -> list[dict]:
+    """gpt2-medium with AdamW: peak RSS per rank of one process against tensor 2 x 2 bundles,
+    --zero 2, --recompute full; and RSS against what the accounting counts plus the libraries at rest."""
+    probe = ("import torch, mpi4py.MPI, horovod.torch, transformers, hvdhybrid.cli.main; "
+             "from hvdhybrid.training.memory import peak_rss; print(peak_rss())")
+    rest = int(subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+                              env=_env()).stdout.split()[-1])
+    args = ["--size", "gpt2-medium", "--seq-len", "128", "--batch-size", "4", "--limit", "100", "--steps", "2",
+            "--optimizer", "adamw"]
+    print(f"\ngpt2-medium (303.6 M parameters), AdamW, 2 steps of 4 x 128 bytes; libraries at rest "
+          f"{rest / 1e6:.0f} MB (measured once); peak RSS from each rank's memory.json\n")
+    print("| run | ranks | peak RSS per rank (MB) | vs one process | accounted + rest (MB) "
+          "| RSS / (accounted + rest) | plan error |")
+    print("|---|---|---|---|---|---|---|")
+    res, one = [], 0
+    for np_, extra in ((1, []), (4, ["--tensor", "2", "--zero", "2", "--recompute", "full"])):
+        m = _memory_run(np_, [*args, *extra])["memory"]
+        rss = max(r["rss_peak"] for r in m)
+        acc = max(sum(r[f] for f in FIGURES) for r in m) + rest
+        one = one or rss
+        err = _plan_error(np_, [*args, *extra], m)
+        name = "one process" if np_ == 1 else "tensor 2 x 2 bundles, --zero 2, --recompute full"
+        res.append({"name": f"headline-np{np_}", "rss_peak": rss, "accounted_plus_rest": acc,
+                    "plan_error": err})
+        print(f"| {name} | {np_} | {rss / 1e6:.0f} | {rss / one:.2f}x | {acc / 1e6:.0f} "
+              f"| {rss / acc:.2f}x | {err:.3f} |")
     return res
 
 

@@ -98,6 +98,7 @@ class Engine:
                                  cfg.optim.zero, f"zero.s{c.stage}.r{c.replica}.t{c.tensor}")
             zero.set_weights(self.sync.weight_of)
             self.optimizer = self.sync.zero = zero
+            self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
         else:
             self.optimizer = optimizer_fn(self.sync.params)
         for g in self.optimizer.param_groups:  # the base of the schedule; saved with the groups
