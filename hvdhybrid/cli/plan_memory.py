@@ -16,7 +16,11 @@ from ..config import Config, ConfigError, check_batch
 from ..layout.placement import Placement
 from ..layout.rows import replica_rows
 
-__all__ = ["predict", "predict_memory", "render_memory"]
+__all__ = ["MODELS", "predict", "predict_memory", "render_memory"]
+
+#: the commands that train (``grover`` trains through its pretrain and finetune subcommands)
+MODELS = ("mlp", "resnet", "gpt", "gpt2", "bert", "grover", "run")
+_TOOLS = ("sample", "make-test-model", "plan-slices", "baseline", "configs")
 
 
 def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
@@ -88,6 +92,10 @@ def predict_memory(command: list[str], np_: int) -> dict[str, Any]:
     from . import session
     from .main import cli
 
+    if not command or command[0] not in MODELS or (len(command) > 1 and command[1] in _TOOLS):
+        what = " ".join(command[:2])
+        raise ConfigError(f"hvdtrain plan: {what!r} is not a training command; give one of "
+                          f"{', '.join(MODELS)} (grover pretrain or finetune) with its options")
     got: dict[str, Any] = {}
 
     def planner(name: str, cfg: Config, default_widths: tuple[int, ...], widths: Any, build: Any,
@@ -102,8 +110,8 @@ def predict_memory(command: list[str], np_: int) -> dict[str, Any]:
     finally:
         session.PLANNER.pop()
     if not got:
-        raise ConfigError(f"hvdtrain {' '.join(command[:1])} is not a model command to plan; "
-                          "give one of mlp, resnet, gpt, gpt2, bert, grover with its options")
+        raise ConfigError(f"hvdtrain {' '.join(command[:2])} did not reach training; give one of "
+                          f"{', '.join(MODELS)} (grover pretrain or finetune) with its options")
     return got
 
 

@@ -1,6 +1,7 @@
 """--zero 1 and 2 through the CLI: optimizer state (and averaged gradients) sharded over the data groups
 end as one process does (SGD with momentum and AdamW, clipping, accumulation, 2 and 4 bundles, 2 stages,
-tensor 2); checkpoints resume across zero levels and layouts; fp16 compression on the reduce-scatter."""
+tensor 2); checkpoints resume across zero levels and layouts; fp16 compression on the reduce-scatter;
+`hvdtrain plan` predicts each run's memory.json."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ MLP = ["mlp", "--batch-size", "32", "--no-progress", "--seed", "5", "--no-fp16-c
 GPT2 = ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "16", "--no-progress",
         "--seed", "3", "--clip-grad", "0.5", "--accumulate", "2", "--save-params", "--steps", "3",
         "--no-fp16-compression"]
+
+
+def assert_planned(np_: int, args: list[str], out: str) -> None:
+    """`hvdtrain plan -np N ARGS` predicted the run's memory.json: parameters, gradients and optimizer
+    state exactly, saved activations within 10%."""
+    r = run([HVDTRAIN, "plan", "-np", str(np_), "--json", *args])
+    assert r.rc == 0, r.err[-3000:]
+    pred = {rank: pos for pos in json.loads(r.out[r.out.index("{"):])["positions"] for rank in pos["ranks"]}
+    for m in json.load(open(os.path.join(out, "memory.json"))):
+        p = pred[m["rank"]]
+        assert [p[k] for k in ("parameters", "gradients", "optimizer")] == \
+            [m[k] for k in ("parameters", "gradients", "optimizer")], (m, p)
+        assert abs(p["activations_peak"] - m["activations_peak"]) <= 0.1 * m["activations_peak"], (m, p)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +49,7 @@ def test_mlp_sharded_matches_one_process(mlp_one: str, tmp_path, zero: str, layo
     assert r.rc == 0, r.err[-3000:]
     assert f"sharded over each data group of {bundles} ranks" in r.err
     assert max_diff(params(out), params(mlp_one)) <= 1e-5
+    assert_planned(4, [*MLP, *layout, "--zero", zero, "--steps", "6"], out)
     if not layout:  # one stage: each rank keeps a 1/bundles share of the momentum (plus padding)
         whole = json.load(open(os.path.join(mlp_one, "memory.json")))[0]["optimizer"]
         mine = [m["optimizer"] for m in json.load(open(os.path.join(out, "memory.json")))]
@@ -78,6 +93,7 @@ def test_gpt2_sharded_matches_one_process(gpt2_one: dict[str, str], tmp_path, op
     r = mpirun(4, *GPT2, "--optimizer", opt, "--lr", lr, *layout, "--zero", zero, "--out", out)
     assert r.rc == 0, r.err[-3000:]
     assert max_diff(params(out), params(gpt2_one[opt])) <= 1e-5
+    assert_planned(4, [*GPT2, "--optimizer", opt, "--lr", lr, *layout, "--zero", zero], out)
 
 
 def test_fp16_compression_applies_to_the_reduce_scatter_alike(tmp_path) -> None:
