@@ -256,10 +256,10 @@ def headline() -> list[dict]:
     --zero 2, --recompute full; and RSS against what the accounting counts plus the libraries at rest."""
     probe = ("import torch, mpi4py.MPI, horovod.torch, transformers, hvdhybrid.cli.main; "
              "from hvdhybrid.training.memory import peak_rss; print(peak_rss())")
-    rest = int(subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT,
-                              env=_env()).stdout.split()[-1])
-    args = ["--size", "gpt2-medium", "--seq-len", "128", "--batch-size", "4", "--limit", "100", "--steps", "2",
-            "--optimizer", "adamw"]
+    got = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=_env())
+    rest = int(got.stdout.split()[-1])  # bytes
+    args = ["--size", "gpt2-medium", "--seq-len", "128", "--batch-size", "4", "--limit", "100",
+            "--steps", "2", "--optimizer", "adamw"]
     print(f"\ngpt2-medium (303.6 M parameters), AdamW, 2 steps of 4 x 128 bytes; libraries at rest "
           f"{rest / 1e6:.0f} MB (measured once); peak RSS from each rank's memory.json\n")
     print("| run | ranks | peak RSS per rank (MB) | vs one process | accounted + rest (MB) "

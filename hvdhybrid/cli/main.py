@@ -59,6 +59,14 @@ for _command in (resnet, mlp, run_job, plan, launch, grover, bert, gpt, gpt2, me
     cli.add_command(_command)
 
 
+def plan_memory(command: list[str], np_: int) -> dict[str, Any]:
+    """Python API of ``hvdtrain plan -np N MODEL ...``: each rank's memory predicted for the model
+    command ``command`` (e.g. ``["gpt2", "--tensor", "2", "--zero", "2"]``) on ``np_`` ranks."""
+    from .plan_memory import predict_memory
+
+    return predict_memory(command, np_, cli)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors are one line and exit code 2."""
     try:

@@ -81,7 +81,7 @@ def _plan_memory(np_: int, command: list[str], as_json: bool) -> None:
         if given:
             raise LayoutError(f"{', '.join(given)} given before the model command: put the layout options "
                               f"after it (hvdtrain plan -np {np_} {command[0]} --tensor 2 ...)")
-        pred = predict_memory(command, np_)
+        pred = predict_memory(command, np_, ctx.find_root().command)
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(pred, indent=1) if as_json else render_memory(pred))

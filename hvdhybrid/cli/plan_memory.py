@@ -84,13 +84,13 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
             "positions": rows}
 
 
-def predict_memory(command: list[str], np_: int) -> dict[str, Any]:
-    """Python API of ``hvdtrain plan -np N MODEL ...``: ``command`` is the model command and its
-    options (as after ``hvdtrain``); returns the prediction (see :func:`predict`)."""
+def predict_memory(command: list[str], np_: int, cli: Any) -> dict[str, Any]:
+    """``hvdtrain plan -np N MODEL ...``: ``command`` is the model command and its options (as after
+    ``hvdtrain``), ``cli`` the group that holds it; returns the prediction (see :func:`predict`). From
+    Python: :func:`hvdhybrid.cli.main.plan_memory`."""
     import click
 
     from . import session
-    from .main import cli
 
     if not command or command[0] not in MODELS or (len(command) > 1 and command[1] in _TOOLS):
         what = " ".join(command[:2])
@@ -117,7 +117,7 @@ def predict_memory(command: list[str], np_: int) -> dict[str, Any]:
 
 def render_memory(pred: dict[str, Any]) -> str:
     """The prediction as a table, one row per stage group position (its ranks alike)."""
-    mb = 1e6
+    mb = 2 ** 20  # as the run logs them
     lines = [f"memory per rank, predicted (MB): hvdtrain {pred['model']} at {pred['layout']}, "
              f"--zero {pred['zero']}, --recompute {pred['recompute']}, schedule {pred['schedule']}, "
              f"{pred['microbatches']} microbatches",
@@ -125,9 +125,10 @@ def render_memory(pred: dict[str, Any]) -> str:
              f"{'activations':>12} {'total':>9}"]
     for r in pred["positions"]:
         total = r["parameters"] + r["gradients"] + r["optimizer"] + r["activations_peak"]
-        lines.append(f"{','.join(map(str, r['ranks'])):<14} {','.join(map(str, r['stages'])):<8} "
-                     f"{r['parameters'] / mb:>11.1f} {r['gradients'] / mb:>10.1f} {r['optimizer'] / mb:>10.1f} "
-                     f"{r['activations_peak'] / mb:>12.1f} {total / mb:>9.1f}")
+        ranks, stages = ",".join(map(str, r["ranks"])), ",".join(map(str, r["stages"]))
+        figs = " ".join(f"{r[k] / mb:>{w}.1f}" for k, w in (("parameters", 11), ("gradients", 10),
+                                                               ("optimizer", 10), ("activations_peak", 12)))
+        lines.append(f"{ranks:<14} {stages:<8} {figs} {total / mb:>9.1f}")
     lines.append("(gradients at their largest after the synchronisation; activations: the peak kept for "
                  "the backward; the interpreter, libraries and transient buffers come on top)")
     return "\n".join(lines)

@@ -49,7 +49,6 @@ def test_mlp_sharded_matches_one_process(mlp_one: str, tmp_path, zero: str, layo
     assert r.rc == 0, r.err[-3000:]
     assert f"sharded over each data group of {bundles} ranks" in r.err
     assert max_diff(params(out), params(mlp_one)) <= 1e-5
-    assert_planned(4, [*MLP, *layout, "--zero", zero, "--steps", "6"], out)
     if not layout:  # one stage: each rank keeps a 1/bundles share of the momentum (plus padding)
         whole = json.load(open(os.path.join(mlp_one, "memory.json")))[0]["optimizer"]
         mine = [m["optimizer"] for m in json.load(open(os.path.join(out, "memory.json")))]
