@@ -96,7 +96,7 @@ def _span(units: list[str], sizes: list[int], stage: int) -> str:
 
 def _evaluate(num_classes: int, trainer: Any, ds: Any) -> dict[str, float]:
     """Collective: accuracy and macro F1 over every row of ``ds`` (computed on rank 0, shared)."""
-    from sklearn.metrics import f1_score
+    from ..training.metrics import macro_f1
 
     logits = trainer.predict(ds, 256)
     result: Optional[dict[str, float]] = None
@@ -104,7 +104,7 @@ def _evaluate(num_classes: int, trainer: Any, ds: Any) -> dict[str, float]:
         pred = logits.float().argmax(-1).numpy()
         y = ds.y.numpy()
         result = {"accuracy": float((pred == y).mean()),
-                  "f1": float(f1_score(y, pred, average="macro", labels=list(range(num_classes)))),
+                  "f1": macro_f1(pred, y, num_classes),
                   "rows": float(len(ds))}
     got: dict[str, float] = trainer.groups.world.bcast(result, root=0)
     return got

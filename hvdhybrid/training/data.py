@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import InputError
@@ -149,11 +150,27 @@ def _upsample(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def digits(image_size: int = 16) -> TensorDataset:
     """scikit-learn's 1,797 handwritten 8x8 digits (10 classes), upsampled, scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
+    images, target = _digits_file()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return TensorDataset(_upsample(x, image_size).contiguous(), torch.tensor(target, dtype=torch.long))
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return TensorDataset(_upsample(x, image_size).contiguous(), torch.tensor(d.target, dtype=torch.long))
+
+def _digits_file() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as ``sklearn.datasets.load_digits`` reads them, from the file scikit-learn ships.
+
+    Read directly: importing scikit-learn costs about 2 s per rank at start-up.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits data set ships with scikit-learn, which is not installed; "
+                        "run bin/setup (or pip install scikit-learn)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", "digits.csv.gz")
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
 def image_folder(root: str, image_size: int = 32) -> tuple[TensorDataset, list[str]]:
