@@ -93,6 +93,9 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     import torch
 
     from ..training.device import local_size, pick_device
+    from ..training.memory import return_freed_memory
+
+    return_freed_memory()
 
     w = world()
     rank = w.Get_rank()

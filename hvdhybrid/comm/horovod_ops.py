@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["ensure_init", "add_process_set", "remove_process_set", "allreduce_average",
-           "average_async_", "synchronize", "broadcast_", "reduce_scatter_average", "shutdown"]
+           "average_async_", "synchronize", "broadcast_", "shutdown"]
 
 _state = {"init": False}
 
@@ -57,15 +57,6 @@ def allreduce_average(tensors: list[torch.Tensor], process_set: Any, name: str) 
 
     out: list[torch.Tensor] = hvd.grouped_allreduce(tensors, name=name, op=hvd.Average,
                                                     process_set=process_set)
-    return out
-
-
-def reduce_scatter_average(tensor: torch.Tensor, process_set: Any, name: str) -> torch.Tensor:
-    """The average of ``tensor`` over ``process_set``, of which this rank keeps only its equal share of
-    dimension 0 (in the set's rank order); ``tensor``'s length must divide by the set's size."""
-    import horovod.torch as hvd
-
-    out: torch.Tensor = hvd.reducescatter(tensor, name=name, op=hvd.Average, process_set=process_set)
     return out
 
 

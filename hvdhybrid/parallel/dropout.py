@@ -12,14 +12,14 @@ calls ``randomness.set_step`` and ``randomness.set_rows`` itself.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from . import randomness
 
-__all__ = ["KeyedDropout", "SegmentDropout", "keyed_drop", "keyed_dropouts", "keyed_head_drop",
+__all__ = ["KeyedDropout", "MaskTape", "SegmentDropout", "keyed_drop", "keyed_dropouts", "keyed_head_drop",
            "keyed_window_drop"]
 
 Index = Union[int, slice]
@@ -59,6 +59,65 @@ class KeyedDropout(_Keyed):
         return keyed_drop(x, self.p, self.name, [(r, (i,)) for i, r in enumerate(rows)])
 
 
+class MaskTape:
+    """The dropout masks a region draws in its forward, handed back in order when it is recomputed.
+
+    Redrawing a keyed mask costs about as much as the attention it drops (a generator per
+    row), so selective recomputation keeps the masks (1 byte per element) and recomputes
+    only the arithmetic. Within :meth:`recording`, every keyed draw is appended; within
+    :meth:`replaying` (re-enterable: a split backward, B then W, recomputes twice) the
+    draws are the recorded masks again, in the same order.
+    """
+
+    def __init__(self) -> None:
+        self.masks: list[torch.Tensor] = []
+        self._at: list[int] = []  # one cursor per replay in progress
+
+    def recording(self) -> "_Active":
+        return _Active(self, replay=False)
+
+    def replaying(self) -> "_Active":
+        return _Active(self, replay=True)
+
+    def take(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not self._at:
+            self.masks.append(draw())
+            return self.masks[-1]
+        i = self._at[-1]
+        if i >= len(self.masks):
+            raise RuntimeError("a recomputed region drew more dropout masks than its forward did")
+        self._at[-1] = i + 1
+        return self.masks[i]
+
+
+class _Active:
+    """Makes ``tape`` the one keyed draws go through, within (a context manager; re-enterable)."""
+
+    def __init__(self, tape: MaskTape, replay: bool) -> None:
+        self.tape, self.replay = tape, replay
+        self.before: list[Optional[MaskTape]] = []
+
+    def __enter__(self) -> None:
+        self.before.append(_TAPE[0])
+        _TAPE[0] = self.tape
+        if self.replay:
+            self.tape._at.append(0)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.replay:
+            self.tape._at.pop()
+        _TAPE[0] = self.before.pop()
+
+
+_TAPE: list[Optional[MaskTape]] = [None]
+
+
+def _mask(draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``draw()``, or its recorded mask when a :class:`MaskTape` is active."""
+    tape = _TAPE[0]
+    return draw() if tape is None else tape.take(draw)
+
+
 def _rows(name: str, n: int, hint: str) -> tuple[int, ...]:
     rows = randomness.current_rows()
     if rows is None or len(rows) != n:
@@ -77,11 +136,13 @@ def keyed_drop(x: torch.Tensor, p: float, name: str,
     so it is the same in any batch, microbatch or rank that computes that row. Elements
     outside every piece are kept (padding).
     """
-    keep = torch.ones(x.shape, dtype=torch.bool)
-    for row, index in pieces:
-        g = randomness.generator("dropout", name, row)
-        keep[index] = torch.rand(keep[index].shape, generator=g) >= p
-    return x * keep.to(x.device) / (1.0 - p)
+    def draw() -> torch.Tensor:
+        keep = torch.ones(x.shape, dtype=torch.bool)
+        for row, index in pieces:
+            g = randomness.generator("dropout", name, row)
+            keep[index] = torch.rand(keep[index].shape, generator=g) >= p
+        return keep
+    return x * _mask(draw).to(x.device) / (1.0 - p)
 
 
 def keyed_window_drop(x: torch.Tensor, p: float, name: str, whole: Sequence[int],
@@ -94,11 +155,14 @@ def keyed_window_drop(x: torch.Tensor, p: float, name: str, whole: Sequence[int]
     So the mask of an element depends neither on the tensor split nor on the slicing.
     """
     rows = _rows(name, x.shape[0], "the first dimension must be the batch rows")
-    keep = torch.empty(x.shape, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        g = randomness.generator("dropout", name, r)
-        keep[i] = (torch.rand(tuple(whole), generator=g) >= p)[tuple(window)]
-    return x * keep.to(x.device) / (1.0 - p)
+
+    def draw() -> torch.Tensor:
+        keep = torch.empty(x.shape, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            g = randomness.generator("dropout", name, r)
+            keep[i] = (torch.rand(tuple(whole), generator=g) >= p)[tuple(window)]
+        return keep
+    return x * _mask(draw).to(x.device) / (1.0 - p)
 
 
 def keyed_head_drop(x: torch.Tensor, p: float, name: str, heads: int, first: int) -> torch.Tensor:

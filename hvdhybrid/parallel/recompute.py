@@ -18,6 +18,7 @@ works when a backward runs split (zero-bubble schedules' B and W).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -88,9 +89,10 @@ def selective(on: bool) -> Iterator[None]:
         _SELECTIVE["on"] = before
 
 
-def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
+def recomputed(fn: Callable[..., Any], *args: Any, tape: Optional[Any] = None) -> Any:
     """``fn(*args)``, its activations dropped after the forward and recomputed in the backward, under
-    the keyed-randomness rows and step of now."""
+    the keyed-randomness rows and step of now. With a :class:`~hvdhybrid.parallel.dropout.MaskTape`,
+    the dropout masks of the forward are kept and reused, not redrawn."""
     from torch.utils.checkpoint import checkpoint
 
     from . import randomness
@@ -98,7 +100,9 @@ def recomputed(fn: Callable[..., Any], *args: Any) -> Any:
     snap = randomness.snapshot()
 
     def contexts() -> tuple[Any, Any]:
-        return contextlib.nullcontext(), _Restored(snap)
+        if tape is None:
+            return contextlib.nullcontext(), _Restored(snap)
+        return tape.recording(), _Both(_Restored(snap), tape.replaying())
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
 
 
@@ -120,6 +124,50 @@ class _Restored:
         self.stack.pop().__exit__(*exc)
 
 
+class _Both:
+    """Two re-enterable contexts as one."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def __enter__(self) -> None:
+        self.a.__enter__()
+        self.b.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.b.__exit__(*exc)
+        self.a.__exit__(*exc)
+
+
 def attention(core: Callable[..., Any], *args: Any) -> Any:
-    """A model's attention core: recomputed under ``selective``, else run as it is."""
-    return recomputed(core, *args) if _SELECTIVE["on"] else core(*args)
+    """A model's attention core: recomputed under ``selective`` (its dropout masks kept, 1 byte per
+    element, and counted as saved), else run as it is."""
+    if not _SELECTIVE["on"]:
+        return core(*args)
+    import torch
+
+    from .dropout import MaskTape
+
+    tape = MaskTape()
+    out = recomputed(core, *args, tape=tape)
+    return _keep_masks().apply(out, *tape.masks) if tape.masks and torch.is_grad_enabled() else out
+
+
+@functools.lru_cache(maxsize=None)
+def _keep_masks() -> Any:
+    """The autograd Function, made at first use (torch is imported lazily here)."""
+    import torch
+
+    class KeepMasks(torch.autograd.Function):
+        """Identity on ``out`` that saves the tape's masks: the saved-tensor hooks count them with the
+        activations (the tape holds them for the recomputation)."""
+
+        @staticmethod
+        def forward(ctx: Any, out: Any, *masks: Any) -> Any:
+            ctx.save_for_backward(*masks)
+            return out.view_as(out)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            return (grad,) + (None,) * len(ctx.saved_tensors)
+    return KeepMasks

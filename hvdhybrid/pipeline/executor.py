@@ -165,6 +165,9 @@ class Executor:
         self._mailbox: dict[tuple[int, int, int, int, int], Tensors] = {}
         self._rows_fn: Optional[Callable[[int], Sequence[int]]] = None
         self._slices: Optional[tuple[int, ...]] = None
+        #: told when a stage's last weight-gradient action of a step runs (``final_begin(stage)``,
+        #: ``final_end(stage)``): ``--zero 2`` sends gradients to their owners as they become final
+        self.grad_watch: Optional[Any] = None
 
     # -- who talks to whom ---------------------------------------------------
     def _w(self, stage: int) -> int:
@@ -195,7 +198,7 @@ class Executor:
     def run(self, actions: Sequence[Action], batch_fn: BatchFn, microbatches: int,
             loss_scale: float = 1.0, train: bool = True,
             rows_fn: Optional[Callable[[int], Sequence[int]]] = None,
-            slices: Optional[Sequence[int]] = None) -> StepResult:
+            slices: Optional[Sequence[int]] = None, last_pass: bool = True) -> StepResult:
         """Run ``actions`` (this rank's list of the plan) for one step.
 
         Args:
@@ -211,6 +214,8 @@ class Executor:
             slices: token slices (TeraPipe): the length of each slice of every
                 sequence, along dimension 1 of the inputs and targets; the
                 actions name slices of ``0 .. len(slices) - 1``. ``None``: whole sequences.
+            last_pass: the step's last accumulation pass: each stage's last weight-gradient action
+                in it leaves that stage's gradients final (:attr:`grad_watch` is told).
         """
         g = self.graph
         self._rows_fn = rows_fn
@@ -250,7 +255,13 @@ class Executor:
                 batches[mb] = batch_fn(mb)
             return batches[mb]
 
-        for act in actions:
+        watch = self.grad_watch if train and last_pass else None
+        last_w = {a.stage: i for i, a in enumerate(actions)  # each stage's last weight-gradient action
+                  if a.kind == "W" or (a.kind == "B" and (a.stage, a.mb, a.slice) not in split_w)}
+        for i, act in enumerate(actions):
+            final = watch is not None and last_w.get(act.stage) == i
+            if final:
+                watch.final_begin(act.stage)  # type: ignore[union-attr]
             with trace.span(str(act), act.kind):
                 key = (act.stage, act.mb, act.slice)
                 if act.kind == "F":
@@ -272,6 +283,8 @@ class Executor:
                         caches.pop((act.stage, act.mb), None)
                 else:
                     self._weights(act.stage, saved.pop(key))
+            if final:
+                watch.final_end(act.stage)  # type: ignore[union-attr]
             for r in pending:
                 r.poll()
             self.p2p.drain_sends()

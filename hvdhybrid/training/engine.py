@@ -95,8 +95,12 @@ class Engine:
         self.optimizer: Any
         if cfg.optim.zero and groups.data_set is not None:  # one bundle: nothing to shard
             zero = ZeroOptimizer(self.sync.params, optimizer_fn, groups.data, groups.data_set,
-                                 cfg.optim.zero, f"zero.s{c.stage}.r{c.replica}.t{c.tensor}")
+                                 cfg.optim.zero, f"zero.s{c.stage}.r{c.replica}.t{c.tensor}",
+                                 fp16=self.sync.fp16_compression)
             zero.set_weights(self.sync.weight_of)
+            if zero.level == 2 and self.sync.early_reduce:  # gradients go to their owners in the backward
+                zero.watch({s: list(m.parameters()) for s, m in self.modules.items()})
+                self.executor.grad_watch = zero
             self.optimizer = self.sync.zero = zero
             self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
         else:

@@ -92,6 +92,12 @@ class GradSync:
         #: --zero: the sharded optimizer (level 2: the data-group all-reduce becomes its reduce-scatter)
         self.zero: Optional[Any] = None
 
+    @property
+    def early_reduce(self) -> bool:
+        """``--zero 2`` can send gradients to their owners during the backward: nothing must be summed
+        over the row group or a tie first (which needs them whole)."""
+        return self.groups.rows.Get_size() == 1 and not self.remote_ties
+
     def _grads(self) -> list[torch.Tensor]:
         for p in self.params:
             if p.grad is None:  # a parameter this rank's rows never touched still takes part
@@ -101,6 +107,9 @@ class GradSync:
     def sync(self) -> None:
         """Average every gradient over its row group, sum ties, then average over the data group."""
         if not self.params:
+            return
+        if self.zero is not None and self.zero.level == 2 and self.early_reduce:
+            self.zero.reduce_rest()  # chunks went during the backward; each member keeps its share only
             return
         grads = self._grads()
         width = self.groups.rows.Get_size()
@@ -114,7 +123,7 @@ class GradSync:
             c = self.groups.coord
             name = f"grads.s{c.stage}.r{c.replica}.t{c.tensor}"
             if self.zero is not None and self.zero.level == 2:  # each member keeps its share only
-                self.zero.reduce_scatter(self.fp16_compression)
+                self.zero.reduce_rest()
                 return
             if self.fp16_compression:  # cast once into reused buffers, bucketed, overlapped with the wire
                 if self._fp16 is None:

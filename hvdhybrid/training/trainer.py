@@ -78,7 +78,8 @@ class Trainer(EngineParts):
         for a in range(acc):
             part = indices[a * self.per_pass:(a + 1) * self.per_pass]
             res = self.executor.run(self.plan, self.batch_fn(data, part, mbs), mbs, scale / (mbs * acc),
-                                    rows_fn=self.rows_fn(part, mbs), slices=cfg.pipeline.slices)
+                                    rows_fn=self.rows_fn(part, mbs), slices=cfg.pipeline.slices,
+                                    last_pass=a == acc - 1)
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
         with trace.span("sync", "sync"):

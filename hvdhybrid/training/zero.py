@@ -9,9 +9,15 @@ updated shares are all-gathered back into every member's buffer.
 
 - level 1: gradients are averaged as before (every member holds them whole until
   the step); each member copies out its share for the step.
-- level 2: the data-group all-reduce becomes a reduce-scatter (fp16 on the wire
-  when asked, as the all-reduce): after the sync a member holds only the
-  average of its share, the whole gradients are freed.
+- level 2: instead of the data-group all-reduce, each chunk of the flat gradients
+  (at most :data:`CHUNK` elements, never straddling two shares) is summed onto
+  the member that owns it (fp16 on the wire when asked, as the all-reduce), and
+  a whole gradient is freed once every chunk it touches is sent: after the sync a
+  member holds only the average of its share. Chunks go in a fixed order (from
+  the end of the buffer: the order a backward finishes parameters in), and, when
+  the executor says which action is a stage's last weight-gradient action of
+  the step (:meth:`ZeroOptimizer.watch`), during that backward, as each chunk's
+  parameters become final: the whole gradients never exist all at once.
 
 The gradient guard sees the same norm as unsharded: each element of a share
 counts with its parameter's weight (replicated copies down-weighted, ties once)
@@ -27,6 +33,7 @@ the whole state to save it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -34,7 +41,10 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["ELEMENTWISE", "ZeroError", "ZeroOptimizer"]
+__all__ = ["CHUNK", "ELEMENTWISE", "ZeroError", "ZeroOptimizer"]
+
+#: elements of flat gradients per level-2 reduction (8 MB in float32)
+CHUNK = 1 << 21
 
 #: optimizers whose step treats every element alone (a share can be stepped by itself)
 ELEMENTWISE = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "ASGD")
@@ -55,14 +65,15 @@ class ZeroOptimizer:
         params: this rank's parameters, in the order every member of the data group lists them.
         optimizer_fn: ``params -> optimizer`` (called with the one flat share).
         data: the data group's MPI communicator (rank = bundle).
-        data_set: its Horovod process set (the level-2 reduce-scatter).
+        data_set: its Horovod process set.
         level: 1 or 2.
+        fp16: level 2 sends gradients as float16 (``--fp16-compression``).
     """
 
     def __init__(self, params: Sequence[nn.Parameter], optimizer_fn: Callable[[list[nn.Parameter]], Any],
-                 data: Any, data_set: Any, level: int, name: str) -> None:
+                 data: Any, data_set: Any, level: int, name: str, fp16: bool = False) -> None:
         self.params, self.comm, self.data_set = list(params), data, data_set
-        self.level, self.name = level, name
+        self.level, self.name, self.fp16 = level, name, fp16
         d, r = data.Get_size(), data.Get_rank()
         self.total = sum(p.numel() for p in self.params)
         self.n = -(-self.total // d) if self.total else 0
@@ -89,6 +100,9 @@ class ZeroOptimizer:
         #: per parameter, the whole state: filled by a load, then cut to the share (absorb_loaded_state)
         self.state: dict[nn.Parameter, dict[str, Any]] = {}
         self._weights: Optional[list[tuple[int, int, float]]] = None
+        self._chunks = self._cut(d)
+        self._watch: Optional[_Watch] = None
+        self._round: Optional[_Round] = None
 
     # -- what the trainer uses of an optimizer ---------------------------------------------------
     @property
@@ -125,22 +139,74 @@ class ZeroOptimizer:
                 p.grad = None
         return out
 
-    def reduce_scatter(self, fp16: bool) -> None:
-        """Level 2: average the gradients over the data group, keeping only this member's share.
+    def _cut(self, d: int) -> list[tuple[int, int, list[int]]]:
+        """Level 2's chunks in the order they are sent: ``(start, stop, parameters overlapping)``, from
+        the end of the buffer, each inside one member's share."""
+        import bisect
 
-        The wire buffer (fp16 when compressing) is filled a parameter at a time, each whole gradient
-        freed as soon as it is in: the whole gradients and the buffer never coexist in full."""
-        from ..comm import horovod_ops
+        out = []
+        for r in reversed(range(d)):
+            lo, hi = r * self.n, (r + 1) * self.n
+            for a in reversed(range(lo, hi, CHUNK)):
+                b = min(a + CHUNK, hi)
+                first = max(bisect.bisect_right(self.offsets, a) - 1, 0)
+                ps = [i for i in range(first, len(self.params))
+                      if self.offsets[i] < b and self.offsets[i] + self.params[i].numel() > a]
+                out.append((a, b, ps))
+        return out
 
-        wire = torch.zeros(self.flat.numel(), dtype=torch.float16 if fp16 else torch.float32,
-                           device=self.flat.device)
-        for p, off in zip(self.params, self.offsets):
-            if p.grad is not None:
-                wire[off:off + p.numel()].copy_(p.grad.reshape(-1))
-            p.grad = None  # the whole gradients go; only the share stays
-        got = horovod_ops.reduce_scatter_average(wire, self.data_set, self.name)
-        del wire
-        self.part.grad = got.float() if fp16 else got
+    def watch(self, stages: dict[int, Sequence[nn.Parameter]]) -> None:
+        """Level 2: reduce chunks during the backward. ``stages``: this rank's stage -> its parameters;
+        the executor then calls :meth:`final_begin` / :meth:`final_end` around each stage's last
+        weight-gradient action of a step, and each parameter's gradient is final when that action
+        has accumulated it (a parameter several local stages share: at the last of them)."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        of: dict[int, set[int]] = {}
+        for s, ps in stages.items():
+            for p in ps:
+                if id(p) in index:
+                    of.setdefault(index[id(p)], set()).add(s)
+        self._watch = _Watch(of, {s: sorted({index[id(p)] for p in ps if id(p) in index})
+                                  for s, ps in stages.items()})
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+
+    def final_begin(self, stage: int) -> None:
+        if self._watch is None:
+            return
+        if self._round is None:
+            self._round = _Round(self)
+        self._watch.armed = stage
+
+    def final_end(self, stage: int) -> None:
+        """After ``stage``'s last weight-gradient action: its parameters are final (those it never
+        touched too, as zeros)."""
+        w, rnd = self._watch, self._round
+        if w is None or rnd is None:
+            return
+        w.armed = None
+        for i in w.params_of.get(stage, []):
+            w.left[i] -= 1
+            if w.left[i] == 0:
+                rnd.final(i)
+
+    def _on_grad(self, i: int, p: nn.Parameter) -> None:
+        w, rnd = self._watch, self._round
+        if w is not None and rnd is not None and w.armed in w.stages_of.get(i, ()) and w.left[i] == 1:
+            rnd.final(i)
+
+    def reduce_rest(self) -> None:
+        """Level 2, at the sync: send every chunk not sent yet; this member's share of the average is
+        then :attr:`part`'s gradient, and no whole gradient is left."""
+        rnd = self._round or _Round(self)
+        for i in range(len(self.params)):
+            rnd.final(i)
+        self._round = None
+        if self._watch is not None:
+            self._watch.reset()
+        self.part.grad = rnd.share
+        for p in self.params:
+            p.grad = None
 
     def set_weights(self, weight_of: Callable[[nn.Parameter], float]) -> None:
         """Each element of the share weighted as its parameter counts in the global norm: kept as
@@ -182,3 +248,69 @@ class ZeroOptimizer:
     def state_bytes(self) -> int:
         st = self.inner.state.get(self.part, {})
         return sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+
+
+class _Watch:
+    """Which local stages hold each parameter, and how many of their last actions are still to run."""
+
+    def __init__(self, stages_of: dict[int, set[int]], params_of: dict[int, list[int]]) -> None:
+        self.stages_of, self.params_of = stages_of, params_of
+        self.armed: Optional[int] = None
+        self.left: dict[int, int] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.left = {i: len(s) for i, s in self.stages_of.items()}
+        self.armed = None
+
+
+class _Round:
+    """One step's level-2 reduction: chunks sent in their fixed order as their parameters become final."""
+
+    def __init__(self, zero: ZeroOptimizer) -> None:
+        self.zero = zero
+        self.share = torch.zeros(zero.n, dtype=torch.float32, device=zero.flat.device)
+        self.waiting = [len(ps) for _, _, ps in zero._chunks]  # parameters not final, per chunk
+        self.chunks_of: dict[int, list[int]] = {}
+        for c, (_, _, ps) in enumerate(zero._chunks):
+            for i in ps:
+                self.chunks_of.setdefault(i, []).append(c)
+        self.unsent = {i: len(cs) for i, cs in self.chunks_of.items()}
+        self.done: set[int] = set()
+        self.next = 0
+        self._advance()
+
+    def final(self, i: int) -> None:
+        if i in self.done:
+            return
+        self.done.add(i)
+        for c in self.chunks_of.get(i, []):
+            self.waiting[c] -= 1
+        self._advance()
+
+    def _advance(self) -> None:
+        while self.next < len(self.waiting) and self.waiting[self.next] == 0:
+            self._send(self.next)
+            self.next += 1
+
+    def _send(self, c: int) -> None:
+        from ..comm.reduce import reduce_to
+
+        z = self.zero
+        a, b, ps = z._chunks[c]
+        wire = torch.zeros(b - a, dtype=torch.float16 if z.fp16 else torch.float32)
+        for i in ps:
+            p, off = z.params[i], z.offsets[i]
+            lo, hi = max(a, off), min(b, off + p.numel())
+            if p.grad is not None:
+                wire[lo - a:hi - a].copy_(p.grad.detach().reshape(-1)[lo - off:hi - off])
+        got = reduce_to(z.comm, wire, a // z.n if z.n else 0)
+        del wire
+        if got is not None:  # the average as Horovod's op=Average makes it: scaled in the wire's type
+            avg = got.float().mul_(1.0 / z.comm.Get_size())
+            dst = self.share[a - z.lo:b - z.lo]
+            dst.copy_((avg.half() if z.fp16 else avg).to(dst.device))
+        for i in ps:
+            self.unsent[i] -= 1
+            if self.unsent[i] == 0:
+                z.params[i].grad = None  # every chunk of it is sent: the whole gradient goes

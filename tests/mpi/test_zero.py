@@ -51,7 +51,7 @@ def test_a_sharded_step_is_the_whole_step_and_its_state_round_trips(world: Any, 
             for p, gr in zip(mine, _grads(step, world.Get_rank())):
                 p.grad = gr.clone()
             if level == 2:
-                zero.reduce_scatter(fp16=False)
+                zero.reduce_rest()
                 assert all(p.grad is None for p in mine) and zero.part.grad.numel() == zero.n
             else:  # level 1: the sync averaged them whole already
                 for i, p in enumerate(mine):
@@ -88,3 +88,65 @@ def test_a_sharded_step_is_the_whole_step_and_its_state_round_trips(world: Any, 
 def test_an_optimizer_that_is_not_elementwise_is_refused_by_name(world: Any) -> None:
     with pytest.raises(ZeroError, match="LBFGS is not known to step elementwise"):
         ZeroOptimizer(_params(), lambda ps: torch.optim.LBFGS(ps), world, None, 1, "zero.refused")
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_level_2_sends_chunks_during_the_backward_and_frees_them(world: Any, fp16: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two local stages sharing a weight (a tie on one rank): stage 1's last backward sends its chunks
+    (the end of the buffer) and frees its whole gradients before stage 0's backward runs; after the
+    sync each member's share is the data group's average (float16 on the wire: within its rounding)."""
+    from mpi4py import MPI
+
+    import hvdhybrid.training.zero as zmod
+
+    if world.Get_size() < 2:
+        pytest.skip("needs 2 bundles")
+    monkeypatch.setattr(zmod, "CHUNK", 5)  # many chunks, some straddling parameters
+    d, r = world.Get_size(), world.Get_rank()
+    groups = ProcessGroups.create(Layout(d, (1,)), world)
+
+    def build() -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Parameter]:
+        torch.manual_seed(0)
+        return nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Parameter(torch.tensor(0.5))
+
+    def backward(a: nn.Linear, b: nn.Linear, c: nn.Linear, tie: nn.Parameter, zero: Any) -> None:
+        x = torch.randn(6, 4, generator=torch.Generator().manual_seed(r))
+        h = b(torch.tanh(a(x)) * tie)
+        leaf = h.detach().requires_grad_()
+        loss = (c(leaf) * tie).square().sum()
+        if zero:
+            zero.final_begin(1)
+        loss.backward()
+        if zero:
+            zero.final_end(1)
+            assert c.bias.grad is None  # its chunk (the last) was sent and freed in stage 1's backward
+            assert 0 < zero._round.next < len(zero._chunks)  # stage 0's chunks wait for its backward
+            zero.final_begin(0)
+        h.backward(leaf.grad)
+        if zero:
+            zero.final_end(0)
+
+    try:
+        a, b, c, tie = build()
+        ref = [tie, *a.parameters(), *b.parameters(), *c.parameters()]
+        backward(a, b, c, tie, None)
+        want = torch.cat([p.grad.reshape(-1) for p in ref])
+        world.Allreduce(MPI.IN_PLACE, want.numpy(), op=MPI.SUM)
+        want /= d
+        a, b, c, tie = build()
+        mine = [tie, *a.parameters(), *b.parameters(), *c.parameters()]
+        zero = ZeroOptimizer(mine, lambda ps: torch.optim.SGD(ps, lr=0.1), groups.data, groups.data_set, 2,
+                             "zero.early", fp16=fp16)
+        zero.watch({0: [tie, *a.parameters(), *b.parameters()], 1: [tie, *c.parameters()]})
+        backward(a, b, c, tie, zero)
+        zero.reduce_rest()
+        assert all(p.grad is None for p in mine)
+        share = zero.part.grad
+        lo = zero.lo
+        expect = torch.cat([want, torch.zeros(zero.n * d - want.numel())])[lo:lo + zero.n]
+        tol = 2e-3 * float(want.abs().max()) if fp16 else 1e-6
+        assert float((share - expect).abs().max()) <= tol
+        assert float(expect.abs().max()) > 0
+    finally:
+        groups.close()

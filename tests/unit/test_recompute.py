@@ -112,3 +112,63 @@ def test_a_split_backward_recomputes_twice_with_the_same_masks() -> None:
         torch.autograd.backward([out.sum()], inputs=list(net.parameters()))
         return [x.grad.clone()] + [p.grad.clone() for p in net.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(run(net), run(lambda t: recomputed(net, t))))
+
+
+def test_selective_keeps_the_forwards_masks_counts_them_and_does_not_redraw() -> None:
+    """The attention core's dropout mask is drawn once (in the forward), kept at 1 byte per element
+    (counted as saved), and handed back to both recomputations of a split backward (B, then W)."""
+    from hvdhybrid.parallel import dropout
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 8, requires_grad=True)
+    w = nn.Parameter(torch.randn(8, 8))
+
+    def core(t: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(t @ w @ t.transpose(1, 2), -1)
+        return dropout.keyed_window_drop(probs, 0.3, "core", (8, 8), (slice(None),)) @ t
+
+    draws = []
+    real = dropout.randomness.generator
+
+    def counting(*names: object) -> torch.Generator:
+        draws.append(names)
+        return real(*names)
+
+    def run(on: bool) -> tuple[list[torch.Tensor], int]:
+        x.grad, w.grad = None, None
+        randomness.set_step(0, 1)
+        randomness.set_rows(range(4))
+        counted = SavedBytes()
+        counted.exclude([w])
+        with counted.hooks(), selective(on):
+            out = attention(core, x)
+        randomness.set_rows(range(100, 104))  # another microbatch's forward before this backward
+        torch.autograd.backward([out.sum()], inputs=[x], retain_graph=True)
+        torch.autograd.backward([out.sum()], inputs=[w])
+        return [x.grad.clone(), w.grad.clone()], counted.peak
+
+    dropout.randomness.generator = counting
+    try:
+        kept, kept_bytes = run(False)
+        assert len(draws) == 4  # one generator per row
+        draws.clear()
+        again, sel_bytes = run(True)
+        assert len(draws) == 4  # drawn in the forward only: the two recomputations reuse the tape
+    finally:
+        dropout.randomness.generator = real
+    assert all(torch.equal(a, b) for a, b in zip(kept, again))
+    mask = 4 * 8 * 8  # bool
+    assert sel_bytes == x.numel() * 4 + mask  # the core's input and its mask, nothing else
+    assert kept_bytes > sel_bytes + 2 * mask * 4  # softmax output and dropped probabilities at 4 bytes
+
+
+def test_a_replay_that_draws_more_than_its_forward_is_an_error() -> None:
+    from hvdhybrid.parallel.dropout import MaskTape
+
+    tape = MaskTape()
+    with tape.recording():
+        tape.take(lambda: torch.ones(2, dtype=torch.bool))
+    with tape.replaying():
+        tape.take(lambda: torch.zeros(2, dtype=torch.bool))
+        with pytest.raises(RuntimeError, match="drew more dropout masks"):
+            tape.take(lambda: torch.zeros(2, dtype=torch.bool))
