@@ -93,9 +93,6 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     import torch
 
     from ..training.device import local_size, pick_device
-    from ..training.memory import return_freed_memory
-
-    return_freed_memory()
 
     w = world()
     rank = w.Get_rank()
@@ -157,6 +154,7 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
     from ..comm.p2p import P2PTimeout
     from ..log import tag_logger
     from ..training.checkpoint import CheckpointError
+    from ..training.memory import return_freed_memory
     from ..training.stopping import Stopped
     from ..training.trainer import Diverged, Trainer
 
@@ -171,6 +169,7 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
         model = built.model if not callable(built.model) else built.model(groups)
         train_set = built.train_set
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
+        return_freed_memory()  # the build's temporaries (whole initial weights, copies into --zero's buffer)
         if cfg.run.resume:
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))
