@@ -106,7 +106,6 @@ class Trainer(EngineParts):
         self.grad_bytes = max(self.grad_bytes, memory.tensor_bytes(self.sync.grad_tensors()))
         self.optimizer.zero_grad(set_to_none=True)
         self.sync.average_statistics(self.engine.statistics)
-        memory.return_freed_memory()  # what the step freed goes back before the next one's peak
         self.step += 1
         loss = self._step_end(loss_sum / (cfg.pipeline.microbatches * cfg.optim.accumulate))
         if not math.isfinite(loss):
