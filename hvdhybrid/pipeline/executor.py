@@ -256,10 +256,11 @@ class Executor:
             return batches[mb]
 
         watch = self.grad_watch if train and last_pass else None
-        last_w = {a.stage: i for i, a in enumerate(actions)  # each stage's last weight-gradient action
-                  if a.kind == "W" or (a.kind == "B" and (a.stage, a.mb, a.slice) not in split_w)}
+        last_w = {} if watch is None else {  # each stage's last weight-gradient action
+            a.stage: i for i, a in enumerate(actions)
+            if a.kind == "W" or (a.kind == "B" and (a.stage, a.mb, a.slice) not in split_w)}
         for i, act in enumerate(actions):
-            final = watch is not None and last_w.get(act.stage) == i
+            final = last_w.get(act.stage) == i
             if final:
                 watch.final_begin(act.stage)  # type: ignore[union-attr]
             with trace.span(str(act), act.kind):

@@ -94,8 +94,7 @@ class Engine:
         self.sync.broadcast_parameters(self.modules)
         self.optimizer: Any
         if cfg.optim.zero and groups.data_set is not None:  # one bundle: nothing to shard
-            zero = ZeroOptimizer(self.sync.params, optimizer_fn, groups.data, groups.data_set,
-                                 cfg.optim.zero, f"zero.s{c.stage}.r{c.replica}.t{c.tensor}",
+            zero = ZeroOptimizer(self.sync.params, optimizer_fn, groups.data, cfg.optim.zero,
                                  fp16=self.sync.fp16_compression)
             zero.set_weights(self.sync.weight_of)
             if zero.level == 2 and self.sync.early_reduce:  # gradients go to their owners in the backward

@@ -89,7 +89,8 @@ class GradSync:
                 by.setdefault(placement.groups_of(owner.stages), []).append(p)
         self.remote_ties = [(ps, _sorted_by_tie(ts)) for ps, ts in sorted(by.items())]
         self._fp16: Optional[Any] = None  # compression.Fp16Allreduce, made at the first sync
-        #: --zero: the sharded optimizer (level 2: the data-group all-reduce becomes its reduce-scatter)
+        #: --zero: the sharded optimizer (level 2: its chunks, summed onto their owners, replace the
+        #: data-group all-reduce)
         self.zero: Optional[Any] = None
 
     @property

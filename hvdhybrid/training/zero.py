@@ -65,15 +65,13 @@ class ZeroOptimizer:
         params: this rank's parameters, in the order every member of the data group lists them.
         optimizer_fn: ``params -> optimizer`` (called with the one flat share).
         data: the data group's MPI communicator (rank = bundle).
-        data_set: its Horovod process set.
         level: 1 or 2.
         fp16: level 2 sends gradients as float16 (``--fp16-compression``).
     """
 
     def __init__(self, params: Sequence[nn.Parameter], optimizer_fn: Callable[[list[nn.Parameter]], Any],
-                 data: Any, data_set: Any, level: int, name: str, fp16: bool = False) -> None:
-        self.params, self.comm, self.data_set = list(params), data, data_set
-        self.level, self.name, self.fp16 = level, name, fp16
+                 data: Any, level: int, fp16: bool = False) -> None:
+        self.params, self.comm, self.level, self.fp16 = list(params), data, level, fp16
         d, r = data.Get_size(), data.Get_rank()
         self.total = sum(p.numel() for p in self.params)
         self.n = -(-self.total // d) if self.total else 0
@@ -150,8 +148,8 @@ class ZeroOptimizer:
             for a in reversed(range(lo, hi, CHUNK)):
                 b = min(a + CHUNK, hi)
                 first = max(bisect.bisect_right(self.offsets, a) - 1, 0)
-                ps = [i for i in range(first, len(self.params))
-                      if self.offsets[i] < b and self.offsets[i] + self.params[i].numel() > a]
+                ps = [i for i in range(first, bisect.bisect_left(self.offsets, b))
+                      if self.offsets[i] + self.params[i].numel() > a]
                 out.append((a, b, ps))
         return out
 

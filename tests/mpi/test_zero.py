@@ -41,7 +41,7 @@ def test_a_sharded_step_is_the_whole_step_and_its_state_round_trips(world: Any, 
         ref_params = _params()
         ref = _adamw(ref_params)
         mine = _params()
-        zero = ZeroOptimizer(mine, _adamw, groups.data, groups.data_set, level, f"zero.test.{level}")
+        zero = ZeroOptimizer(mine, _adamw, groups.data, level)
         assert zero.n * d >= 51 and zero.n == -(-51 // d)
         for step in range(3):
             every = [_grads(step, r) for r in range(d)]  # the average the data group computes
@@ -87,7 +87,7 @@ def test_a_sharded_step_is_the_whole_step_and_its_state_round_trips(world: Any, 
 
 def test_an_optimizer_that_is_not_elementwise_is_refused_by_name(world: Any) -> None:
     with pytest.raises(ZeroError, match="LBFGS is not known to step elementwise"):
-        ZeroOptimizer(_params(), lambda ps: torch.optim.LBFGS(ps), world, None, 1, "zero.refused")
+        ZeroOptimizer(_params(), lambda ps: torch.optim.LBFGS(ps), world, 1)
 
 
 @pytest.mark.parametrize("fp16", [False, True])
@@ -136,8 +136,7 @@ def test_level_2_sends_chunks_during_the_backward_and_frees_them(world: Any, fp1
         want /= d
         a, b, c, tie = build()
         mine = [tie, *a.parameters(), *b.parameters(), *c.parameters()]
-        zero = ZeroOptimizer(mine, lambda ps: torch.optim.SGD(ps, lr=0.1), groups.data, groups.data_set, 2,
-                             "zero.early", fp16=fp16)
+        zero = ZeroOptimizer(mine, lambda ps: torch.optim.SGD(ps, lr=0.1), groups.data, 2, fp16=fp16)
         zero.watch({0: [tie, *a.parameters(), *b.parameters()], 1: [tie, *c.parameters()]})
         backward(a, b, c, tie, zero)
         zero.reduce_rest()
