@@ -254,7 +254,8 @@ def zero(size: str = "mini", steps: int = 8) -> list[dict]:
 def headline() -> list[dict]:
     """gpt2-medium with AdamW: peak RSS per rank of one process against tensor 2 x 2 bundles,
     --zero 2, --recompute full; and RSS against what the accounting counts plus the libraries at rest."""
-    probe = ("import torch, mpi4py.MPI, horovod.torch, transformers, hvdhybrid.cli.main; "
+    probe = ("import hvdhybrid.allocator as a; a.reexec(); "  # under the allocator hvdtrain's ranks use
+             "import torch, mpi4py.MPI, horovod.torch, transformers, hvdhybrid.cli.main; "
              "from hvdhybrid.training.memory import peak_rss; print(peak_rss())")
     got = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=_env())
     rest = int(got.stdout.split()[-1])  # bytes

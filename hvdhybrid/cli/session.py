@@ -264,7 +264,10 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
 def _log_memory(w: Any, trainer: Any, layout: Layout, log: Any) -> None:
     """Collective: every rank's bytes (parameters, gradients, optimizer state, saved activations, RSS),
     logged by rank 0 a line per rank and written to memory.json."""
-    mine = {"rank": w.Get_rank(), "coord": layout.coord(w.Get_rank()).tag(), **trainer.memory()}
+    from ..allocator import running
+
+    mine = {"rank": w.Get_rank(), "coord": layout.coord(w.Get_rank()).tag(), **trainer.memory(),
+            "allocator": running()}
     every = w.gather(mine, root=0)
     if every is None:
         return
@@ -275,7 +278,7 @@ def _log_memory(w: Any, trainer: Any, layout: Layout, log: Any) -> None:
     for m in every:
         log.info(f"memory of rank {m['rank']} (MB): parameters {mb(m['parameters'])}, gradients "
                  f"{mb(m['gradients'])}, optimizer state {mb(m['optimizer'])}, saved activations peak "
-                 f"{mb(m['activations_peak'])}, peak RSS {mb(m['rss_peak'])}")
+                 f"{mb(m['activations_peak'])}, peak RSS {mb(m['rss_peak'])} ({m['allocator']} allocator)")
 
 
 def _rounded(losses: list[float]) -> str:
