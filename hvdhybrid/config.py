@@ -27,7 +27,8 @@ from .layout.rows import BatchError
 from .layout.rows import check_batch as _check_rows
 from .layout.topology import Layout, LayoutError, parse_bundle_shape
 from .parallel.recompute import Recompute
-from .pipeline.schedules import SCHEDULES
+from .pipeline.schedules import NAMES
+from .pipeline.virtual import V_SCHEDULES
 from .training import lr_schedule
 
 __all__ = ["CommConfig", "Config", "ConfigError", "OptimConfig", "ParallelConfig", "PipelineConfig",
@@ -71,8 +72,9 @@ class ParallelConfig:
                           "cannot split its tensors refuses more than 1.")
     stages_per_rank: int = knob(1, "Model stages per stage group: cut the model finer than the ranks "
                                    "(with --placement).")
-    placement: str = knob("looped", "Which stage group runs each model stage when --stages-per-rank > 1.",
-                          metavar="looped|contiguous|P0,P1,..")
+    placement: str = knob("auto", "Which stage group runs each model stage when --stages-per-rank > 1 "
+                                  "(auto: v for the zbv and vhalf schedules, else looped).",
+                          metavar="auto|looped|contiguous|v|P0,P1,..")
     partition: str = knob("params", "How layers are cut into stages.", choices=PARTITIONS)
 
     def __post_init__(self) -> None:
@@ -110,12 +112,18 @@ class ParallelConfig:
         """Model stages: stage groups x ``--stages-per-rank``."""
         return layout.num_stages * self.stages_per_rank
 
-    def placement_for(self, layout: Layout) -> Optional[Placement]:
+    def placement_name(self, schedule: str = "") -> str:
+        """``--placement``, with ``auto`` resolved for ``schedule``: ``v`` for the V schedules, else looped."""
+        if self.placement.strip().lower() != "auto":
+            return self.placement
+        return "v" if schedule in V_SCHEDULES else "looped"
+
+    def placement_for(self, layout: Layout, schedule: str = "") -> Optional[Placement]:
         """``--placement`` of the model stages on the layout's stage groups (None: one each)."""
         if self.stages_per_rank == 1:
             return None
         try:
-            return Placement.parse(self.placement, self.model_stages(layout), layout.num_stages)
+            return Placement.parse(self.placement_name(schedule), self.model_stages(layout), layout.num_stages)
         except PlacementError as e:
             raise PlacementError(
                 f"--placement: {e} (positions: the stage groups of --stages/--bundle-shape)") from None
@@ -126,7 +134,10 @@ class PipelineConfig:
     """How a step runs through the stages: microbatches, schedule, token slices, recomputation."""
 
     microbatches: int = knob(1, "Microbatches per pass through the pipeline.")
-    schedule: str = knob("1f1b", "Pipeline schedule.", choices=tuple(sorted(SCHEDULES)))
+    schedule: str = knob("1f1b", "Pipeline schedule: gpipe, 1f1b, zb1 (zero bubble, W split off), "
+                                 "interleaved (1F1B over --stages-per-rank looped stages), zbv and vhalf "
+                                 "(2 stages per rank in a V: zero bubble; half the activations).",
+                         choices=tuple(sorted(NAMES)))
     slices: Optional[tuple[int, ...]] = knob(None, "Token slices of every sequence (TeraPipe; None: whole).",
                                             cli=False)
     recompute: str = knob("none", "Recompute activations in the backward instead of keeping them: full "
@@ -137,8 +148,8 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         _at_least("--microbatches", self.microbatches, 1)
         Recompute.parse(self.recompute)
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(sorted(SCHEDULES))}")
+        if self.schedule not in NAMES:
+            raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(sorted(NAMES))}")
         if self.slices is not None and (not self.slices or any(n < 1 for n in self.slices)):
             raise ConfigError(f"token slices {list(self.slices)} must be positive lengths")
 

@@ -47,7 +47,7 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
         return
     try:
         layout = cfg.parallel.layout(np_)
-        pl = cfg.parallel.placement_for(layout)
+        pl = cfg.parallel.placement_for(layout, cfg.pipeline.schedule)
         hosts = place_ranks(read_hostfile(hostfile), np_, map_by) if hostfile else None
         if param_mb is not None and hosts is None:
             raise LayoutError("--param-mb shows traffic between hosts: give --hostfile too")

@@ -46,7 +46,7 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     if built.slices is not None:
         raise ConfigError("hvdtrain plan predicts memory for whole sequences; drop --slices to plan it")
     n = p.model_stages(layout)
-    placement = p.placement_for(layout) or Placement.identity(n)
+    placement = p.placement_for(layout, cfg.pipeline.schedule) or Placement.identity(n)
     rc = Recompute.parse(cfg.pipeline.recompute)
     rc.check(n, built.attention, f"hvdtrain {name}", False)
     model = built.model if isinstance(built.model, StagedModel) else \

@@ -118,7 +118,7 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
                 raise DataError("--resume needs --out: the directory of the run to continue")
             out = os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         _check_out(out, r.resume)
-        placement = p.placement_for(layout)
+        placement = p.placement_for(layout, cfg.pipeline.schedule)
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(p.model_stages(layout), layout)
         resolved: dict[str, Any] = {"model_name": name, "slices": built.slices}
@@ -191,7 +191,7 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                 log.info(f"--zero {o.zero}: optimizer state{also} sharded over each data group of "
                          f"{layout.num_bundles} ranks")
             if placement is not None:
-                log.info(f"{model.graph.num_stages} model stages placed {cfg.parallel.placement}: "
+                log.info(f"{model.graph.num_stages} model stages placed {cfg.parallel.placement_name(cfg.pipeline.schedule)}: "
                          f"{placement.describe()}")
             if built.describe:
                 log.info(built.describe)

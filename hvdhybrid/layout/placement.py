@@ -9,6 +9,7 @@ stages on two positions::
     identity (4 positions):  position 0: stage 0 | 1: stage 1 | 2: stage 2 | 3: stage 3
     looped:                  position 0: stages 0, 2      position 1: stages 1, 3
     contiguous:              position 0: stages 0, 1      position 1: stages 2, 3
+    v:                       position 0: stages 0, 3      position 1: stages 1, 2
 
 Looped (interleaved) placement sends every edge of a chain to the other
 position, so both positions start working after one forward instead of after
@@ -24,7 +25,7 @@ from ..errors import InputError
 
 __all__ = ["PlacementError", "Placement", "PLACEMENTS"]
 
-PLACEMENTS = ("identity", "looped", "contiguous")
+PLACEMENTS = ("identity", "looped", "contiguous", "v")
 """Names that :meth:`Placement.parse` accepts besides an explicit list."""
 
 
@@ -113,6 +114,21 @@ class Placement:
         return cls(tuple(s % num_positions for s in range(num_stages)))
 
     @classmethod
+    def v(cls, num_stages: int, num_positions: int) -> Placement:
+        """Two stages per position in a V: stage ``s`` on position ``s``, then back (``2P-1-s``), so
+        the first position also runs the last stage (the ZB-V and V-Half schedules).
+
+        Raises:
+            PlacementError: unless ``num_stages == 2 * num_positions``.
+        """
+        _check_counts(num_stages, num_positions)
+        if num_stages != 2 * num_positions:
+            raise PlacementError(f"placement 'v' needs 2 stages per position ({2 * num_positions} for "
+                                 f"{num_positions} positions), got {num_stages}; use --stages-per-rank 2")
+        p = num_positions
+        return cls(tuple(s if s < p else 2 * p - 1 - s for s in range(num_stages)))
+
+    @classmethod
     def contiguous(cls, num_stages: int, num_positions: int) -> Placement:
         """Consecutive blocks of stages per position, as even as possible (earlier positions get the extra).
 
@@ -163,6 +179,8 @@ class Placement:
             return cls.looped(num_stages, num_positions)
         if t == "contiguous":
             return cls.contiguous(num_stages, num_positions)
+        if t == "v":
+            return cls.v(num_stages, num_positions)
         _check_counts(num_stages, num_positions)
         items = [x.strip() for x in t.split(",")]
         try:

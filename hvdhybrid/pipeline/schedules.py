@@ -64,8 +64,9 @@ from ..layout.placement import Placement
 from ..parallel.graph import StageGraph
 from .actions import Action, Plan, ScheduleError
 from .simulator import SimResult, merge, simulate
+from .virtual import POSITION_SCHEDULES
 
-__all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "SimResult", "gpipe", "one_f_one_b",
+__all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "NAMES", "POSITION_SCHEDULES", "SimResult", "gpipe", "one_f_one_b",
            "zero_bubble", "forward_only", "sliced", "merge", "build", "build_forward_only", "simulate"]
 
 StageSchedule = Callable[[StageGraph, int, int], list[Action]]
@@ -166,6 +167,9 @@ SCHEDULES: dict[str, StageSchedule] = {
 }
 """Training schedules by name: ``name -> per-stage generator (graph, stage, microbatches)``."""
 
+NAMES: tuple[str, ...] = (*SCHEDULES, *POSITION_SCHEDULES)
+"""Every training schedule: the per-stage ones, then those written per position (:mod:`.virtual`)."""
+
 
 def sliced(actions: list[Action], slices: int) -> list[Action]:
     """A stage's list with every sequence cut into ``slices`` token slices.
@@ -207,7 +211,7 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
     """The plan of training schedule ``name``: per-stage lists, merged per position, proven.
 
     Args:
-        name: a key of :data:`SCHEDULES`.
+        name: one of :data:`NAMES` (per-stage :data:`SCHEDULES`, or per-position ones).
         graph: the bundle's stage graph.
         microbatches: microbatches per step, at least 1.
         placement: which position runs each stage; ``None`` for one stage per position.
@@ -221,11 +225,19 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
             microbatch or slice, or a plan :func:`simulate` rejects.
         PlacementError: if the placement does not cover the graph's stages.
     """
+    if name in POSITION_SCHEDULES:
+        if microbatches < 1:
+            raise ScheduleError(f"a step needs at least one microbatch, got {microbatches}")
+        placement = Placement.identity(graph.num_stages) if placement is None else placement
+        plan = {p: sliced(acts, slices)
+                for p, acts in POSITION_SCHEDULES[name](graph, placement, microbatches).items()}
+        simulate(graph, placement, plan, microbatches, slices=slices)
+        return plan
     try:
         fn = SCHEDULES[name]
     except KeyError:
         raise ScheduleError(
-            f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}") from None
+            f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}") from None
     return _plan(fn, graph, microbatches, placement, forward_only=False, slices=slices)
 
 
