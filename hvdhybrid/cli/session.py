@@ -128,6 +128,12 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
         check_batch(cfg, layout)
         Recompute.parse(cfg.pipeline.recompute).check(p.model_stages(layout), built.attention,
                                                       f"hvdtrain {name}", built.slices is not None)
+        graph = getattr(built.model, "graph", None)
+        if graph is not None:  # the schedule fits the layout: refused here in one line, not in the build
+            from ..pipeline import schedules
+
+            schedules.build(cfg.pipeline.schedule, graph, cfg.pipeline.microbatches, placement,
+                            len(built.slices) if built.slices else 1)
     out = w.bcast(out, root=0)
     assert out is not None
     cfg = cfg.resolved(out=out)

@@ -31,20 +31,30 @@ def tensor_bytes(tensors: Any) -> int:
 
 
 def return_freed_memory() -> bool:
-    """Give the memory the C library holds free back to the kernel (glibc's ``malloc_trim``).
+    """Give the memory the allocator holds free back to the kernel.
 
-    Called once, after the model is built: glibc serves blocks below its mapping
-    threshold (raised up to 32 MB as large blocks are freed) from heaps it seldom
-    shrinks, so the build's temporaries (whole initial weights, the copies into
-    ``--zero``'s flat buffer) would stay resident for the whole run. Not per step:
-    measured on GPT-2 mini, trimming every step saved 8% of the peak RSS and cost
-    15% (``none``) to 30% (``full`` recomputation) of the step time, as the next
-    step faults the pages back in; a low fixed mapping threshold saved 18% and cost 70%.
-    Under jemalloc (:mod:`hvdhybrid.allocator`, hvdtrain's default where installed) this trims only
-    glibc's own, unused heap. Returns whether it ran (glibc only).
+    Called once, after the model is built, so the build's temporaries (whole
+    initial weights, the copies into ``--zero``'s flat buffer) do not stay
+    resident for the whole run. Under jemalloc (:mod:`hvdhybrid.allocator`,
+    hvdtrain's default where installed, run with freed pages kept for reuse) it
+    purges every arena; under glibc it is ``malloc_trim``: glibc serves blocks below
+    its mapping threshold (raised up to 32 MB as large blocks are freed) from
+    heaps it seldom shrinks. Not per step: measured on GPT-2 mini under glibc,
+    trimming every step saved 8% of the peak RSS and cost 15% (``none``) to 30%
+    (``full`` recomputation) of the step time, as the next step faults the pages
+    back in; a low fixed mapping threshold saved 18% and cost 70%. Returns whether
+    it ran (Linux only).
     """
     if not sys.platform.startswith("linux"):
         return False
+    from ..allocator import running
+
+    if running() == "jemalloc":
+        try:
+            mallctl = ctypes.CDLL(None).mallctl
+        except AttributeError:
+            return False
+        return mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) == 0  # 4096: every arena
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):

@@ -1,0 +1,85 @@
+"""Interleaved 1F1B, ZB-V and V-Half through the real CLI: every model ends with one process's parameters
+(fp32, 1e-5) at 1 and 2 bundles, with tensor 2, with token slices; a layout a schedule cannot run is
+one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import HVDTRAIN, max_diff, mpirun, params, run
+
+MLP = ["mlp", "--depth", "8", "--batch-size", "32", "--no-progress", "--seed", "5", "--no-fp16-compression",
+       "--microbatches", "4", "--steps", "4", "--save-params"]
+GPT2 = ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "16",
+        "--no-progress", "--seed", "3", "--no-fp16-compression", "--lr", "1e-3", "--save-params",
+        "--microbatches", "4", "--steps", "3"]
+GPT = ["gpt", "--config", "tiny", "--seq-len", "48", "--limit", "200", "--batch-size", "8",
+       "--no-progress", "--seed", "3", "--no-fp16-compression", "--optimizer", "sgd", "--lr", "0.05",
+       "--save-params", "--microbatches", "2", "--steps", "3"]
+BERT = ["bert", "--limit", "160", "--max-len", "16", "--batch-size", "16", "--accumulate", "2",
+        "--clip-grad", "0.5", "--optimizer", "sgd", "--lr", "0.05", "--steps", "2", "--seed", "2",
+        "--no-progress", "--save-params", "--no-fp16-compression", "--microbatches", "2"]
+V = ["--stages-per-rank", "2"]
+
+
+def _one(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str]) -> str:
+    out = str(tmp_path_factory.mktemp(name) / "one")
+    r = run([HVDTRAIN, *args, "--out", out])
+    assert r.rc == 0, r.err[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_one(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _one(tmp_path_factory, "mlp", MLP)
+
+
+@pytest.fixture(scope="module")
+def gpt2_one(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _one(tmp_path_factory, "gpt2", GPT2)
+
+
+def _check(np_: int, args: list[str], one: str, tmp_path, placed: str = "") -> None:
+    out = str(tmp_path / "run")
+    r = mpirun(np_, *args, "--out", out)
+    assert r.rc == 0, r.err[-3000:]
+    assert placed in r.err
+    assert max_diff(params(out), params(one)) <= 1e-5
+
+
+@pytest.mark.parametrize("np_,layout,placed", [
+    (2, ["--stages", "2", "--schedule", "interleaved"], "placed looped: stages 0,2 on position 0"),
+    (2, ["--stages", "2", "--schedule", "zbv"], "placed v: stages 0,3 on position 0; 1,2 on position 1"),
+    (2, ["--stages", "2", "--schedule", "vhalf"], "placed v"),
+    (4, ["--bundle-shape", "1,1", "--schedule", "zbv"], "placed v"),
+    (4, ["--stages", "4", "--schedule", "interleaved"], "placed looped"),
+    (4, ["--stages", "4", "--schedule", "vhalf"], "placed v: stages 0,7 on position 0"),
+], ids=["interleaved", "zbv", "vhalf", "zbv-2-bundles", "interleaved-4-groups", "vhalf-4-groups"])
+def test_mlp(mlp_one: str, tmp_path, np_: int, layout: list[str], placed: str) -> None:
+    _check(np_, [*MLP, *V, *layout], mlp_one, tmp_path, placed)
+
+
+@pytest.mark.parametrize("np_,layout", [
+    (4, ["--stages", "2", "--tensor", "2", "--schedule", "zbv"]),
+    (4, ["--bundle-shape", "1,1", "--schedule", "interleaved"]),
+], ids=["zbv-tensor2", "interleaved-2-bundles"])
+def test_gpt2(gpt2_one: str, tmp_path, np_: int, layout: list[str]) -> None:
+    _check(np_, [*GPT2, *V, *layout], gpt2_one, tmp_path)
+
+
+def test_gpt_with_token_slices(tmp_path_factory: pytest.TempPathFactory, tmp_path) -> None:
+    one = _one(tmp_path_factory, "gpt", [*GPT, "--slices", "1"])
+    _check(2, [*GPT, *V, "--stages", "2", "--schedule", "vhalf", "--slices", "3"], one, tmp_path)
+
+
+def test_bert(tmp_path_factory: pytest.TempPathFactory, tmp_path) -> None:
+    one = _one(tmp_path_factory, "bert", BERT)
+    _check(2, [*BERT, *V, "--stages", "2", "--schedule", "interleaved"], one, tmp_path)
+
+
+def test_a_layout_the_schedule_cannot_run_is_one_line_exit_2(tmp_path) -> None:
+    out = str(tmp_path / "bad")
+    r = mpirun(2, *MLP, "--stages", "2", "--schedule", "zbv", "--out", out)
+    assert r.rc == 2 and "use --stages-per-rank 2" in r.err
+    r = mpirun(2, *MLP, *V, "--stages", "2", "--schedule", "interleaved", "--placement", "contiguous",
+               "--out", out)
+    assert r.rc == 2 and "use --placement looped" in r.err
