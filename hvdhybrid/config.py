@@ -113,7 +113,7 @@ class ParallelConfig:
         return layout.num_stages * self.stages_per_rank
 
     def placement_name(self, schedule: str = "") -> str:
-        """``--placement``, with ``auto`` resolved for ``schedule``: ``v`` for the V schedules, else looped."""
+        """``--placement``, ``auto`` resolved for ``schedule``: ``v`` for the V schedules, else looped."""
         if self.placement.strip().lower() != "auto":
             return self.placement
         return "v" if schedule in V_SCHEDULES else "looped"
@@ -123,7 +123,8 @@ class ParallelConfig:
         if self.stages_per_rank == 1:
             return None
         try:
-            return Placement.parse(self.placement_name(schedule), self.model_stages(layout), layout.num_stages)
+            name = self.placement_name(schedule)
+            return Placement.parse(name, self.model_stages(layout), layout.num_stages)
         except PlacementError as e:
             raise PlacementError(
                 f"--placement: {e} (positions: the stage groups of --stages/--bundle-shape)") from None

@@ -18,18 +18,23 @@ __all__ = ["plan", "render_plan"]
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-np", "--np", "np_", type=int, required=True, help="Number of ranks.")
-@config_options(only=("stages", "bundle_shape", "tensor", "stages_per_rank", "placement", "fp16_compression"),
-                collective=False)
+@config_options(only=("stages", "bundle_shape", "tensor", "stages_per_rank", "placement", "fp16_compression",
+                      "schedule", "microbatches"), collective=False)
 @click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
 @map_by_option
 @click.option("--param-mb", type=float, default=None,
               help="With --hostfile: the model's parameters in MB (fp32), split evenly over the stages.")
 @click.option("--activation-mb", type=float, default=0.0, show_default=True,
               help="With --hostfile: MB of activations crossing each stage boundary per global batch.")
+@click.option("--slices", type=int, default=1, show_default=True,
+              help="With --schedule or -m: token slices per sequence in the drawn timeline.")
+@click.option("--trace", "trace_file", type=click.Path(), default=None,
+              help="Draw the last step a run recorded with hvdtrain ... --trace FILE, rank by rank.")
 @click.option("--json", "as_json", is_flag=True, help="With a model command: print the prediction as JSON.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
-         activation_mb: float, as_json: bool, command: tuple[str, ...]) -> None:
+         activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool,
+         command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
     With --hostfile, each rank's host (as mpirun --map-by places it) and, given
@@ -41,7 +46,21 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
     run will count it: parameters, gradients, optimizer state, saved
     activations. The command's own options set the layout, the schedule,
     --zero and --recompute.
+
+    With --schedule or -m, the timeline the schedule simulator computes for a
+    chain of (stage groups x --stages-per-rank) stages, one row per stage group
+    (unit costs), its bubble and each group's peak of activations held
+    (hvdtrain plan -np 2 --stages 2 --stages-per-rank 2 --schedule zbv -m 4).
+    With --trace FILE, the last step a run really ran, rank by rank.
     """
+    if trace_file is not None:
+        from ..pipeline.timeline import draw_trace
+
+        try:
+            click.echo(draw_trace(trace_file))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        return
     if command:
         _plan_memory(np_, list(command), as_json)
         return
@@ -55,7 +74,13 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
             raise LayoutError("--param-mb and --activation-mb must be >= 0")
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
+    ctx = click.get_current_context()
+    drawn = _timeline(cfg, layout, pl, slices) if any(
+        ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+        for k in ("schedule", "microbatches", "slices")) else None
     click.echo(render_plan(layout, hosts, pl))
+    if drawn is not None:
+        click.echo(drawn)
     if hosts is not None and param_mb is not None:
         from ..layout.traffic import ModelSizes, cross_host_bytes, describe_links, link_bytes
 
@@ -66,6 +91,24 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
         for line in describe_links(links):
             click.echo(f"  {line}")
         click.echo(f"  across the network: {cross_host_bytes(links) / 1e6:.3g} MB/step")
+
+
+def _timeline(cfg: Config, layout: Layout, placement: Optional[Placement], slices: int) -> str:
+    """The simulated timeline of ``--schedule`` on a chain of the layout's model stages."""
+    from ..parallel.graph import StageGraph
+    from ..pipeline import schedules
+    from ..pipeline.timeline import draw
+
+    n = cfg.parallel.model_stages(layout)
+    pl = placement or Placement.identity(n)
+    m = cfg.pipeline.microbatches
+    try:
+        plan = schedules.build(cfg.pipeline.schedule, StageGraph.chain(n), m, pl, slices)
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    sl = f", {slices} token slices" if slices > 1 else ""
+    return (f"schedule {cfg.pipeline.schedule}, {m} microbatches{sl}, {n} stages on "
+            f"{pl.num_positions} stage groups:\n" + draw(StageGraph.chain(n), pl, plan, m, slices))
 
 
 def _plan_memory(np_: int, command: list[str], as_json: bool) -> None:

@@ -197,8 +197,8 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                 log.info(f"--zero {o.zero}: optimizer state{also} sharded over each data group of "
                          f"{layout.num_bundles} ranks")
             if placement is not None:
-                log.info(f"{model.graph.num_stages} model stages placed {cfg.parallel.placement_name(cfg.pipeline.schedule)}: "
-                         f"{placement.describe()}")
+                how = cfg.parallel.placement_name(cfg.pipeline.schedule)
+                log.info(f"{model.graph.num_stages} model stages placed {how}: {placement.describe()}")
             if built.describe:
                 log.info(built.describe)
             n_params = model.parameter_count()

@@ -66,7 +66,8 @@ from .actions import Action, Plan, ScheduleError
 from .simulator import SimResult, merge, simulate
 from .virtual import POSITION_SCHEDULES
 
-__all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "NAMES", "POSITION_SCHEDULES", "SimResult", "gpipe", "one_f_one_b",
+__all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "NAMES", "POSITION_SCHEDULES", "SimResult",
+           "gpipe", "one_f_one_b",
            "zero_bubble", "forward_only", "sliced", "merge", "build", "build_forward_only", "simulate"]
 
 StageSchedule = Callable[[StageGraph, int, int], list[Action]]

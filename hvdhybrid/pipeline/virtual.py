@@ -1,38 +1,45 @@
 """Schedules written per position over virtual stages: interleaved 1F1B, ZB-V and V-Half.
 
 A position (stage group) that runs several model stages (*virtual stages*,
-``--stages-per-rank V``) needs one order over all of them; these schedules give
-it directly, as data (one action list per position), and :func:`simulate`
-proves each plan as it proves the per-stage ones. They need a chain of stages.
+``--stages-per-rank V``) needs one order over all of them. These schedules give
+it directly, as data (one action list per position), and
+:func:`~hvdhybrid.pipeline.simulator.simulate` proves each plan as it proves the
+per-stage ones. They need a chain of stages. Drawings: unit costs, 2 positions,
+4 stages, 4 microbatches.
 
 Interleaved 1F1B (``interleaved``; Narayanan et al. 2021, Megatron's order):
-looped placement, stage ``c*P + r`` on position ``r`` (chunk ``c``). Each
-position runs forwards in groups of ``P`` microbatches, chunk by chunk (chunk
-0 of microbatches 0..P-1, chunk 1 of the same, ...), backwards in the same
+looped placement, stage ``c*P + r`` on position ``r`` (its chunk ``c``). Each
+position runs forwards in groups of ``P`` microbatches, chunk by chunk (chunk 0
+of microbatches 0..P-1, then chunk 1 of the same, ...), backwards in the same
 groups with the chunks reversed, and warms up with ``2(P-1-r) + (V-1)P``
 forwards before it alternates (more when a last group of fewer than ``P``
-microbatches needs it: the fewest that the simulator proves deadlock-free). With unit costs, ``M`` a multiple of ``P``, a
-step takes ``2VM + 2(P-1)`` ticks: the bubble is ``(P-1)/(VM)`` of the work
-where 1F1B's (with the same stages placed looped) is ``(P-1)/M``. 2
-positions, 4 stages, 4 microbatches (20 ticks, 1F1B looped: 18 with ``merge``'s
-order for this size, 24 for 8 microbatches against interleaved's 36 ... see
-the tests for the formula over sizes)::
+microbatches needs it: the fewest the simulator proves deadlock-free). With
+unit costs and ``P`` dividing ``M`` a step takes ``2VM + 2(P-1)`` ticks: a
+bubble of ``(P-1)/(VM)`` of the work, where 1F1B on one stage per position
+has ``(P-1)/M``::
 
-    position 0: 0F0 0F1 2F0 2F1 0F2 0F3 2B0 2F2 2B1 2F3 0B0 ...
+    position 0: 0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1   . 2B2   . 2B3 0B2 0B3
+    position 1:   . 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3   .
 
 ZB-V (``zbv``; Qi et al., *Pipeline Parallelism with Controllable Memory*,
-2024): two stages per position in a V, stage ``s`` on position ``s`` for
-``s < P`` and ``2P-1-s`` after (``--placement v``): position 0 holds the first
-and the last stage, so the loss is computed where the pipeline began. ``W`` is
-split off. Built by list scheduling in lock-step ticks (unit costs): each tick a
-position runs a ready ``B`` (the later stage's first), else a ready ``F`` while
-fewer than ``cap`` microbatch-stages hold activations (from ``F`` until their
-``W``), else a pending ``W``. ZB-V takes 1F1B's activation memory (``cap =
-2P`` stage-microbatches, ``P`` whole ones) and, for ``M >= 2P``, ``6M + P - 1``
-ticks: every position's ``6M`` units of work plus the ``P - 1`` the last
-position must wait for its first input, the least any schedule can take.
-V-Half (``vhalf``) caps activations at ``P + 1`` stage-microbatches, about half
-of 1F1B's, for a longer step (the tests give its ticks).
+2024): two stages per position in a V, stage ``s`` on position ``s`` for ``s <
+P`` and ``2P-1-s`` after (``--placement v``, which ``auto`` picks): position 0
+holds the first and the last stage. ``W`` is split off. Built by list
+scheduling in lock-step unit ticks: each tick a position runs a ready ``B``,
+else a ready ``F`` while fewer than ``cap`` stage-microbatches hold
+activations (from their ``F`` to their ``W``), else a pending ``W``; the tie
+rules (which stage's ``B`` or ``F`` first, room kept for the V's second leg,
+``W`` early at the cap) are searched over :data:`_RULES` and the shortest kept.
+ZB-V's cap is ``2P`` stage-microbatches (``P`` whole ones, 1F1B's), and for
+``M >= 2P`` (tested for ``P`` = 2, 3, 4) it takes ``6M + P - 1`` ticks: each
+position's ``6M`` units of work plus the ``P - 1`` the last position waits for
+its first input, the least any schedule can take (25 ticks here; ``hvdtrain
+plan --schedule zbv --stages-per-rank 2 -m 4`` draws it).
+
+V-Half (``vhalf``) is the same construction with the cap at ``P + 1``
+stage-microbatches: ``(P+1)/(2P)`` of 1F1B's activations (3/4 at 2 positions,
+5/8 at 4, towards 1/2), for a longer step (30 ticks here; 8 microbatches on 4
+positions: 58 against ZB-V's 51).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def return_freed_memory() -> bool:
             mallctl = ctypes.CDLL(None).mallctl
         except AttributeError:
             return False
-        return mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) == 0  # 4096: every arena
+        # 4096 is MALLCTL_ARENAS_ALL: every arena
+        return bool(mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0)) == 0)
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):

@@ -83,3 +83,23 @@ def test_a_layout_the_schedule_cannot_run_is_one_line_exit_2(tmp_path) -> None:
     r = mpirun(2, *MLP, *V, "--stages", "2", "--schedule", "interleaved", "--placement", "contiguous",
                "--out", out)
     assert r.rc == 2 and "use --placement looped" in r.err
+
+
+def test_plan_draws_the_simulated_timeline_and_a_runs_real_one(tmp_path) -> None:
+    """`hvdtrain plan --schedule zbv -m 4` draws the simulator's timeline; `--trace FILE` the order that
+    ran, which is the plan's."""
+    r = run([HVDTRAIN, "plan", "-np", "2", "--stages", "2", "--stages-per-rank", "2", "--schedule", "zbv",
+             "-m", "4"])
+    assert r.rc == 0, r.err[-3000:]
+    rows = [line for line in r.out.splitlines() if line.startswith("position ")]
+    assert len(rows) == 2 and "25 ticks (unit costs); bubble 2/50" in r.out
+    trace = str(tmp_path / "trace.json")
+    r = mpirun(2, *MLP, *V, "--stages", "2", "--schedule", "zbv", "--trace", trace, "--out",
+               str(tmp_path / "run"))
+    assert r.rc == 0, r.err[-3000:]
+    got = run([HVDTRAIN, "plan", "-np", "1", "--trace", trace])
+    assert got.rc == 0, got.err[-3000:]
+    ran = [line.split(": ", 1)[1] for line in got.out.splitlines() if line.startswith("rank ")]
+    assert ran == [" ".join(a for a in row.split(": ", 1)[1].split() if a != ".") for row in rows]
+    bad = run([HVDTRAIN, "plan", "-np", "1", "--trace", str(tmp_path / "run" / "config.json")])
+    assert bad.rc == 2 and bad.err.count("\n") == 1

@@ -117,7 +117,8 @@ def test_parse(text, k, n, want):
 
 
 @pytest.mark.parametrize("text, k, n, match", [
-    ("zigzag", 4, 2, r"cannot read placement 'zigzag': use one of identity, looped, contiguous, v .*'0,1,0,1'"),
+    ("zigzag", 4, 2,
+     r"cannot read placement 'zigzag': use one of identity, looped, contiguous, v .*'0,1,0,1'"),
     ("0,a,0,1", 4, 2, r"cannot read placement '0,a,0,1'"),
     ("", 2, 2, "cannot read placement ''"),
     ("0,1,0", 4, 2, r"gives 3 positions but the model has 4 stages; give one position per stage"),
