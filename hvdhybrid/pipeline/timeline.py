@@ -1,4 +1,4 @@
-"""Timelines as text: the simulator's (``hvdtrain plan --schedule S -m M``) and a run's real one (``--trace``).
+"""Timelines as text: the simulator's (``hvdtrain plan --schedule S -m M``) and a run's (``--trace``).
 
 Pure: no MPI. :func:`draw` renders the lock-step timeline of a plan (unit costs,
 one column per tick, ``.`` idle), its bubble (idle share of positions x ticks)
