@@ -197,6 +197,9 @@ class OptimConfig:
         return self.batch_size // self.accumulate
 
 
+REDUCE_MODES = ("after", "overlap")
+
+
 @dataclass(frozen=True)
 class CommConfig:
     """How ranks talk: the gradient all-reduce across bundles, and how long a rank may wait."""
@@ -204,10 +207,16 @@ class CommConfig:
     fp16_compression: bool = knob(True, "Send gradients across bundles as float16.",
                                   flag="--fp16-compression/--no-fp16-compression")
     timeout: float = knob(300.0, "Seconds a rank may wait for a peer before the job is stopped.")
+    reduce: str = knob("after", "When gradients are averaged across bundles: after the rank's schedule, "
+                                "or overlapped with its last backward, bucket by bucket as they become "
+                                "final (needs one row per stage group and no ties across ranks; not "
+                                "with --zero 2).", choices=REDUCE_MODES)
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be positive, got {self.timeout}")
+        if self.reduce not in REDUCE_MODES:
+            raise ConfigError(f"--reduce {self.reduce!r}: choose one of {', '.join(REDUCE_MODES)}")
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,11 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                 also = " and averaged gradients" if o.zero == 2 else ""
                 log.info(f"--zero {o.zero}: optimizer state{also} sharded over each data group of "
                          f"{layout.num_bundles} ranks")
+            if cfg.comm.reduce == "overlap":
+                why = trainer.engine.reduce_fallback
+                log.info("--reduce overlap: gradients averaged across bundles during the last backward, "
+                         "bucket by bucket" if why is None else
+                         f"--reduce overlap: {why}; the reduce runs after the schedule")
             if placement is not None:
                 how = cfg.parallel.placement_name(cfg.pipeline.schedule)
                 log.info(f"{model.graph.num_stages} model stages placed {how}: {placement.describe()}")

@@ -40,6 +40,7 @@ class Fp16Allreduce:
         self.bucket_elems = max(1, int(bucket_mb * 2 ** 20 / 2))
         self._shapes: list[tuple[tuple[int, ...], torch.dtype, torch.device]] = []
         self._buckets: list[tuple[list[int], torch.Tensor]] = []  # (tensor indices, fp16 buffer)
+        self._tensors: list[torch.Tensor] = []  # what the started reduce writes back into
 
     def _plan(self, tensors: list[torch.Tensor]) -> None:
         """Cut the tensors into buckets once; again only if the tensors change."""
@@ -64,11 +65,16 @@ class Fp16Allreduce:
 
     def __call__(self, tensors: list[torch.Tensor]) -> None:
         """Average ``tensors`` in place over the process set (sent as float16)."""
+        self.finish(self.start(tensors))
+
+    def start(self, tensors: list[torch.Tensor]) -> list[Any]:
+        """Cast each bucket into its buffer and start its all-reduce; :meth:`finish` the handles."""
         from . import horovod_ops
 
         if not tensors:
-            return
+            return []
         self._plan(tensors)
+        self._tensors = tensors
         handles = []
         for b, (idx, buf) in enumerate(self._buckets):
             at = 0
@@ -77,6 +83,15 @@ class Fp16Allreduce:
                 buf[at:at + n].copy_(tensors[i].reshape(-1))  # the cast, into the reused buffer
                 at += n
             handles.append(horovod_ops.average_async_(buf, self.process_set, f"{self.name}.b{b}"))
+        return handles
+
+    def finish(self, handles: list[Any]) -> None:
+        """Wait for each bucket in turn and cast it back into the tensors :meth:`start` was given."""
+        from . import horovod_ops
+
+        if not handles:
+            return
+        tensors = self._tensors
         for (idx, buf), h in zip(self._buckets, handles):
             horovod_ops.synchronize(h)
             at = 0
@@ -84,3 +99,4 @@ class Fp16Allreduce:
                 n = tensors[i].numel()
                 tensors[i].copy_(buf[at:at + n].view(tensors[i].shape))
                 at += n
+        self._tensors = []

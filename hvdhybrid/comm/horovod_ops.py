@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 __all__ = ["ensure_init", "add_process_set", "remove_process_set", "allreduce_average",
-           "average_async_", "synchronize", "broadcast_", "shutdown"]
+           "grouped_average_async_", "average_async_", "synchronize", "broadcast_", "shutdown"]
 
 _state = {"init": False}
 
@@ -65,6 +65,14 @@ def average_async_(tensor: torch.Tensor, process_set: Any, name: str) -> Any:
     import horovod.torch as hvd
 
     return hvd.allreduce_async_(tensor, name=name, op=hvd.Average, process_set=process_set)
+
+
+def grouped_average_async_(tensors: list[torch.Tensor], process_set: Any, name: str) -> Any:
+    """Start an in-place average of ``tensors`` over ``process_set`` as one grouped all-reduce, in their
+    own dtype; :func:`synchronize` its handle."""
+    import horovod.torch as hvd
+
+    return hvd.grouped_allreduce_async_(tensors, name=name, op=hvd.Average, process_set=process_set)
 
 
 def synchronize(handle: Any) -> None:

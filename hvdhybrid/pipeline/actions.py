@@ -3,7 +3,11 @@
 An action is ``F`` (forward of one microbatch), ``B`` (its backward) or ``W``
 (the weight gradient, when split from ``B``) on one model stage, printed as
 ``2F0`` (stage 2, forward, microbatch 0) as torch.distributed.pipelining does.
-A :data:`Plan` holds one ordered list per position (stage group). Pure: no MPI.
+``R`` (printed ``2R0``, microbatch 0 by convention) starts the stage's gradient
+average across bundles; it follows every other action of its stage in the
+position's list, and the position goes on while it is on the wire
+(:func:`~hvdhybrid.pipeline.schedules.with_reduce`). A :data:`Plan` holds one
+ordered list per position (stage group). Pure: no MPI.
 
 Token slices (TeraPipe): when each sequence is cut into ``S`` slices along the
 token axis, an action also names its slice, printed ``2F0.3`` (slice 3 of
@@ -30,7 +34,7 @@ class ScheduleError(InputError):
     """An unknown schedule name, or a plan the simulator proves incomplete, misplaced or deadlocked."""
 
 
-_ACTION = re.compile(r"(\d+)([FBW])(\d+)(?:\.(\d+))?")
+_ACTION = re.compile(r"(\d+)([FBWR])(\d+)(?:\.(\d+))?")
 
 
 @dataclass(frozen=True, order=True)
@@ -38,17 +42,18 @@ class Action:
     """One unit of pipeline work: ``kind`` (``F``, ``B`` or ``W``) of microbatch ``mb`` on ``stage``.
 
     Raises:
-        ScheduleError: if ``kind`` is not ``F``, ``B`` or ``W``.
+        ScheduleError: if ``kind`` is not ``F``, ``B``, ``W`` or ``R``.
     """
 
     stage: int
-    kind: str  # "F" forward, "B" backward (input grad; fused with W when the plan has no W), "W" weight grad
+    kind: str  # "F" forward, "B" backward (input grad; fused with W when the plan has no W), "W" weight
+    # grad, "R" the stage's gradient reduce across bundles
     mb: int
     slice: int = 0  # the token slice of the microbatch's sequences (0 when they are not sliced)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("F", "B", "W"):
-            raise ScheduleError(f"action kind must be 'F', 'B' or 'W', got {self.kind!r}")
+        if self.kind not in ("F", "B", "W", "R"):
+            raise ScheduleError(f"action kind must be 'F', 'B', 'W' or 'R', got {self.kind!r}")
 
     def __str__(self) -> str:
         return f"{self.stage}{self.kind}{self.mb}" + (f".{self.slice}" if self.slice else "")
@@ -70,7 +75,7 @@ class Action:
         m = _ACTION.fullmatch(text.strip())
         if not m:
             raise ScheduleError(
-                f"cannot read action {text!r}: write stage, F/B/W and microbatch, e.g. '2F0' "
+                f"cannot read action {text!r}: write stage, F/B/W/R and microbatch, e.g. '2F0' "
                 "(or '2F0.3' for token slice 3)")
         return cls(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4) or 0))
 
@@ -84,6 +89,8 @@ def depends_on(graph: StageGraph, a: Action, slices: int = 1) -> list[Action]:
     ``slices`` is the number of token slices per sequence (1: not sliced).
     """
     m, i = a.mb, a.slice
+    if a.kind == "R":  # after its own stage's actions by list order (check_complete); nothing remote
+        return []
     if a.kind == "F":
         own = [Action(a.stage, "F", m, i - 1)] if i > 0 else []
         return [Action(u, "F", m, i) for u in graph.upstream(a.stage)] + own
@@ -108,11 +115,17 @@ def check_placement(graph: StageGraph, placement: Placement) -> None:
 
 def check_complete(graph: StageGraph, by_stage: dict[int, list[Action]], microbatches: int,
                     forward_only: bool, slices: int = 1) -> None:
-    """Each stage runs F (and B) of every microbatch (and slice) exactly once, and W for all or none."""
+    """Each stage runs F (and B) of every microbatch (and slice) exactly once, and W for all or none;
+    R, if any, once, after all of them."""
     units = [(m, i) for m in range(microbatches) for i in range(slices)]
     sl = f" and slices 0..{slices - 1}" if slices > 1 else ""
     for s in range(graph.num_stages):
         acts = by_stage.get(s, [])
+        reduce = [k for k, a in enumerate(acts) if a.kind == "R"]
+        if reduce and (forward_only or reduce != [len(acts) - 1] or acts[-1] != Action(s, "R", 0)):
+            raise ScheduleError(f"stage {s}: a reduce must be the stage's last action, once, as {s}R0, and "
+                                f"only in training; got {' '.join(map(str, acts))}")
+        acts = acts[:-1] if reduce else acts
         got = set(acts)
         want = {Action(s, "F", m, i) for m, i in units}
         if not forward_only:

@@ -282,8 +282,9 @@ class Executor:
                     self._backward(act.stage, act.mb, act.slice, sv, bwd, weights=key not in split_w)
                     if act.slice == 0:
                         caches.pop((act.stage, act.mb), None)
-                else:
+                elif act.kind == "W":
                     self._weights(act.stage, saved.pop(key))
+                # "R": the stage's reduce is all in flight (its buckets started in its last backward)
             if final:
                 watch.final_end(act.stage)  # type: ignore[union-attr]
             for r in pending:

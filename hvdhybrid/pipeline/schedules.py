@@ -67,7 +67,7 @@ from .simulator import SimResult, merge, simulate
 from .virtual import POSITION_SCHEDULES
 
 __all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "NAMES", "POSITION_SCHEDULES", "SimResult",
-           "gpipe", "one_f_one_b",
+           "gpipe", "one_f_one_b", "with_reduce",
            "zero_bubble", "forward_only", "sliced", "merge", "build", "build_forward_only", "simulate"]
 
 StageSchedule = Callable[[StageGraph, int, int], list[Action]]
@@ -190,6 +190,26 @@ def sliced(actions: list[Action], slices: int) -> list[Action]:
         raise ScheduleError(f"a sequence needs at least one token slice, got {slices}")
     order = {"F": range(slices), "B": range(slices - 1, -1, -1), "W": range(slices - 1, -1, -1)}
     return [Action(a.stage, a.kind, a.mb, i) for a in actions for i in order[a.kind]]
+
+
+def with_reduce(plan: Plan, after: bool = False) -> Plan:
+    """``plan`` with each stage's reduce ``R``: right after the stage's last action in its position's
+    list (the reduce overlaps what the position runs next), or, with ``after``, all at the end of the
+    list (the reduce after the schedule)."""
+    out: Plan = {}
+    for p, acts in plan.items():
+        acts = [a for a in acts if a.kind != "R"]
+        last = {a.stage: i for i, a in enumerate(acts)}
+        if after:
+            out[p] = acts + [Action(s, "R", 0) for s in sorted(last, key=lambda s: last[s])]
+            continue
+        lst: list[Action] = []
+        for i, a in enumerate(acts):
+            lst.append(a)
+            if last[a.stage] == i:
+                lst.append(Action(a.stage, "R", 0))
+        out[p] = lst
+    return out
 
 
 # -- build -----------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class SimResult:
 
 def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: int,
              forward_only: bool = False, costs: Optional[Callable[[Action], float]] = None,
-             comm: float = 0.0, slices: int = 1) -> SimResult:
+             comm: float = 0.0, slices: int = 1,
+             reduce_cost: Optional[Callable[[int], float]] = None) -> SimResult:
     """Prove that a plan is complete, correctly placed and deadlock-free; time it.
 
     Every stage must run ``F`` and ``B`` of every microbatch exactly once (only
@@ -136,7 +137,9 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
 
     Timing is event-driven: each position runs its list in order, and an action
     starts when the position is free and every dependency has finished, plus
-    ``comm`` for a dependency on another position.
+    ``comm`` for a dependency on another position. A reduce ``R`` takes no time
+    of its position (the wire does the work) but ``reduce_cost(stage)`` of its
+    position's link, one reduce after another; the makespan waits for the last.
 
     Args:
         graph: the bundle's stage graph.
@@ -147,6 +150,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
         costs: duration of an action; 1 for every action when ``None``.
         comm: transfer time added to a dependency that crosses positions.
         slices: token slices per sequence (1: not sliced).
+        reduce_cost: time of a stage's gradient reduce across bundles (``R``); 0 when ``None``.
 
     Returns:
         The lock-step timeline, the makespan and every action's finish time.
@@ -199,10 +203,14 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
     # action after its dependencies, so one pass in that order is enough.
     cost = costs or (lambda a: 1.0)
     free = [0.0] * npos
+    wire = [0.0] * npos  # when each position's link is free for the next reduce
     finish: dict[Action, float] = {}
     for a in order:
         p = placement.position_of(a.stage)
         start = free[p]
+        if a.kind == "R":
+            finish[a] = wire[p] = max(start, wire[p]) + float(reduce_cost(a.stage) if reduce_cost else 0.0)
+            continue
         for d in depends_on(graph, a, slices):
             start = max(start, finish[d] + (comm if placement.position_of(d.stage) != p else 0.0))
         finish[a] = free[p] = start + float(cost(a))

@@ -65,7 +65,7 @@ def draw_trace(path: str) -> str:
         spans: dict[Any, list[tuple[float, float, str]]] = {}
         syncs: dict[Any, list[float]] = {}
         for e in events:
-            if e.get("ph") == "X" and e.get("cat") in ("F", "B", "W"):
+            if e.get("ph") == "X" and e.get("cat") in ("F", "B", "W", "R"):
                 spans.setdefault(e["pid"], []).append((float(e["ts"]), float(e["dur"]), str(e["name"])))
             elif e.get("ph") == "X" and e.get("cat") == "sync" and e.get("name") == "sync":
                 syncs.setdefault(e["pid"], []).append(float(e["ts"]) + float(e["dur"]))

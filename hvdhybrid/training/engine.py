@@ -98,12 +98,22 @@ class Engine:
                                  fp16=self.sync.fp16_compression)
             zero.set_weights(self.sync.weight_of)
             if zero.level == 2 and self.sync.early_reduce:  # gradients go to their owners in the backward
-                zero.watch({s: list(m.parameters()) for s, m in self.modules.items()})
-                self.executor.grad_watch = zero
+                self.executor.grad_watch = zero.watch({s: list(m.parameters()) for s, m in self.modules.items()})
             self.optimizer = self.sync.zero = zero
             self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
         else:
             self.optimizer = optimizer_fn(self.sync.params)
+        #: why --reduce overlap fell back to the reduce after the schedule (None: it did not)
+        self.reduce_fallback = self.sync.overlap_blocker(cfg.optim.zero) if cfg.comm.reduce == "overlap" \
+            else None
+        if cfg.comm.reduce == "overlap" and self.reduce_fallback is None:
+            from .overlap import OverlapReduce
+
+            self.sync.overlap = OverlapReduce(
+                self.sync.params, {s: list(m.parameters()) for s, m in self.modules.items()},
+                groups.data_set, f"grads.s{c.stage}.r{c.replica}.t{c.tensor}", self.sync.fp16_compression)
+            self.executor.grad_watch = self.sync.overlap.watch
+            self.plan = sched.with_reduce({c.stage: self.plan})[c.stage]
         for g in self.optimizer.param_groups:  # the base of the schedule; saved with the groups
             g.setdefault("initial_lr", g["lr"])
         self.state = NamedState({s: model.stage_parameters(s, m) for s, m in self.modules.items()},

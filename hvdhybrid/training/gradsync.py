@@ -92,6 +92,18 @@ class GradSync:
         #: --zero: the sharded optimizer (level 2: its chunks, summed onto their owners, replace the
         #: data-group all-reduce)
         self.zero: Optional[Any] = None
+        #: --reduce overlap: the data-group average, started bucket by bucket during the backward
+        self.overlap: Optional[Any] = None
+
+    def overlap_blocker(self, zero_level: int) -> Optional[str]:
+        """Why ``--reduce overlap`` cannot run here (None: it can)."""
+        if self.groups.data_set is None:
+            return "one bundle: nothing to average across bundles"
+        if not self.early_reduce:
+            return "row replicas or ties across ranks sum gradients before the average"
+        if zero_level == 2:
+            return "--zero 2 sends gradients to their owners instead"
+        return None
 
     @property
     def early_reduce(self) -> bool:
@@ -111,6 +123,9 @@ class GradSync:
             return
         if self.zero is not None and self.zero.level == 2 and self.early_reduce:
             self.zero.reduce_rest()  # chunks went during the backward; each member keeps its share only
+            return
+        if self.overlap is not None:  # buckets went during the backward: wait for them
+            self.overlap.finish()
             return
         grads = self._grads()
         width = self.groups.rows.Get_size()

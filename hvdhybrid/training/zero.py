@@ -33,13 +33,13 @@ the whole state to save it.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from .final_grads import FinalGrads
 
 __all__ = ["CHUNK", "ELEMENTWISE", "ZeroError", "ZeroOptimizer"]
 
@@ -99,7 +99,7 @@ class ZeroOptimizer:
         self.state: dict[nn.Parameter, dict[str, Any]] = {}
         self._weights: Optional[list[tuple[int, int, float]]] = None
         self._chunks = self._cut(d)
-        self._watch: Optional[_Watch] = None
+        self._watch: Optional[FinalGrads] = None
         self._round: Optional[_Round] = None
 
     # -- what the trainer uses of an optimizer ---------------------------------------------------
@@ -153,45 +153,18 @@ class ZeroOptimizer:
                 out.append((a, b, ps))
         return out
 
-    def watch(self, stages: dict[int, Sequence[nn.Parameter]]) -> None:
-        """Level 2: reduce chunks during the backward. ``stages``: this rank's stage -> its parameters;
-        the executor then calls :meth:`final_begin` / :meth:`final_end` around each stage's last
-        weight-gradient action of a step, and each parameter's gradient is final when that action
-        has accumulated it (a parameter several local stages share: at the last of them)."""
-        index = {id(p): i for i, p in enumerate(self.params)}
-        of: dict[int, set[int]] = {}
-        for s, ps in stages.items():
-            for p in ps:
-                if id(p) in index:
-                    of.setdefault(index[id(p)], set()).add(s)
-        self._watch = _Watch(of, {s: sorted({index[id(p)] for p in ps if id(p) in index})
-                                  for s, ps in stages.items()})
-        for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+    def watch(self, stages: dict[int, Sequence[nn.Parameter]]) -> FinalGrads:
+        """Level 2: reduce chunks during the backward, as their parameters become final
+        (:class:`~hvdhybrid.training.final_grads.FinalGrads`; the executor's ``grad_watch``).
+        ``stages``: this rank's stage -> its parameters."""
+        self._watch = FinalGrads(self.params, stages, on_final=lambda i: self._now().final(i),
+                                 on_begin=self._now)
+        return self._watch
 
-    def final_begin(self, stage: int) -> None:
-        if self._watch is None:
-            return
+    def _now(self) -> _Round:
         if self._round is None:
             self._round = _Round(self)
-        self._watch.armed = stage
-
-    def final_end(self, stage: int) -> None:
-        """After ``stage``'s last weight-gradient action: its parameters are final (those it never
-        touched too, as zeros)."""
-        w, rnd = self._watch, self._round
-        if w is None or rnd is None:
-            return
-        w.armed = None
-        for i in w.params_of.get(stage, []):
-            w.left[i] -= 1
-            if w.left[i] == 0:
-                rnd.final(i)
-
-    def _on_grad(self, i: int, p: nn.Parameter) -> None:
-        w, rnd = self._watch, self._round
-        if w is not None and rnd is not None and w.armed in w.stages_of.get(i, ()) and w.left[i] == 1:
-            rnd.final(i)
+        return self._round
 
     def reduce_rest(self) -> None:
         """Level 2, at the sync: send every chunk not sent yet; this member's share of the average is
@@ -246,20 +219,6 @@ class ZeroOptimizer:
     def state_bytes(self) -> int:
         st = self.inner.state.get(self.part, {})
         return sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
-
-
-class _Watch:
-    """Which local stages hold each parameter, and how many of their last actions are still to run."""
-
-    def __init__(self, stages_of: dict[int, set[int]], params_of: dict[int, list[int]]) -> None:
-        self.stages_of, self.params_of = stages_of, params_of
-        self.armed: Optional[int] = None
-        self.left: dict[int, int] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.left = {i: len(s) for i, s in self.stages_of.items()}
-        self.armed = None
 
 
 class _Round:

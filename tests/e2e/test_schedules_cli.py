@@ -1,6 +1,6 @@
-"""Interleaved 1F1B, ZB-V and V-Half through the real CLI: every model ends with one process's parameters
-(fp32, 1e-5) at 1 and 2 bundles, with tensor 2, with token slices; a layout a schedule cannot run is
-one line, exit 2."""
+"""Interleaved 1F1B, ZB-V and V-Half, and the reduce overlapped with the backward, through the real CLI:
+every model ends with one process's parameters (fp32, 1e-5) at 1, 2 and 4 bundles, with tensor 2, with
+token slices; a layout a schedule cannot run is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -51,17 +51,22 @@ def _check(np_: int, args: list[str], one: str, tmp_path, placed: str = "") -> N
     (2, ["--stages", "2", "--schedule", "zbv"], "placed v: stages 0,3 on position 0; 1,2 on position 1"),
     (2, ["--stages", "2", "--schedule", "vhalf"], "placed v"),
     (4, ["--bundle-shape", "1,1", "--schedule", "zbv"], "placed v"),
+    (4, ["--bundle-shape", "1,1", "--schedule", "zbv", "--reduce", "overlap"], "bucket by bucket"),
+    (4, ["--schedule", "interleaved", "--reduce", "overlap"], "bucket by bucket"),
     (4, ["--stages", "4", "--schedule", "interleaved"], "placed looped"),
     (4, ["--stages", "4", "--schedule", "vhalf"], "placed v: stages 0,7 on position 0"),
-], ids=["interleaved", "zbv", "vhalf", "zbv-2-bundles", "interleaved-4-groups", "vhalf-4-groups"])
+    (2, ["--stages", "2", "--schedule", "zbv", "--reduce", "overlap"], "one bundle: nothing to average"),
+], ids=["interleaved", "zbv", "vhalf", "zbv-2-bundles", "zbv-2-bundles-overlap", "interleaved-4-bundles-overlap",
+        "interleaved-4-groups", "vhalf-4-groups", "overlap-with-one-bundle-falls-back"])
 def test_mlp(mlp_one: str, tmp_path, np_: int, layout: list[str], placed: str) -> None:
     _check(np_, [*MLP, *V, *layout], mlp_one, tmp_path, placed)
 
 
 @pytest.mark.parametrize("np_,layout", [
     (4, ["--stages", "2", "--tensor", "2", "--schedule", "zbv"]),
-    (4, ["--bundle-shape", "1,1", "--schedule", "interleaved"]),
-], ids=["zbv-tensor2", "interleaved-2-bundles"])
+    (4, ["--bundle-shape", "1,1", "--schedule", "interleaved", "--reduce", "overlap"]),
+    (4, ["--tensor", "2", "--reduce", "overlap", "--stages-per-rank", "1"]),
+], ids=["zbv-tensor2", "interleaved-2-bundles-overlap", "tensor2-2-bundles-overlap"])
 def test_gpt2(gpt2_one: str, tmp_path, np_: int, layout: list[str]) -> None:
     _check(np_, [*GPT2, *V, *layout], gpt2_one, tmp_path)
 
@@ -74,6 +79,8 @@ def test_gpt_with_token_slices(tmp_path_factory: pytest.TempPathFactory, tmp_pat
 def test_bert(tmp_path_factory: pytest.TempPathFactory, tmp_path) -> None:
     one = _one(tmp_path_factory, "bert", BERT)
     _check(2, [*BERT, *V, "--stages", "2", "--schedule", "interleaved"], one, tmp_path)
+    _check(4, [*BERT, *V, "--bundle-shape", "1,1", "--schedule", "zbv", "--reduce", "overlap"], one,
+           tmp_path / "2-bundles", "bucket by bucket")
 
 
 def test_a_layout_the_schedule_cannot_run_is_one_line_exit_2(tmp_path) -> None:

@@ -110,35 +110,35 @@ def test_level_2_sends_chunks_during_the_backward_and_frees_them(world: Any, fp1
         torch.manual_seed(0)
         return nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3), nn.Parameter(torch.tensor(0.5))
 
-    def backward(a: nn.Linear, b: nn.Linear, c: nn.Linear, tie: nn.Parameter, zero: Any) -> None:
+    def backward(a: nn.Linear, b: nn.Linear, c: nn.Linear, tie: nn.Parameter, zero: Any, watch: Any) -> None:
         x = torch.randn(6, 4, generator=torch.Generator().manual_seed(r))
         h = b(torch.tanh(a(x)) * tie)
         leaf = h.detach().requires_grad_()
         loss = (c(leaf) * tie).square().sum()
         if zero:
-            zero.final_begin(1)
+            watch.final_begin(1)
         loss.backward()
         if zero:
-            zero.final_end(1)
+            watch.final_end(1)
             assert c.bias.grad is None  # its chunk (the last) was sent and freed in stage 1's backward
             assert 0 < zero._round.next < len(zero._chunks)  # stage 0's chunks wait for its backward
-            zero.final_begin(0)
+            watch.final_begin(0)
         h.backward(leaf.grad)
         if zero:
-            zero.final_end(0)
+            watch.final_end(0)
 
     try:
         a, b, c, tie = build()
         ref = [tie, *a.parameters(), *b.parameters(), *c.parameters()]
-        backward(a, b, c, tie, None)
+        backward(a, b, c, tie, None, None)
         want = torch.cat([p.grad.reshape(-1) for p in ref])
         world.Allreduce(MPI.IN_PLACE, want.numpy(), op=MPI.SUM)
         want /= d
         a, b, c, tie = build()
         mine = [tie, *a.parameters(), *b.parameters(), *c.parameters()]
         zero = ZeroOptimizer(mine, lambda ps: torch.optim.SGD(ps, lr=0.1), groups.data, 2, fp16=fp16)
-        zero.watch({0: [tie, *a.parameters(), *b.parameters()], 1: [tie, *c.parameters()]})
-        backward(a, b, c, tie, zero)
+        watch = zero.watch({0: [tie, *a.parameters(), *b.parameters()], 1: [tie, *c.parameters()]})
+        backward(a, b, c, tie, zero, watch)
         zero.reduce_rest()
         assert all(p.grad is None for p in mine)
         share = zero.part.grad
