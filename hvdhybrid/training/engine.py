@@ -7,7 +7,7 @@ The :class:`Engine` holds no loop state (no step, no sampler): the loop is
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -98,7 +98,9 @@ class Engine:
                                  fp16=self.sync.fp16_compression)
             zero.set_weights(self.sync.weight_of)
             if zero.level == 2 and self.sync.early_reduce:  # gradients go to their owners in the backward
-                self.executor.grad_watch = zero.watch({s: list(m.parameters()) for s, m in self.modules.items()})
+                uses: dict[int, Sequence[nn.Parameter]] = {s: list(m.parameters())
+                                                          for s, m in self.modules.items()}
+                self.executor.grad_watch = zero.watch(uses)
             self.optimizer = self.sync.zero = zero
             self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
         else:

@@ -53,7 +53,7 @@ class FinalGrads:
         """The step is over: the next :meth:`final_begin` starts another."""
         self.left = {i: len(s) for i, s in self.stages_of.items()}
         self.armed, self.active = None, False
-        self.told: set[int] = set()
+        self.told = set()
 
     def final_begin(self, stage: int) -> None:
         if not self.active:

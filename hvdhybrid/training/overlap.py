@@ -96,7 +96,7 @@ class OverlapReduce:
                 self._start(b)
         for b, h in enumerate(self.handles):
             if self.fp16:
-                self._fp16[b].finish(h)
+                self._fp16[b].finish(h or [])
             else:
                 horovod_ops.synchronize(h)
         self._begin()
