@@ -1,4 +1,10 @@
-"""hvdhybrid: the MLP in 2 stages (one rank each), 8 microbatches; run under mpirun -np 2."""
+"""hvdhybrid: the bench MLP on 2 ranks, 8 microbatches; run under mpirun -np 2.
+
+    mpirun -np 2 python bench/hvdhybrid_pipeline.py [SCHEDULE[:V] ...]
+
+``V`` stages per rank (default 1; 2 for interleaved, zbv and vhalf): 2 stages, or 4 virtual stages
+placed looped (or in a V for zbv and vhalf).
+"""
 
 from __future__ import annotations
 
@@ -10,28 +16,41 @@ from torch import nn
 
 from hvdhybrid.comm.groups import ProcessGroups, mpi_world
 from hvdhybrid.config import TrainConfig
+from hvdhybrid.layout.placement import Placement
 from hvdhybrid.layout.topology import Layout
 from hvdhybrid.parallel.staged import split_sequential
+from hvdhybrid.pipeline.virtual import V_SCHEDULES
 from hvdhybrid.training.data import TensorDataset
 from hvdhybrid.training.trainer import Trainer
 
+VIRTUAL = ("interleaved", *V_SCHEDULES)
 
-def main(schedule: str) -> None:
-    one_thread()
-    world = mpi_world()
+
+def run(world, schedule: str, v: int) -> None:  # type: ignore[no-untyped-def]
     layout = Layout(world.Get_size(), (1, 1))
-    model = split_sequential(mlp_layers(), [4, 4], nn.functional.mse_loss)
+    n = 2 * v
+    model = split_sequential(mlp_layers(), [len(mlp_layers()) // n] * n, nn.functional.mse_loss)
+    placement = None if v == 1 else (Placement.v(n, 2) if schedule in V_SCHEDULES else Placement.looped(n, 2))
     groups = ProcessGroups.create(layout, world)
     cfg = TrainConfig(batch_size=BATCH, microbatches=MICRO, schedule=schedule, progress=False)
-    trainer = Trainer(groups, model, lambda p: torch.optim.SGD(p, lr=1e-3), cfg)
+    trainer = Trainer(groups, model, lambda p: torch.optim.SGD(p, lr=1e-3), cfg, placement=placement)
     x, y = batch()
     data = TensorDataset(x, y)
     idx = list(range(BATCH))
     times = time_steps(lambda: trainer.train_step(data, idx), 3, 10, world.Barrier)
     if world.Get_rank() == 0:
-        emit({"name": f"hvdhybrid-{schedule}", "batch": BATCH, "step_s": median(times)})
+        emit({"name": f"hvdhybrid-{schedule}" + (f"-v{v}" if v > 1 else ""), "batch": BATCH,
+              "step_s": median(times), "stages": n})
     groups.close()
 
 
+def main(names: list[str]) -> None:
+    one_thread()
+    world = mpi_world()
+    for item in names:
+        name, _, v = item.partition(":")
+        run(world, name, int(v) if v else (2 if name in VIRTUAL else 1))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "1f1b")
+    main(sys.argv[1:] or ["1f1b"])

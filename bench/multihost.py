@@ -10,6 +10,9 @@
    fp16 compression on vs off, and stages kept on a host (``--map-by slot``) vs split across the
    hosts (``--map-by node``), for a gradient-heavy and an activation-heavy model; next to each,
    the bytes per step that ``hvdhybrid.layout.traffic`` says cross the link.
+3. ``--reduce after`` against ``--reduce overlap`` (the gradient average across bundles during the last
+   backward) on the gradient-heavy model, batch 256, stages on a host, for 1F1B with 1 and 2
+   microbatches and ZB-V (2 stages per rank), in interleaved rounds (``--only-overlap``: only these).
 
 Prints ``BENCH {json}`` lines (bench/run.py collects them).
 """
@@ -71,11 +74,11 @@ def _params(hidden: int, depth: int) -> int:
 
 
 def job(hosts: EmulatedHosts, name: str, hidden: int, depth: int, batch: int, map_by: str, fp16: bool,
-        steps: int) -> dict:
+        steps: int, extra: tuple[str, ...] = ("--microbatches", "2")) -> dict:
     out = os.path.join(tempfile.mkdtemp(prefix="bench-mh-"), "run")
     cmd = MPIRUN + ["-np", "4", "--map-by", map_by, "--hostfile", hosts.hostfile(), sys.executable, "-m",
                     "hvdhybrid", "mlp", "--stages", "2", "--hidden", str(hidden), "--depth", str(depth),
-                    "--batch-size", str(batch), "--microbatches", "2", "--steps", str(steps),
+                    "--batch-size", str(batch), *extra, "--steps", str(steps),
                     "--fp16-compression" if fp16 else "--no-fp16-compression", "--no-progress", "--out", out]
     p = hosts.run(cmd, timeout=900, env=_env(hosts), cwd=ROOT)
     if p.returncode:
@@ -88,8 +91,25 @@ def job(hosts: EmulatedHosts, name: str, hidden: int, depth: int, batch: int, ma
     # activations per global batch across a boundary: batch x hidden floats
     sizes = ModelSizes.even(4.0 * _params(hidden, depth), 2, 4.0 * batch * hidden, fp16)
     return {"name": f"hybrid-{name}", "model": f"mlp hidden {hidden} depth {depth}", "batch": batch,
-            "map_by": map_by, "fp16": fp16, "step_s": step_s,
+            "map_by": map_by, "fp16": fp16, "step_s": step_s, "extra": " ".join(extra),
             "network_mb_per_step": cross_host_bytes(link_bytes(layout, ranks, sizes)) / 1e6}
+
+
+#: --reduce after against overlap: (schedule flags) on the gradient-heavy model, batch 256
+OVERLAP = [("1f1b", ("--microbatches", "1")), ("1f1b", ("--microbatches", "2")),
+           ("zbv", ("--microbatches", "2", "--stages-per-rank", "2"))]
+
+
+def overlap(hosts: EmulatedHosts, steps: int, rounds: int = 2) -> list[dict]:
+    """The reduce after the schedule against the one overlapped with the backward, interleaved rounds."""
+    out = []
+    for r in range(rounds):
+        for sched, flags in OVERLAP:
+            for mode in ("after", "overlap"):
+                row = job(hosts, "overlap", 1024, 8, 256, "slot", True, steps,
+                          (*flags, "--schedule", sched, "--reduce", mode))
+                out.append(dict(row, name=f"overlap-{sched}-{mode}", reduce=mode, schedule=sched, round=r))
+    return out
 
 
 def main() -> None:
@@ -97,11 +117,19 @@ def main() -> None:
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--only-overlap", action="store_true", help="Only the --reduce after/overlap rows.")
     a = ap.parse_args()
     why = unavailable()
     if why:
         raise SystemExit(f"cannot emulate hosts here: {why}")
+    if a.only_overlap:
+        with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+            for r in overlap(hosts, a.steps):
+                emit(r)
+        return
     with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+        for r in overlap(hosts, a.steps):
+            emit(r)
         for openmpi_choice in (False, True):
             for r in allreduce(hosts, a.rate, a.repeats, openmpi_choice):
                 emit(r)

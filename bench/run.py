@@ -414,11 +414,12 @@ def multihost() -> list[dict]:
             print(f"| {ranks} | {mb:.0f} MB | {label} | {f32['median_s']:.3f} | {h16['median_s']:.3f} "
                   f"({h16['vs_fp32']:.2f}x) | {o16['median_s']:.3f} ({o16['vs_fp32']:.2f}x) | "
                   f"{o16['median_s'] / h16['median_s']:.2f}x | {o16['median_s'] / f32_best:.2f}x |")
+    _overlap_table(res)
     print("\nThe 2-host hybrid job (2 bundles x 2 stages, hvdtrain mlp), median step time\n")
     print("| model | ranks onto hosts | fp16 compression | s/step | vs stages on a host, compressed "
           "| MB/step on the link (traffic model) |")
     print("|---|---|---|---|---|---|")
-    for name in sorted({r["name"] for r in res if r["name"].startswith("hybrid-")}):
+    for name in sorted({r["name"] for r in res if r["name"].startswith("hybrid-") and "reduce" not in r}):
         rows = [r for r in res if r["name"] == name]
         base = next(r for r in rows if r["map_by"] == "slot" and r["fp16"])["step_s"]
         for r in rows:
@@ -427,6 +428,25 @@ def multihost() -> list[dict]:
             print(f"| {r['model']}, batch {r['batch']} | {where} | {'on' if r['fp16'] else 'off'} | "
                   f"{r['step_s']:.4f} | {r['step_s'] / base:.2f}x | {r['network_mb_per_step']:.3g} |")
     return res
+
+
+def _overlap_table(res: list[dict]) -> None:
+    """--reduce after vs overlap over the emulated link: the median over rounds of each, and the ratio."""
+    rows = [r for r in res if r.get("reduce")]
+    if not rows:
+        return
+    print("\n--reduce after vs overlap, 2 hosts x (2 bundles x 2 stages), stages on a host, fp16, "
+          "hvdtrain mlp hidden 1024 depth 8, batch 256; median s/step of each round\n")
+    print("| schedule | flags | after s/step | overlap s/step | overlap faster by |")
+    print("|---|---|---|---|---|")
+    for extra in dict.fromkeys(r["extra"].replace(" --reduce overlap", "").replace(" --reduce after", "")
+                               for r in rows):
+        def med(mode: str) -> float:
+            return statistics.median(r["step_s"] for r in rows if r["reduce"] == mode and
+                                     r["extra"] == f"{extra} --reduce {mode}")
+        after, over = med("after"), med("overlap")
+        sched = extra.split("--schedule ")[1].split()[0]
+        print(f"| {sched} | {extra} | {after:.3f} | {over:.3f} | {after / over:.2f}x |")
 
 
 def trace_timeline(out_dir: str) -> list[dict]:

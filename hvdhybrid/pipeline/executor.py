@@ -58,6 +58,7 @@ from ..parallel.recompute import Recompute
 from . import trace
 from .kvcache import SliceCache
 from .saved import SavedBytes
+from .split_backward import WeightJob, backward_input, backward_weight
 from .schedules import Action
 
 __all__ = ["Executor", "StepResult", "StageShapeError"]
@@ -120,8 +121,7 @@ class _Saved:
     inbound: list[_Inbound]
     out: tuple[torch.Tensor, ...]
     loss: Optional[torch.Tensor]
-    roots: list[torch.Tensor] = field(default_factory=list)  # kept for W after a split B
-    grads: list[Optional[torch.Tensor]] = field(default_factory=list)
+    job: Optional[WeightJob] = None  # what a split B leaves for its W
     cache: Optional[SliceCache] = None  # token slices: the (stage, microbatch) cache
 
 
@@ -443,9 +443,8 @@ class Executor:
                           if t is not None and t.requires_grad]
                 if sv.cache is not None:
                     leaves += sv.cache.used(sl)
-                if leaves:
-                    torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
-                sv.roots, sv.grads = roots, grads
+                sv.job = backward_input(roots, grads, leaves,
+                                        [p for p in self.modules[s].parameters() if p.requires_grad])
         # Input gradients go back to the replicas (or the local stage) that sent the rows.
         for ib in sv.inbound:
             for peer, tensors in ib.pieces:
@@ -458,6 +457,6 @@ class Executor:
 
     def _weights(self, s: int, sv: _Saved) -> None:
         """The weight gradients of a backward that ran split (``B`` then ``W``)."""
-        params = [p for p in self.modules[s].parameters() if p.requires_grad]
-        if sv.roots and params:
-            torch.autograd.backward(sv.roots, sv.grads, inputs=params)
+        if sv.job is not None:
+            backward_weight(sv.job, [p for p in self.modules[s].parameters() if p.requires_grad])
+            sv.job = None
