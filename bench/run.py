@@ -441,7 +441,7 @@ def _overlap_table(res: list[dict]) -> None:
     print("|---|---|---|---|---|")
     for extra in dict.fromkeys(r["extra"].replace(" --reduce overlap", "").replace(" --reduce after", "")
                                for r in rows):
-        def med(mode: str) -> float:
+        def med(mode: str, extra: str = extra) -> float:
             return statistics.median(r["step_s"] for r in rows if r["reduce"] == mode and
                                      r["extra"] == f"{extra} --reduce {mode}")
         after, over = med("after"), med("overlap")

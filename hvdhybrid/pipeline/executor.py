@@ -58,8 +58,8 @@ from ..parallel.recompute import Recompute
 from . import trace
 from .kvcache import SliceCache
 from .saved import SavedBytes
-from .split_backward import WeightJob, backward_input, backward_weight
 from .schedules import Action
+from .split_backward import WeightJob, backward_input, backward_weight
 
 __all__ = ["Executor", "StepResult", "StageShapeError"]
 

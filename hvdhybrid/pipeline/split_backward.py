@@ -33,9 +33,8 @@ def _node(t: torch.Tensor) -> Optional[Any]:
     """The autograd node of ``t``: its grad_fn, or for a leaf its gradient accumulator."""
     if t.grad_fn is not None:
         return t.grad_fn
-    if t.requires_grad:
-        return t.view_as(t).grad_fn.next_functions[0][0]
-    return None
+    view = t.view_as(t).grad_fn if t.requires_grad else None
+    return view.next_functions[0][0] if view is not None else None
 
 
 class WeightJob:
@@ -98,10 +97,10 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
     # weights sharing a branch node form one group (union by node)
     groups: list[tuple[list[torch.Tensor], set[Any]]] = []
     for p in params:
-        found = branch_of.get(id(p))
-        if found is None:
+        mine = branch_of.get(id(p))
+        if mine is None:
             continue
-        ps, ns = [p], set(found)
+        ps, ns = [p], set(mine)
         while True:  # until no other group touches the merged one
             touch = [g for g in groups if g[1] & ns]
             if not touch:
