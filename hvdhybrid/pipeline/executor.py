@@ -444,7 +444,8 @@ class Executor:
                 if sv.cache is not None:
                     leaves += sv.cache.used(sl)
                 sv.job = backward_input(roots, grads, leaves,
-                                        [p for p in self.modules[s].parameters() if p.requires_grad])
+                                        [p for p in self.modules[s].parameters() if p.requires_grad],
+                                        whole=sv.cache is not None)
         # Input gradients go back to the replicas (or the local stage) that sent the rows.
         for ib in sv.inbound:
             for peer, tensors in ib.pieces:

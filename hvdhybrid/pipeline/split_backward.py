@@ -14,9 +14,13 @@ Weights whose branch nodes overlap form one group, run by one backward; inside
 a group, a branch node that another one's backward also reaches takes its kept
 gradient, not the sum (the pre-hook replaces what arrives). A weight used at
 both ends of one stage (a tie inside it) has branch nodes with the chain between
-them: its group's backward runs that chain again (correct, not faster). A weight not
-reached from the inputs' path (a stage whose inputs need no gradient, as the
-first stage's data) has no branch node; then ``W`` runs the whole backward.
+them: its group's backward runs that chain again (correct, not faster). A root the inputs' path does not pass
+(token slices' keys and values, kept for the later slices' gradients) is a
+branch node with its given gradient. A stage with no input that needs a
+gradient (the first stage's data) has no path at all; then ``W`` runs the whole
+backward, as it does with token slices (``whole``: the weights reached through
+the slices' key/value caches are not split yet; a measured mismatch of 3e-4
+against one process with zb1 and 3 slices is why).
 """
 
 from __future__ import annotations
@@ -44,17 +48,21 @@ class WeightJob:
     def __init__(self, roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]]) -> None:
         self.roots, self.grads = roots, grads
         self.groups: list[tuple[list[torch.Tensor], list[Any]]] = []
-        self.kept: dict[Any, tuple[Optional[torch.Tensor], ...]] = {}
+        self.kept: dict[Any, dict[int, torch.Tensor]] = {}  # branch node -> output index -> gradient
         self.whole = True
 
 
 def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]],
-                   leaves: list[torch.Tensor], params: Sequence[torch.Tensor]) -> WeightJob:
+                   leaves: list[torch.Tensor], params: Sequence[torch.Tensor],
+                   whole: bool = False) -> WeightJob:
     """Gradients into ``leaves`` (accumulated into their ``.grad``); the weight part kept for
-    :func:`backward_weight`. The graph is retained for it."""
+    :func:`backward_weight`. The graph is retained for it. ``whole``: ``W`` will run the whole
+    backward again (token slices: their key/value caches are not split yet)."""
     job = WeightJob(roots, grads)
     if not leaves:
         return job
+    if whole:
+        return _all_whole(job, roots, grads, leaves)
     parents: dict[Any, list[Any]] = {}
     seen: set[Any] = set()
     stack = [n for n in (_node(r) for r in roots) if n is not None]
@@ -74,6 +82,15 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
         if n not in on_path:
             on_path.add(n)
             stack.extend(parents.get(n, []))
+    # a root the inputs' path does not pass (this slice's keys and values, kept for later slices) is a
+    # branch node too, with the gradient given for it: B does not run it
+    root_nodes: dict[Any, dict[int, torch.Tensor]] = {}
+    for r, g in zip(roots, grads):
+        n = _node(r)
+        if n is not None and n not in on_path:
+            got = root_nodes.setdefault(n, {})
+            g = torch.ones_like(r) if g is None else g
+            got[r.output_nr] = got[r.output_nr] + g if r.output_nr in got else g
     branch_of: dict[Any, set[Any]] = {}  # weight -> its branch nodes
     nodes = {id(p): _node(p) for p in params}
     for p in params:
@@ -87,7 +104,7 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
             if n in walked:
                 continue
             walked.add(n)
-            if n in on_path:
+            if n in on_path or n in root_nodes:
                 found.add(n)
             else:
                 stack.extend(parents.get(n, []))
@@ -110,10 +127,12 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
                 ns |= g[1]
             groups = [g for g in groups if not g[1] & ns]
         groups.append((ps, ns))
+    job.kept.update(root_nodes)
     handles = []
     for _, ns in groups:
         for n in ns:
-            handles.append(n.register_prehook(_keeper(job.kept, n)))
+            if n not in root_nodes:
+                handles.append(n.register_prehook(_keeper(job.kept, n)))
     try:
         torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
     finally:
@@ -124,9 +143,15 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
     return job
 
 
-def _keeper(kept: dict[Any, tuple[Optional[torch.Tensor], ...]], node: Any) -> Any:
+def _keeper(kept: dict[Any, dict[int, torch.Tensor]], node: Any) -> Any:
     def hook(grad_outputs: tuple[Optional[torch.Tensor], ...]) -> None:
-        kept[node] = grad_outputs
+        kept[node] = {i: g for i, g in enumerate(grad_outputs) if g is not None}
+    return hook
+
+
+def _clamp(kept: dict[int, torch.Tensor]) -> Any:
+    def hook(grad_outputs: tuple[Optional[torch.Tensor], ...]) -> tuple[Optional[torch.Tensor], ...]:
+        return tuple(kept.get(i, g) for i, g in enumerate(grad_outputs))
     return hook
 
 
@@ -145,13 +170,12 @@ def backward_weight(job: WeightJob, params: Sequence[torch.Tensor]) -> None:
     for ps, ns in job.groups:
         edges, grads = [], []
         for n in ns:
-            for i, g in enumerate(job.kept.get(n, ())):
-                if g is not None:
-                    edges.append(GradientEdge(n, i))
-                    grads.append(g)
+            for i, g in job.kept.get(n, {}).items():
+                edges.append(GradientEdge(n, i))
+                grads.append(g)
         if not edges:
             continue
-        handles = [n.register_prehook(lambda _, g=job.kept[n]: g) for n in ns if n in job.kept] \
+        handles = [n.register_prehook(_clamp(job.kept[n])) for n in ns if n in job.kept] \
             if len(ns) > 1 else []
         try:
             torch.autograd.backward(edges, grads, inputs=ps, retain_graph=True)

@@ -51,6 +51,32 @@ def test_tuples_of_any_dtype_with_changing_shapes(world: Any) -> None:
     comm.Free()
 
 
+def test_a_slot_reused_step_after_step_receives_early_and_survives_changes_of_shape(world: Any) -> None:
+    """The same key every step: its payload is received into the last shapes at once (no wait for the
+    header), and a change of shape (larger, smaller, empty, back) cancels those receives and is right."""
+    need(world, 2)
+    comm = world.Split(0 if world.Get_rank() < 2 else 1, world.Get_rank())
+    if world.Get_rank() < 2:
+        p2p = P2P(comm, 1, torch.device("cpu"))
+        rank = comm.Get_rank()
+        key = MsgKey(0, 0, 0, 0, 1)
+        rows = [4, 4, 9, 9, 2, 0, 2, 2]
+        for step, n in enumerate(rows):
+            msg = (torch.full((n, 3), float(step)), torch.arange(n * 2, dtype=torch.int64))
+            if rank == 0:
+                p2p.send(1, key, msg)
+                p2p.wait_sends()
+            else:
+                pending = p2p.recv(0, key)
+                same = step > 0 and rows[step - 1] == n
+                assert (pending.early is not None) == (step > 0)  # early from the second message on
+                got = pending.wait()
+                assert all(torch.equal(a, b) for a, b in zip(got, msg)), (step, got)
+                assert same == (pending.early is not None and pending.views is pending.early.views)
+            comm.Barrier()
+    comm.Free()
+
+
 def test_receiver_names_stages_microbatch_and_shapes_instead_of_hanging(world: Any) -> None:
     """Two front replicas send rows of different widths; the rear cannot join them."""
     need(world, 3)
