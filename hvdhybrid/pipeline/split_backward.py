@@ -122,9 +122,9 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
             touch = [g for g in groups if g[1] & ns]
             if not touch:
                 break
-            for g in touch:
-                ps += g[0]
-                ns |= g[1]
+            for other_ps, other_ns in touch:
+                ps += other_ps
+                ns |= other_ns
             groups = [g for g in groups if not g[1] & ns]
         groups.append((ps, ns))
     job.kept.update(root_nodes)
