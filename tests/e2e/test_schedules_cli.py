@@ -49,16 +49,13 @@ def _check(np_: int, args: list[str], one: str, tmp_path, placed: str = "") -> N
 @pytest.mark.parametrize("np_,layout,placed", [
     (2, ["--stages", "2", "--schedule", "interleaved"], "placed looped: stages 0,2 on position 0"),
     (2, ["--stages", "2", "--schedule", "zbv"], "placed v: stages 0,3 on position 0; 1,2 on position 1"),
-    (2, ["--stages", "2", "--schedule", "vhalf"], "placed v"),
-    (4, ["--bundle-shape", "1,1", "--schedule", "zbv"], "placed v"),
     (4, ["--bundle-shape", "1,1", "--schedule", "zbv", "--reduce", "overlap"], "bucket by bucket"),
     (4, ["--schedule", "interleaved", "--reduce", "overlap"], "bucket by bucket"),
     (4, ["--stages", "4", "--schedule", "interleaved"], "placed looped"),
     (4, ["--stages", "4", "--schedule", "vhalf"], "placed v: stages 0,7 on position 0"),
     (2, ["--stages", "2", "--schedule", "zbv", "--reduce", "overlap"], "one bundle: nothing to average"),
-], ids=["interleaved", "zbv", "vhalf", "zbv-2-bundles", "zbv-2-bundles-overlap",
-        "interleaved-4-bundles-overlap", "interleaved-4-groups", "vhalf-4-groups",
-        "overlap-with-one-bundle-falls-back"])
+], ids=["interleaved", "zbv", "zbv-2-bundles-overlap", "interleaved-4-bundles-overlap",
+        "interleaved-4-groups", "vhalf-4-groups", "overlap-with-one-bundle-falls-back"])
 def test_mlp(mlp_one: str, tmp_path, np_: int, layout: list[str], placed: str) -> None:
     _check(np_, [*MLP, *V, *layout], mlp_one, tmp_path, placed)
 
