@@ -10,13 +10,11 @@ may change from one microbatch to the next.
   once) and payload receives go straight into reusable buffers, one pool slot
   per (peer, key, tensor index).
 - When a (peer, key) slot has received before, its payload receives are posted
-  at once too, into the buffers of the last message's shapes, so the payload
-  need not wait for the header to arrive first (a round trip saved per
-  message). Both ends remember the last header of each slot: a sender whose
-  header differs from the last it sent on the slot sends the payload under the
-  *resized* tags (:func:`payload_part`), which the early receives cannot match;
-  the receiver, seeing the same change, cancels them and posts receives of the
-  new shapes under those tags.
+  at once too, into the last message's shapes: the payload need not wait for
+  the header. Both ends remember each slot's last header; a sender whose header
+  differs sends the payload under *resized* tags (:func:`payload_part`), which
+  the early receives cannot match, and the receiver, seeing the same change,
+  cancels them and posts the new shapes' receives under those tags.
 - A contiguous CPU tensor is sent from its own memory (no copy); a device or
   strided tensor is first staged into a (pinned, where CUDA exists) CPU buffer.
 - Sends are waited on late, with :meth:`P2P.wait_sends`.

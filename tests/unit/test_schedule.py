@@ -67,7 +67,7 @@ def test_action_parse_errors(text):
 
 
 def test_action_kind_checked():
-    with pytest.raises(ScheduleError, match="'F', 'B' or 'W', got 'X'"):
+    with pytest.raises(ScheduleError, match="'F', 'B', 'W' or 'R', got 'X'"):
         Action(0, "X", 0)
 
 
