@@ -9,12 +9,6 @@ may change from one microbatch to the next.
 - Receives are posted early (:meth:`P2P.recv` posts the header ``Irecv`` at
   once) and payload receives go straight into reusable buffers, one pool slot
   per (peer, key, tensor index).
-- When a (peer, key) slot has received before, its payload receives are posted
-  at once too, into the last message's shapes: the payload need not wait for
-  the header. Both ends remember each slot's last header; a sender whose header
-  differs sends the payload under *resized* tags (:func:`payload_part`), which
-  the early receives cannot match, and the receiver, seeing the same change,
-  cancels them and posts the new shapes' receives under those tags.
 - A contiguous CPU tensor is sent from its own memory (no copy); a device or
   strided tensor is first staged into a (pinned, where CUDA exists) CPU buffer.
 - Sends are waited on late, with :meth:`P2P.wait_sends`.
@@ -32,8 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["MsgKey", "P2P", "P2PTimeout", "PendingRecv", "TransportError", "make_tag", "payload_part",
-           "MAX_TENSORS", "PARTS"]
+__all__ = ["MsgKey", "P2P", "P2PTimeout", "PendingRecv", "TransportError", "make_tag", "MAX_TENSORS"]
 
 MAX_TENSORS = 16
 STOP_GRACE_S = 10.0  # after a stop signal, a wait that long means the peer is not coming
@@ -80,24 +73,15 @@ class MsgKey:
         return f"{what} of microbatch {self.mb}{sl} from stage {self.src_stage} to stage {self.dst_stage}"
 
 
-#: tags per message: the header, a payload per tensor, and the payloads again under resized tags
-PARTS = 1 + 2 * MAX_TENSORS
-
-
 def make_tag(key: MsgKey, part: int, num_edges: int) -> int:
     """The tag rule: (microbatch and token slice, edge, direction, part) -> one MPI tag.
 
-    ``part`` 0 is the header, :func:`payload_part` the payload of each tensor.
-    Messages with equal tags between the same two ranks (the same key in the
-    next step) keep their order: MPI does not let messages overtake each other.
+    ``part`` 0 is the header, ``1 + i`` the payload of tensor ``i``. Messages
+    with equal tags between the same two ranks (the same key in the next
+    step) keep their order: MPI does not let messages overtake each other.
     """
     unit = key.mb * key.slices + key.slice
-    return ((unit * num_edges + key.edge) * 2 + key.direction) * PARTS + part
-
-
-def payload_part(i: int, resized: bool) -> int:
-    """The ``part`` of tensor ``i``'s payload: ``1 + i``; ``1 + MAX_TENSORS + i`` after a change of shape."""
-    return 1 + i + (MAX_TENSORS if resized else 0)
+    return ((unit * num_edges + key.edge) * 2 + key.direction) * (MAX_TENSORS + 1) + part
 
 
 def _as_bytes(t: torch.Tensor) -> np.ndarray:
@@ -167,50 +151,38 @@ class PendingRecv:
     preqs: Optional[list[Any]] = None
     spec: Optional[list[Optional[tuple[torch.dtype, bool, tuple[int, ...]]]]] = None
     views: list[Optional[torch.Tensor]] = field(default_factory=list)
-    early: Optional[_Layout] = None  # the layout the early payload receives were posted for
-
-    def _post_early(self) -> None:
-        cached = self.p2p._layouts.get((self.peer, self.key))
-        if cached is not None:
-            self.early = cached
-            self.preqs = [self.p2p.comm.Irecv(buf, source=self.peer, tag=tag) for tag, buf in cached.targets]
 
     def _post_payload(self) -> None:
-        """The header is in: keep the early receives if it is the slot's last header, else cancel them
-        and post the new shapes' (under the resized tags the sender used)."""
-        if self.early is not None and np.array_equal(self.early.header, self.header):
-            self.spec, self.views = self.early.spec, self.early.views
-            return
-        if self.preqs:
-            for r in self.preqs:
-                r.Cancel()
-            self.p2p._Request.Waitall(self.preqs)
-        spec = decode_header(self.header)
-        views: list[Optional[torch.Tensor]] = []
-        targets: list[tuple[int, Any]] = []
-        resized: list[tuple[int, Any]] = []
-        for i, s in enumerate(spec):
-            view = None if s is None else self.p2p._recv_buffer(self.peer, self.key, i, s[0], s[2])
-            views.append(view)
-            if view is not None and view.numel():
-                buf = [_as_bytes(view), self.p2p._BYTE]
-                targets.append((make_tag(self.key, payload_part(i, False), self.p2p.num_edges), buf))
-                resized.append((make_tag(self.key, payload_part(i, True), self.p2p.num_edges), buf))
-        self.p2p._layouts[(self.peer, self.key)] = _Layout(self.header.copy(), spec, views, targets)
-        self.spec, self.views = spec, views
-        self.preqs = [self.p2p.comm.Irecv(buf, source=self.peer, tag=tag) for tag, buf in resized]
+        slot = (self.peer, self.key)
+        cached = self.p2p._layouts.get(slot)
+        if cached is None or not np.array_equal(cached.header, self.header):
+            # a new shape for this slot: decode, (re)size the pooled buffers, cache the views
+            spec = decode_header(self.header)
+            views: list[Optional[torch.Tensor]] = []
+            targets: list[tuple[int, Any]] = []
+            for i, s in enumerate(spec):
+                view = None if s is None else self.p2p._recv_buffer(self.peer, self.key, i, s[0], s[2])
+                views.append(view)
+                if view is not None and view.numel():
+                    targets.append((make_tag(self.key, 1 + i, self.p2p.num_edges),
+                                    [_as_bytes(view), self.p2p._BYTE]))
+            cached = _Layout(self.header.copy(), spec, views, targets)
+            self.p2p._layouts[slot] = cached
+        self.spec, self.views = cached.spec, cached.views
+        self.preqs = [self.p2p.comm.Irecv(buf, source=self.peer, tag=tag)
+                      for tag, buf in cached.targets]
 
     def _what(self) -> str:
         return f"{self.key.describe()} from {self.p2p.describe_peer(self.peer)}"
 
     def poll(self) -> None:
         """Post the payload receives if the header has arrived (never blocks)."""
-        if self.spec is None and self.hreq.Test():
+        if self.preqs is None and self.hreq.Test():
             self._post_payload()
 
     def wait(self) -> tuple[Optional[torch.Tensor], ...]:
         """Block until the whole message is in; return tensors on the P2P's device."""
-        if self.spec is None:
+        if self.preqs is None:
             self.p2p.wait_all([self.hreq], self._what)
             self._post_payload()
         assert self.preqs is not None and self.spec is not None
@@ -250,7 +222,6 @@ class P2P:
         self._Request = MPI.Request
         self._pool: dict[tuple[int, MsgKey, int], torch.Tensor] = {}
         self._layouts: dict[tuple[int, MsgKey], _Layout] = {}
-        self._sent: dict[tuple[int, MsgKey], np.ndarray] = {}  # the last header sent per (peer, key)
         self._sends: list[tuple[Any, list[Any]]] = []  # (request, objects kept alive)
         self._pin = torch.cuda.is_available()
         tag_ub = comm.Get_attr(MPI.TAG_UB)
@@ -259,7 +230,7 @@ class P2P:
     def check_tags(self, microbatches: int, slices: int = 1) -> None:
         """Raise before any traffic if the largest tag would exceed MPI's TAG_UB."""
         top = make_tag(MsgKey(self.num_edges - 1, microbatches - 1, 1, slice=slices - 1, slices=slices),
-                       PARTS - 1, self.num_edges)
+                       MAX_TENSORS, self.num_edges)
         if top > self.tag_ub:
             per = f" x {slices} token slices" if slices > 1 else ""
             raise TransportError(
@@ -285,10 +256,6 @@ class P2P:
     def send(self, peer: int, key: MsgKey, tensors: Sequence[Optional[torch.Tensor]]) -> None:
         """Post a non-blocking send of ``tensors`` to ``peer``."""
         header = encode_header(tensors)
-        last = self._sent.get((peer, key))
-        resized = last is None or not np.array_equal(last, header)
-        if resized:
-            self._sent[(peer, key)] = header
         keep: list[Any] = [header]
         reqs = [self.comm.Isend([header, self._INT64],
                                 dest=peer, tag=make_tag(key, 0, self.num_edges))]
@@ -303,7 +270,7 @@ class P2P:
                 src = staged
             keep.append(src)
             reqs.append(self.comm.Isend([_as_bytes(src), self._BYTE], dest=peer,
-                                        tag=make_tag(key, payload_part(i, resized), self.num_edges)))
+                                        tag=make_tag(key, 1 + i, self.num_edges)))
         for r in reqs:
             self._sends.append((r, keep))
 
@@ -312,9 +279,7 @@ class P2P:
         header = np.empty(HEADER_LEN, dtype=np.int64)
         req = self.comm.Irecv([header, self._INT64], source=peer,
                               tag=make_tag(key, 0, self.num_edges))
-        pending = PendingRecv(self, peer, key, header, req)
-        pending._post_early()
-        return pending
+        return PendingRecv(self, peer, key, header, req)
 
     def wait_all(self, reqs: list[Any], what: Callable[[], str]) -> None:
         """Wait for any MPI ``reqs`` with a deadline; spin briefly, then yield the core between tests.

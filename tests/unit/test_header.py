@@ -7,7 +7,6 @@ import torch
 from hvdhybrid.comm.p2p import (
     HEADER_LEN,
     MAX_TENSORS,
-    PARTS,
     MsgKey,
     TransportError,
     decode_header,
@@ -76,7 +75,7 @@ def test_tags_distinct_and_non_negative():
         for mb in range(12):
             for edge in range(num_edges):
                 for direction in (0, 1):
-                    for part in range(PARTS):
+                    for part in range(MAX_TENSORS + 1):
                         tag = make_tag(MsgKey(edge, mb, direction), part, num_edges)
                         assert tag >= 0
                         assert tag not in seen, (tag, seen.get(tag))
