@@ -14,7 +14,7 @@ across bundles) to start their communication while the backward goes on.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
@@ -32,7 +32,7 @@ class FinalGrads:
     """
 
     def __init__(self, params: Sequence[nn.Parameter], stages: dict[int, Sequence[nn.Parameter]],
-                 on_final: Callable[[int], None], on_begin: Callable[[], None] = lambda: None) -> None:
+                 on_final: Callable[[int], None], on_begin: Callable[[], Any] = lambda: None) -> None:
         index = {id(p): i for i, p in enumerate(params)}
         self.stages_of: dict[int, set[int]] = {}
         for s, ps in stages.items():

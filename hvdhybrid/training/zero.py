@@ -158,7 +158,7 @@ class ZeroOptimizer:
         (:class:`~hvdhybrid.training.final_grads.FinalGrads`; the executor's ``grad_watch``).
         ``stages``: this rank's stage -> its parameters."""
         self._watch = FinalGrads(self.params, stages, on_final=lambda i: self._now().final(i),
-                                 on_begin=lambda: None if self._now() else None)
+                                 on_begin=self._now)
         return self._watch
 
     def _now(self) -> _Round:
