@@ -1,9 +1,9 @@
 """hvdhybrid: the bench MLP on 2 ranks, 8 microbatches; run under mpirun -np 2.
 
-    mpirun -np 2 python bench/hvdhybrid_pipeline.py [SCHEDULE[:V] ...]
+    mpirun -np 2 python bench/hvdhybrid_pipeline.py [SCHEDULE[:V[:N]] ...]
 
 ``V`` stages per rank (default 1; 2 for interleaved, zbv and vhalf): 2 stages, or 4 virtual stages
-placed looped (or in a V for zbv and vhalf).
+placed looped (or in a V for zbv and vhalf). ``N``: ``--batch-w`` (microbatches per W; default 0, auto).
 """
 
 from __future__ import annotations
@@ -26,30 +26,42 @@ from hvdhybrid.training.trainer import Trainer
 VIRTUAL = ("interleaved", *V_SCHEDULES)
 
 
-def run(world, schedule: str, v: int) -> None:  # type: ignore[no-untyped-def]
+def build(world, schedule: str, v: int, batch_w: int):  # type: ignore[no-untyped-def]
+    """A trainer for one schedule, and its name."""
     layout = Layout(world.Get_size(), (1, 1))
     n = 2 * v
     model = split_sequential(mlp_layers(), [len(mlp_layers()) // n] * n, nn.functional.mse_loss)
     placement = None if v == 1 else (Placement.v(n, 2) if schedule in V_SCHEDULES else Placement.looped(n, 2))
     groups = ProcessGroups.create(layout, world)
-    cfg = TrainConfig(batch_size=BATCH, microbatches=MICRO, schedule=schedule, progress=False)
+    cfg = TrainConfig(batch_size=BATCH, microbatches=MICRO, schedule=schedule, progress=False, batch_w=batch_w)
     trainer = Trainer(groups, model, lambda p: torch.optim.SGD(p, lr=1e-3), cfg, placement=placement)
+    name = f"hvdhybrid-{schedule}" + (f"-v{v}" if v > 1 else "") + (f"-w{batch_w}" if batch_w else "")
+    return name, n, trainer, groups
+
+
+def main(names: list[str], rounds: int = 4) -> None:
+    """Every schedule built once, then timed in turn, ``rounds`` times: this machine's speed drifts by
+    tens of percent over seconds, and alternating spreads the drift over all of them."""
+    one_thread()
+    world = mpi_world()
+    runs = []
+    for item in names:
+        name, _, rest = item.partition(":")
+        v, _, bw = rest.partition(":")
+        runs.append(build(world, name, int(v) if v else (2 if name in VIRTUAL else 1), int(bw or 0)))
     x, y = batch()
     data = TensorDataset(x, y)
     idx = list(range(BATCH))
-    times = time_steps(lambda: trainer.train_step(data, idx), 3, 10, world.Barrier)
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    for r in range(rounds):
+        for name, _, trainer, _ in runs:
+            times[name] += time_steps(lambda: trainer.train_step(data, idx), 2 if r == 0 else 1, 3,
+                                      world.Barrier)
     if world.Get_rank() == 0:
-        emit({"name": f"hvdhybrid-{schedule}" + (f"-v{v}" if v > 1 else ""), "batch": BATCH,
-              "step_s": median(times), "stages": n})
-    groups.close()
-
-
-def main(names: list[str]) -> None:
-    one_thread()
-    world = mpi_world()
-    for item in names:
-        name, _, v = item.partition(":")
-        run(world, name, int(v) if v else (2 if name in VIRTUAL else 1))
+        for name, n, _, _ in runs:
+            emit({"name": name, "batch": BATCH, "step_s": median(times[name]), "stages": n})
+    for *_, groups in runs:
+        groups.close()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .layout.rows import BatchError
 from .layout.rows import check_batch as _check_rows
 from .layout.topology import Layout, LayoutError, parse_bundle_shape
 from .parallel.recompute import Recompute
-from .pipeline.schedules import NAMES
+from .pipeline.schedules import NAMES, SPLIT_W
 from .pipeline.virtual import V_SCHEDULES
 from .training import lr_schedule
 
@@ -145,14 +145,32 @@ class PipelineConfig:
                                   "(a stage keeps only its inputs), selective (the attention core of gpt, "
                                   "gpt2, bert); :S0,S1,.. for those model stages only (e.g. full:0,1).",
                           metavar="none|full|selective[:S0,S1,..]")
+    batch_w: int = knob(0, "Weight gradients of this many microbatches of a stage as one product per layer "
+                           "(zb1, zbv, vhalf; 1: one at a time; 0: auto, all of a step's, where "
+                           "docs/benchmarks.md measured it faster).", metavar="N")
 
     def __post_init__(self) -> None:
         _at_least("--microbatches", self.microbatches, 1)
+        _at_least("--batch-w", self.batch_w, 0, "0 picks the measured default")
+        if self.batch_w > 1 and self.schedule not in SPLIT_W:
+            raise ConfigError(f"--batch-w {self.batch_w}: schedule {self.schedule} computes weight gradients "
+                              f"inside B; use one that splits W ({', '.join(SPLIT_W)}) or drop --batch-w")
+        if self.batch_w > 1 and self.slices is not None and len(self.slices) > 1:
+            raise ConfigError(f"--batch-w {self.batch_w}: with token slices each W runs a whole backward and "
+                              "cannot be batched; drop --batch-w or --slices")
         Recompute.parse(self.recompute)
         if self.schedule not in NAMES:
             raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(sorted(NAMES))}")
         if self.slices is not None and (not self.slices or any(n < 1 for n in self.slices)):
             raise ConfigError(f"token slices {list(self.slices)} must be positive lengths")
+
+    def weights_per_w(self) -> int:
+        """Microbatches per ``W`` action: ``--batch-w``, 0 resolved (all of a step's where ``W`` is split
+        and sequences are whole; else 1)."""
+        if self.batch_w:
+            return self.batch_w
+        sliced = self.slices is not None and len(self.slices) > 1
+        return self.microbatches if self.schedule in SPLIT_W and not sliced else 1
 
 
 @dataclass(frozen=True)

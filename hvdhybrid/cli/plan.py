@@ -103,7 +103,8 @@ def _timeline(cfg: Config, layout: Layout, placement: Optional[Placement], slice
     pl = placement or Placement.identity(n)
     m = cfg.pipeline.microbatches
     try:
-        plan = schedules.build(cfg.pipeline.schedule, StageGraph.chain(n), m, pl, slices)
+        plan = schedules.build(cfg.pipeline.schedule, StageGraph.chain(n), m, pl, slices,
+                               cfg.pipeline.weights_per_w())
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
     sl = f", {slices} token slices" if slices > 1 else ""

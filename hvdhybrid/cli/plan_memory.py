@@ -52,7 +52,8 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     model = built.model if isinstance(built.model, StagedModel) else \
         built.model(SimpleNamespace(tensor=StandInComm(layout.tensor, 0)))
     mbs = cfg.pipeline.microbatches
-    plans = sched.build(cfg.pipeline.schedule, model.graph, mbs, placement)
+    plans = sched.build(cfg.pipeline.schedule, model.graph, mbs, placement,
+                        batch_w=cfg.pipeline.weights_per_w())
     per_pass = cfg.optim.batch_size // cfg.optim.accumulate
     modules: dict[int, Any] = {}
     saved: dict[int, int] = {}

@@ -132,8 +132,11 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
         if graph is not None:  # the schedule fits the layout: refused here in one line, not in the build
             from ..pipeline import schedules
 
+            if built.slices and len(built.slices) > 1 and cfg.pipeline.batch_w > 1:
+                raise ConfigError(f"--batch-w {cfg.pipeline.batch_w}: with token slices each W runs a whole "
+                                  "backward and cannot be batched; drop --batch-w or --slices")
             schedules.build(cfg.pipeline.schedule, graph, cfg.pipeline.microbatches, placement,
-                            len(built.slices) if built.slices else 1)
+                            len(built.slices) if built.slices else 1, cfg.pipeline.weights_per_w())
     out = w.bcast(out, root=0)
     assert out is not None
     cfg = cfg.resolved(out=out)

@@ -6,7 +6,9 @@ An action is ``F`` (forward of one microbatch), ``B`` (its backward) or ``W``
 ``R`` (printed ``2R0``, microbatch 0 by convention) starts the stage's gradient
 average across bundles; it follows every other action of its stage in the
 position's list, and the position goes on while it is on the wire
-(:func:`~hvdhybrid.pipeline.schedules.with_reduce`). A :data:`Plan` holds one
+(:func:`~hvdhybrid.pipeline.schedules.with_reduce`). A batched ``W`` computes the weight
+gradients of ``n`` consecutive microbatches as one product (printed ``2W0-3``: microbatches 0 to 3;
+:func:`~hvdhybrid.pipeline.schedules.batch_weights`). A :data:`Plan` holds one
 ordered list per position (stage group). Pure: no MPI.
 
 Token slices (TeraPipe): when each sequence is cut into ``S`` slices along the
@@ -34,7 +36,7 @@ class ScheduleError(InputError):
     """An unknown schedule name, or a plan the simulator proves incomplete, misplaced or deadlocked."""
 
 
-_ACTION = re.compile(r"(\d+)([FBWR])(\d+)(?:\.(\d+))?")
+_ACTION = re.compile(r"(\d+)([FBWR])(\d+)(?:-(\d+))?(?:\.(\d+))?")
 
 
 @dataclass(frozen=True, order=True)
@@ -50,21 +52,31 @@ class Action:
     # grad, "R" the stage's gradient reduce across bundles
     mb: int
     slice: int = 0  # the token slice of the microbatch's sequences (0 when they are not sliced)
+    n: int = 1  # microbatches mb .. mb+n-1: more than one only for a batched W
 
     def __post_init__(self) -> None:
         if self.kind not in ("F", "B", "W", "R"):
             raise ScheduleError(f"action kind must be 'F', 'B', 'W' or 'R', got {self.kind!r}")
+        if self.n < 1 or (self.n > 1 and self.kind != "W"):
+            raise ScheduleError(f"only a W spans several microbatches, got {self.kind} of {self.n}")
+
+    @property
+    def mbs(self) -> range:
+        """The microbatches this action covers (one, except for a batched ``W``)."""
+        return range(self.mb, self.mb + self.n)
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.kind}{self.mb}" + (f".{self.slice}" if self.slice else "")
+        span = f"-{self.mb + self.n - 1}" if self.n > 1 else ""
+        return f"{self.stage}{self.kind}{self.mb}{span}" + (f".{self.slice}" if self.slice else "")
 
     @classmethod
     def parse(cls, text: str) -> Action:
         """The inverse of ``str``: ``"2F0"`` -> ``Action(2, "F", 0)``.
 
         Args:
-            text: stage number, one of ``F``/``B``/``W``, microbatch number, and
-                optionally ``.`` and the token slice (``"2B0.3"``).
+            text: stage number, one of ``F``/``B``/``W``/``R``, microbatch number, for a batched
+                ``W`` ``-`` and its last microbatch (``"2W0-3"``), and optionally ``.`` and the token
+                slice (``"2B0.3"``).
 
         Returns:
             The action.
@@ -76,8 +88,12 @@ class Action:
         if not m:
             raise ScheduleError(
                 f"cannot read action {text!r}: write stage, F/B/W/R and microbatch, e.g. '2F0' "
-                "(or '2F0.3' for token slice 3)")
-        return cls(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4) or 0))
+                "(or '2F0.3' for token slice 3, '2W0-3' for the weight gradients of microbatches 0 to 3)")
+        first = int(m.group(3))
+        last = first if m.group(4) is None else int(m.group(4))
+        if last < first:
+            raise ScheduleError(f"cannot read action {text!r}: the span {first}-{last} runs backwards")
+        return cls(int(m.group(1)), m.group(2), first, int(m.group(5) or 0), last - first + 1)
 
 
 Plan = dict[int, list[Action]]
@@ -98,7 +114,7 @@ def depends_on(graph: StageGraph, a: Action, slices: int = 1) -> list[Action]:
         own = [Action(a.stage, "B", m, i + 1)] if i + 1 < slices else []
         return ([Action(a.stage, "F", m, i)] + [Action(d, "B", m, i) for d in graph.downstream(a.stage)]
                 + own)
-    return [Action(a.stage, "B", m, i)]
+    return [Action(a.stage, "B", j, i) for j in a.mbs]
 
 
 def check_placement(graph: StageGraph, placement: Placement) -> None:
@@ -126,6 +142,7 @@ def check_complete(graph: StageGraph, by_stage: dict[int, list[Action]], microba
             raise ScheduleError(f"stage {s}: a reduce must be the stage's last action, once, as {s}R0, and "
                                 f"only in training; got {' '.join(map(str, acts))}")
         acts = acts[:-1] if reduce else acts
+        acts = [Action(a.stage, a.kind, j, a.slice) for a in acts for j in a.mbs]  # a batched W: each
         got = set(acts)
         want = {Action(s, "F", m, i) for m, i in units}
         if not forward_only:

@@ -245,7 +245,7 @@ class Executor:
                                 self.p2p.recv(self._peer(down, j), self._key(s, down, mb, 1, sl))
                                 for j in self._out_peers(down)]
         pending = [r for rs in list(fwd.values()) + list(bwd.values()) for r in rs]
-        split_w = {(a.stage, a.mb, a.slice) for a in actions if a.kind == "W"}
+        split_w = {(a.stage, m, a.slice) for a in actions if a.kind == "W" for m in a.mbs}
         batches: dict[int, tuple[Any, Any]] = {}
         saved: dict[tuple[int, int, int], _Saved] = {}
         caches: dict[tuple[int, int], SliceCache] = {}
@@ -282,8 +282,8 @@ class Executor:
                     self._backward(act.stage, act.mb, act.slice, sv, bwd, weights=key not in split_w)
                     if act.slice == 0:
                         caches.pop((act.stage, act.mb), None)
-                elif act.kind == "W":
-                    self._weights(act.stage, saved.pop(key))
+                elif act.kind == "W":  # one microbatch's, or (batched) several as one product
+                    self._weights(act.stage, [saved.pop((act.stage, m, act.slice)) for m in act.mbs])
                 # "R": the stage's reduce is all in flight (its buckets started in its last backward)
             if final:
                 watch.final_end(act.stage)  # type: ignore[union-attr]
@@ -456,8 +456,11 @@ class Executor:
                 else:
                     self.p2p.send(peer, self._key(ib.src_stage, s, mb, 1, sl), grads_in)
 
-    def _weights(self, s: int, sv: _Saved) -> None:
-        """The weight gradients of a backward that ran split (``B`` then ``W``)."""
-        if sv.job is not None:
-            backward_weight(sv.job, [p for p in self.modules[s].parameters() if p.requires_grad])
+    def _weights(self, s: int, svs: list[_Saved]) -> None:
+        """The weight gradients of backwards that ran split (``B`` then ``W``), of one microbatch or,
+        batched, several."""
+        jobs = [sv.job for sv in svs if sv.job is not None]
+        if jobs:
+            backward_weight(jobs, [p for p in self.modules[s].parameters() if p.requires_grad])
+        for sv in svs:
             sv.job = None

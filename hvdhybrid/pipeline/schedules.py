@@ -64,10 +64,10 @@ from ..layout.placement import Placement
 from ..parallel.graph import StageGraph
 from .actions import Action, Plan, ScheduleError
 from .simulator import SimResult, merge, simulate
-from .virtual import POSITION_SCHEDULES
+from .virtual import POSITION_SCHEDULES, V_SCHEDULES
 
 __all__ = ["Action", "Plan", "ScheduleError", "SCHEDULES", "NAMES", "POSITION_SCHEDULES", "SimResult",
-           "gpipe", "one_f_one_b", "with_reduce",
+           "gpipe", "one_f_one_b", "with_reduce", "batch_weights", "has_split_w", "SPLIT_W",
            "zero_bubble", "forward_only", "sliced", "merge", "build", "build_forward_only", "simulate"]
 
 StageSchedule = Callable[[StageGraph, int, int], list[Action]]
@@ -171,6 +171,9 @@ SCHEDULES: dict[str, StageSchedule] = {
 NAMES: tuple[str, ...] = (*SCHEDULES, *POSITION_SCHEDULES)
 """Every training schedule: the per-stage ones, then those written per position (:mod:`.virtual`)."""
 
+SPLIT_W: tuple[str, ...] = ("zb1", *V_SCHEDULES)
+"""The schedules that split ``W`` from ``B`` (their ``W`` can be batched: :func:`batch_weights`)."""
+
 
 def sliced(actions: list[Action], slices: int) -> list[Action]:
     """A stage's list with every sequence cut into ``slices`` token slices.
@@ -212,6 +215,52 @@ def with_reduce(plan: Plan, after: bool = False) -> Plan:
     return out
 
 
+def has_split_w(plan: Plan) -> bool:
+    """Whether ``plan`` computes weight gradients apart from ``B`` (a ``W`` action)."""
+    return any(a.kind == "W" for acts in plan.values() for a in acts)
+
+
+def batch_weights(plan: Plan, per: int) -> Plan:
+    """``plan`` with each stage's ``W`` actions batched ``per`` at a time: the ``W`` of microbatches
+    ``m .. m+per-1`` become one action where the last of them was (a ``W`` may only run later than
+    planned: nothing but the step's end waits for it), which the executor runs as one product per
+    weight over their concatenated rows. A stage's last batch takes what is left. Token slices'
+    ``W`` (a whole backward each) and plans without ``W`` are returned as they are.
+
+    Args:
+        plan: position -> ordered action list.
+        per: microbatches per batched ``W``, at least 1 (1: as it is).
+
+    Returns:
+        The plan with batched ``W``.
+
+    Raises:
+        ScheduleError: if ``per`` is below 1.
+    """
+    if per < 1:
+        raise ScheduleError(f"a batched W covers at least one microbatch, got {per}")
+    if per == 1:
+        return plan
+    out: Plan = {}
+    for p, acts in plan.items():
+        ws: dict[int, list[int]] = {}
+        for i, a in enumerate(acts):
+            if a.kind == "W":
+                ws.setdefault(a.stage, []).append(i)
+        at: dict[int, Action] = {}  # index of a chunk's last W -> the batched action
+        for s, idx in ws.items():
+            mbs = [acts[i].mb for i in idx]
+            in_order = mbs == list(range(mbs[0], mbs[0] + len(mbs)))
+            if any(acts[i].slice or acts[i].n > 1 for i in idx) or not in_order:
+                at.update({i: acts[i] for i in idx})  # sliced, already batched or out of order: as it is
+                continue
+            for c in range(0, len(idx), per):
+                chunk = idx[c:c + per]
+                at[chunk[-1]] = Action(s, "W", acts[chunk[0]].mb, 0, len(chunk))
+        out[p] = [at[i] if a.kind == "W" else a for i, a in enumerate(acts) if a.kind != "W" or i in at]
+    return out
+
+
 # -- build -----------------------------------------------------------------------------------
 
 
@@ -228,7 +277,7 @@ def _plan(fn: StageSchedule, graph: StageGraph, microbatches: int, placement: Op
 
 
 def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[Placement] = None,
-          slices: int = 1) -> Plan:
+          slices: int = 1, batch_w: int = 1) -> Plan:
     """The plan of training schedule ``name``: per-stage lists, merged per position, proven.
 
     Args:
@@ -237,6 +286,7 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
         microbatches: microbatches per step, at least 1.
         placement: which position runs each stage; ``None`` for one stage per position.
         slices: token slices per sequence (:func:`sliced`); 1 for whole sequences.
+        batch_w: microbatches per ``W`` (:func:`batch_weights`); 1 for one each.
 
     Returns:
         Position -> ordered action list.
@@ -246,20 +296,23 @@ def build(name: str, graph: StageGraph, microbatches: int, placement: Optional[P
             microbatch or slice, or a plan :func:`simulate` rejects.
         PlacementError: if the placement does not cover the graph's stages.
     """
+    placement = Placement.identity(graph.num_stages) if placement is None else placement
     if name in POSITION_SCHEDULES:
         if microbatches < 1:
             raise ScheduleError(f"a step needs at least one microbatch, got {microbatches}")
-        placement = Placement.identity(graph.num_stages) if placement is None else placement
         plan = {p: sliced(acts, slices)
                 for p, acts in POSITION_SCHEDULES[name](graph, placement, microbatches).items()}
+    else:
+        try:
+            fn = SCHEDULES[name]
+        except KeyError:
+            raise ScheduleError(
+                f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}") from None
+        plan = _plan(fn, graph, microbatches, placement, forward_only=False, slices=slices)
+    if batch_w > 1 or name in POSITION_SCHEDULES:
+        plan = batch_weights(plan, batch_w)
         simulate(graph, placement, plan, microbatches, slices=slices)
-        return plan
-    try:
-        fn = SCHEDULES[name]
-    except KeyError:
-        raise ScheduleError(
-            f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}") from None
-    return _plan(fn, graph, microbatches, placement, forward_only=False, slices=slices)
+    return plan
 
 
 def build_forward_only(graph: StageGraph, microbatches: int, placement: Optional[Placement] = None) -> Plan:

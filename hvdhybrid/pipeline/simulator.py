@@ -147,7 +147,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
         plan: position -> ordered action list.
         microbatches: microbatches per step.
         forward_only: the plan is an evaluation plan (forwards only).
-        costs: duration of an action; 1 for every action when ``None``.
+        costs: duration of an action; when ``None``, 1 per microbatch it covers.
         comm: transfer time added to a dependency that crosses positions.
         slices: token slices per sequence (1: not sliced).
         reduce_cost: time of a stage's gradient reduce across bundles (``R``); 0 when ``None``.
@@ -201,7 +201,7 @@ def simulate(graph: StageGraph, placement: Placement, plan: Plan, microbatches: 
 
     # Event-driven timing with costs. The lock-step order above runs every
     # action after its dependencies, so one pass in that order is enough.
-    cost = costs or (lambda a: 1.0)
+    cost = costs or (lambda a: float(a.n))  # a batched W: one tick per microbatch it covers
     free = [0.0] * npos
     wire = [0.0] * npos  # when each position's link is free for the next reduce
     finish: dict[Action, float] = {}

@@ -17,10 +17,18 @@ both ends of one stage (a tie inside it) has branch nodes with the chain between
 them: its group's backward runs that chain again (correct, not faster). A root the inputs' path does not pass
 (token slices' keys and values, kept for the later slices' gradients) is a
 branch node with its given gradient. A stage with no input that needs a
-gradient (the first stage's data) has no path at all; then ``W`` runs the whole
-backward, as it does with token slices (``whole``: the weights reached through
-the slices' key/value caches are not split yet; a measured mismatch of 3e-4
-against one process with zb1 and 3 slices is why).
+gradient (the first stage's data) takes as its path every node that is not on
+a weight's side (:func:`~hvdhybrid.pipeline.weight_products.weight_side`); ``B``
+runs it down to its *bottoms* (the first layer, e.g. the product of the data
+with the first weight, or an embedding lookup), keeping the gradient that
+reaches each, and ``W`` runs them. With token slices ``W`` runs the whole
+backward (``whole``: the weights reached through the slices' key/value caches
+are not split yet; a measured mismatch of 3e-4 against one process with zb1
+and 3 slices is why).
+
+Batched ``W`` (:func:`backward_weight` with several jobs): one backward per
+group over all of them, and one product per linear layer
+(:mod:`.weight_products`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch.autograd.graph import GradientEdge
+
+from .weight_products import Product, gradients, product_of, weight_side
 
 __all__ = ["WeightJob", "backward_input", "backward_weight"]
 
@@ -49,6 +59,7 @@ class WeightJob:
         self.roots, self.grads = roots, grads
         self.groups: list[tuple[list[torch.Tensor], list[Any]]] = []
         self.kept: dict[Any, dict[int, torch.Tensor]] = {}  # branch node -> output index -> gradient
+        self.products: list[Optional[Product]] = []  # per group: its one node, when it is a linear layer's
         self.whole = True
 
 
@@ -59,10 +70,8 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
     :func:`backward_weight`. The graph is retained for it. ``whole``: ``W`` will run the whole
     backward again (token slices: their key/value caches are not split yet)."""
     job = WeightJob(roots, grads)
-    if not leaves:
-        return job
     if whole:
-        return _all_whole(job, roots, grads, leaves)
+        return _all_whole(job, roots, grads, leaves) if leaves else job
     parents: dict[Any, list[Any]] = {}
     seen: set[Any] = set()
     stack = [n for n in (_node(r) for r in roots) if n is not None]
@@ -76,12 +85,20 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
                 parents.setdefault(child, []).append(n)
                 stack.append(child)
     on_path: set[Any] = set()  # nodes between the leaves and the roots: what B runs
-    stack = [n for n in (_node(t) for t in leaves) if n is not None]
-    while stack:
-        n = stack.pop()
-        if n not in on_path:
-            on_path.add(n)
-            stack.extend(parents.get(n, []))
+    bottoms: list[Any] = []  # without leaves: where B stops (the path's ends; each a branch node)
+    if leaves:
+        stack = [n for n in (_node(t) for t in leaves) if n is not None]
+        while stack:
+            n = stack.pop()
+            if n not in on_path:
+                on_path.add(n)
+                stack.extend(parents.get(n, []))
+    else:  # no input needs a gradient (the first stage's data): the path is what is not the weights'
+        side = weight_side(seen, {id(p) for p in params})
+        on_path = seen - side
+        bottoms = [n for n in on_path if all(c is None or c in side for c, _ in n.next_functions)]
+        if not bottoms:
+            return job
     # a root the inputs' path does not pass (this slice's keys and values, kept for later slices) is a
     # branch node too, with the gradient given for it: B does not run it
     root_nodes: dict[Any, dict[int, torch.Tensor]] = {}
@@ -134,12 +151,19 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
             if n not in root_nodes:
                 handles.append(n.register_prehook(_keeper(job.kept, n)))
     try:
-        torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
+        if leaves:
+            torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
+        else:  # down to the bottoms, not through them: they run in W (the gradient reaching each is kept)
+            got = torch.autograd.grad(roots, [GradientEdge(n, 0) for n in bottoms], grads, retain_graph=True,
+                                      allow_unused=True)
+            job.kept.update({n: {0: g} for n, g in zip(bottoms, got) if g is not None})
     finally:
         for h in handles:
             h.remove()
     job.whole = False
     job.groups = [(ps, list(ns)) for ps, ns in groups]
+    job.products = [product_of(next(iter(ns)), on_path, {id(p) for p in ps})
+                    if len(ns) == 1 and next(iter(ns)) not in root_nodes else None for ps, ns in groups]
     return job
 
 
@@ -161,26 +185,43 @@ def _all_whole(job: WeightJob, roots: list[torch.Tensor], grads: list[Optional[t
     return job
 
 
-def backward_weight(job: WeightJob, params: Sequence[torch.Tensor]) -> None:
-    """The weight gradients :func:`backward_input` left, accumulated into ``params``' ``.grad``."""
-    if job.whole:
-        if job.roots and params:
-            torch.autograd.backward(job.roots, job.grads, inputs=list(params))
+def backward_weight(jobs: Sequence[WeightJob], params: Sequence[torch.Tensor]) -> None:
+    """The weight gradients :func:`backward_input` left for one or several microbatches of a stage,
+    accumulated into ``params``' ``.grad``: one backward per group over all of them, so each weight
+    accumulates once; with several, a linear layer's group is one product over their rows
+    (:mod:`.weight_products`)."""
+    jobs = [j for j in jobs if j.roots]
+    if not jobs or not params:
         return
-    for ps, ns in job.groups:
-        edges, grads = [], []
-        for n in ns:
-            for i, g in job.kept.get(n, {}).items():
-                edges.append(GradientEdge(n, i))
-                grads.append(g)
+    shape = [[id(p) for p in ps] for ps, _ in jobs[0].groups]
+    if any(j.whole or [[id(p) for p in ps] for ps, _ in j.groups] != shape for j in jobs):
+        roots = [r for j in jobs for r in j.roots]
+        grads = [g for j in jobs for g in j.grads]
+        torch.autograd.backward(roots, grads, inputs=list(params))
+        return
+    for k, (ps, _) in enumerate(jobs[0].groups):
+        products = [j.products[k] for j in jobs]
+        if len(jobs) > 1 and all(p is not None for p in products):
+            got = gradients(products, [j.kept[p.node][0] for j, p in zip(jobs, products)])  # type: ignore
+            edges = [GradientEdge(*e) for e, _ in got]
+            torch.autograd.backward(edges, [g for _, g in got], inputs=ps, retain_graph=True)
+            continue
+        edges, grads, handles = [], [], []
+        for j in jobs:
+            ns = j.groups[k][1]
+            for n in ns:
+                for i, g in j.kept.get(n, {}).items():
+                    edges.append(GradientEdge(n, i))
+                    grads.append(g)
+            if len(ns) > 1:
+                handles += [n.register_prehook(_clamp(j.kept[n])) for n in ns if n in j.kept]
         if not edges:
             continue
-        handles = [n.register_prehook(_clamp(job.kept[n])) for n in ns if n in job.kept] \
-            if len(ns) > 1 else []
         try:
             torch.autograd.backward(edges, grads, inputs=ps, retain_graph=True)
         finally:
             for h in handles:
                 h.remove()
-    job.kept.clear()
-    job.groups = []
+    for j in jobs:
+        j.kept.clear()
+        j.groups, j.products = [], []

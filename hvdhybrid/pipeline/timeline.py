@@ -29,7 +29,7 @@ def peak_held(acts: list[Any]) -> int:
     live = worst = 0
     for a in acts:
         live += a.kind == "F"
-        live -= a.kind == ("W" if split else "B")
+        live -= (a.n if a.kind == "W" else 1) if a.kind == ("W" if split else "B") else 0
         worst = max(worst, live)
     return worst
 

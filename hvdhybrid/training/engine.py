@@ -88,7 +88,7 @@ class Engine:
                                  model.loss_fn, self.precision.autocast(self.device), rc)
         mbs = cfg.pipeline.microbatches
         self.plan: list[Action] = sched.build(cfg.pipeline.schedule, self.graph, mbs, placement,
-                                              n_slices)[c.stage]
+                                              n_slices, cfg.pipeline.weights_per_w())[c.stage]
         self.eval_plan: list[Action] = sched.build_forward_only(self.graph, mbs, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.comm.fp16_compression)
         self.sync.broadcast_parameters(self.modules)

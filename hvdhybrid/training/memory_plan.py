@@ -47,8 +47,8 @@ class OptimizerFacts:
 def activations_peak(plan: Sequence[object], saved: dict[int, int]) -> int:
     """The peak of live saved bytes walking ``plan`` (actions with ``stage``, ``kind``, ``mb``,
     ``slice``): a forward adds ``saved[stage]``; its weight pass (W) releases them where the plan has
-    one for that microbatch, else its backward (B)."""
-    has_w = {(a.stage, a.mb, a.slice) for a in plan if a.kind == "W"}  # type: ignore[attr-defined]
+    one for that microbatch (a batched W those of each it covers), else its backward (B)."""
+    has_w = {(a.stage, m, a.slice) for a in plan if a.kind == "W" for m in a.mbs}  # type: ignore[attr-defined]
     live = peak = 0
     for a in plan:
         key = (a.stage, a.mb, a.slice)  # type: ignore[attr-defined]
@@ -56,7 +56,9 @@ def activations_peak(plan: Sequence[object], saved: dict[int, int]) -> int:
         if kind == "F":
             live += saved[key[0]]
             peak = max(peak, live)
-        elif (kind == "W") or (kind == "B" and key not in has_w):
+        elif kind == "W":
+            live -= saved[key[0]] * a.n  # type: ignore[attr-defined]
+        elif kind == "B" and key not in has_w:
             live -= saved[key[0]]
     return peak
 

@@ -49,7 +49,7 @@ def _both(model: nn.Module, x: torch.Tensor, g: torch.Tensor, split: bool) -> tu
     params = list(model.parameters())
     if split:
         job = backward_input([out], [g], [leaf] if leaf.requires_grad else [], params)
-        backward_weight(job, params)
+        backward_weight([job], params)
     else:
         torch.autograd.backward([out], [g])
     return [p.grad.clone() for p in params], leaf.grad
@@ -69,10 +69,10 @@ def test_split_equals_one_backward(inputs_need_grad: bool, tie: bool) -> None:
     split, dx2 = _both(model, x, g, split=True)
     for a, b in zip(whole, split):
         assert torch.allclose(a, b, atol=1e-6)
+    assert CALLS["n"] == (2 if tie else 1)  # B ran the chain once; W started at the branch nodes
     if inputs_need_grad:
         assert torch.allclose(dx, dx2, atol=1e-6)
-        assert CALLS["n"] == (2 if tie else 1)  # B ran the chain once; W started at the branch nodes
-    else:
+    else:  # the first stage: B ran down to the first layer, not through it
         assert dx2 is None
 
 
@@ -84,4 +84,86 @@ def test_a_transformer_block_splits_exactly() -> None:
     split, dx2 = _both(block, x, g, split=True)
     assert torch.allclose(dx, dx2, atol=1e-6)
     for a, b in zip(whole, split):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _batched(model: nn.Module, xs: list[torch.Tensor], gs: list[torch.Tensor], batched: bool) -> list:
+    """Gradients of several microbatches: whole backwards, or B each then one batched W."""
+    for p in model.parameters():
+        p.grad = None
+    params = [p for p in model.parameters()]
+    jobs, outs = [], []
+    for x, g in zip(xs, gs):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = model(leaf)
+        if batched:
+            jobs.append(backward_input([out], [g], [leaf], params))
+        else:
+            torch.autograd.backward([out], [g])
+        outs.append(out)
+    if batched:
+        backward_weight(jobs, params)
+    return [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_batched_w_equals_the_microbatches_one_by_one(tie: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The linear layers' weights take one product over the microbatches' rows (counted), the layer
+    norm and the tie (two branch nodes) their autograd backward over all of them at once."""
+    from hvdhybrid.pipeline import weight_products
+
+    torch.manual_seed(2)
+    model = Chain(tie)
+    xs = [torch.randn(n, 6) for n in (3, 4, 5)]  # microbatches of different sizes
+    gs = [torch.randn(n, 6) for n in (3, 4, 5)]
+    counted = {"n": 0}
+    real = weight_products.gradients
+
+    def counting(products, kept):  # type: ignore[no-untyped-def]
+        counted["n"] += 1
+        assert len(products) == 3
+        return real(products, kept)
+
+    monkeypatch.setattr("hvdhybrid.pipeline.split_backward.gradients", counting)
+    want = _batched(model, xs, gs, batched=False)
+    got = _batched(model, xs, gs, batched=True)
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+
+def test_each_weight_accumulates_once_per_batched_w() -> None:
+    """What --reduce overlap and --zero 2 count on: a parameter is told final once, at its one
+    accumulation (the post-accumulate-grad hook), however many microbatches a W covers."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6, bias=False))
+    calls: dict[int, int] = {}
+    for i, p in enumerate(model.parameters()):
+        p.register_post_accumulate_grad_hook(lambda _p, i=i: calls.__setitem__(i, calls.get(i, 0) + 1))
+    _batched(model, [torch.randn(4, 6) for _ in range(4)], [torch.randn(4, 6) for _ in range(4)], True)
+    assert calls == {i: 1 for i in range(len(list(model.parameters())))}
+
+
+def test_a_batched_w_under_recomputation() -> None:
+    """--recompute full (torch's non-reentrant checkpoint): the saved inputs the product reads are
+    the recomputed ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(4)
+    inner = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return checkpoint(self.inner, x, use_reentrant=False)
+
+    stage = Stage()
+    xs = [torch.randn(3, 6) for _ in range(3)]
+    gs = [torch.randn(3, 6) for _ in range(3)]
+    want = _batched(inner, xs, gs, batched=False)
+    got = _batched(stage, xs, gs, batched=True)
+    for a, b in zip(want, got):
         assert torch.allclose(a, b, atol=1e-6)
