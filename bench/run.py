@@ -45,9 +45,9 @@ def _run(cmd: list[str]) -> list[dict]:
     return [json.loads(line[6:]) for line in p.stdout.splitlines() if line.startswith("BENCH ")]
 
 
-def mpirun(n: int, script: str, *args: str) -> list[str]:
+def mpirun(n: int, script: str, *args: str, flags: tuple[str, ...] = ()) -> list[str]:
     return ["mpirun", "-np", str(n), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-            "-x", "HF_HUB_OFFLINE", PY, os.path.join(HERE, script), *args]
+            "-x", "HF_HUB_OFFLINE", *flags, PY, os.path.join(HERE, script), *args]
 
 
 def _hvdtrain_bert(precision: str, batch: int, max_len: int, steps: int, warmup: int) -> dict:
@@ -353,23 +353,67 @@ def memory() -> list[dict]:
     return _run([PY, os.path.join(HERE, "memory.py"), "--width", "6144", "--depth", "9"])
 
 
-HVD_SCHEDULES = ["gpipe", "1f1b", "zb1", "1f1b:2", "interleaved", "zbv", "vhalf"]
+HVD_SCHEDULES = ["gpipe", "1f1b", "zb1", "zb1:1:1", "1f1b:2", "interleaved", "zbv", "zbv:2:8", "vhalf",
+                 "vhalf:2:8"]
+"""SCHEDULE[:V[:N]]: V stages per rank, N microbatches per W (no N: the default, zb1 batches all)."""
+GPT2_SCHEDULES = ["gpipe", "1f1b", "zb1", "zb1:1:1", "interleaved", "zbv", "zbv:2:8"]
+
+
+def _same_allocator() -> tuple[str, ...]:
+    """Every runner of the schedule bench under the allocator hvdtrain's ranks use (jemalloc, where
+    installed): measured on the bench MLP, glibc's malloc made every runner 1.2-1.4x slower, ours and
+    torch's alike (fresh pages for each freed activation). Returns mpirun's -x flags for it."""
+    sys.path.insert(0, ROOT)
+    from hvdhybrid import allocator
+
+    lib = allocator.library()
+    if lib is None:
+        print("jemalloc is not installed: every runner on the C library's allocator", file=sys.stderr)
+        return ()
+    os.environ.update(allocator.preload_env({}, lib))
+    return ("-x", "LD_PRELOAD", "-x", "MALLOC_CONF")
 
 
 def pipeline(skip_torch: bool = False) -> list[dict]:
-    """The 8-layer MLP pipeline on 2 ranks, 8 microbatches: every hvdhybrid schedule (2 stages, or 4
-    virtual stages) against one process and every torch.distributed.pipelining schedule on the same
+    """The bench MLP and GPT-2 small, each on 2 ranks, 8 microbatches: every hvdhybrid schedule (2 stages,
+    or 4 virtual stages) against one process and every torch.distributed.pipelining schedule on the same
     split; point-to-point throughput against raw mpi4py."""
-    res = _run([PY, os.path.join(HERE, "single.py")])
-    res += _run(mpirun(2, "hvdhybrid_pipeline.py", *HVD_SCHEDULES))
-    if not skip_torch:
-        torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
-        res += _run([torchrun, "--nproc-per-node", "2", os.path.join(HERE, "torch_pipelining.py")])
+    before = dict(os.environ)
+    flags = _same_allocator()
+    res: list[dict] = []
+    try:
+        for model, names in (("mlp", HVD_SCHEDULES), ("gpt2", GPT2_SCHEDULES)):
+            res += _run([PY, os.path.join(HERE, "single.py"), "--model", model])
+            res += _run(mpirun(2, "hvdhybrid_pipeline.py", "--model", model, *names, flags=flags))
+            if not skip_torch:
+                torchrun = shutil.which("torchrun", path=os.path.dirname(PY)) or "torchrun"
+                res += _run([torchrun, "--nproc-per-node", "2", os.path.join(HERE, "torch_pipelining.py"),
+                             "--model", model])
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
     res += _run(mpirun(2, "p2p_throughput.py"))
-    by = {r["name"]: r for r in res if "step_s" in r}
+    for model in ("mlp", "gpt2"):
+        _pipeline_table(res, "" if model == "mlp" else f"{model}-")
+    print("\n| message | raw mpi4py GB/s | hvdhybrid GB/s | ratio |")
+    print("|---|---|---|---|")
+    for r in res:
+        if r["name"] == "p2p":
+            print(f"| {r['mb']} MB | {r['raw_GBps']:.2f} | {r['hvdhybrid_GBps']:.2f} | {r['ratio']:.2f} |")
+    return res
+
+
+def _pipeline_table(res: list[dict], prefix: str) -> None:
+    """One model's rows (names starting with ``prefix``; the MLP's have none) and hvdhybrid's best
+    against torch's best and one process."""
+    def mine(name: str) -> bool:
+        return name.startswith(prefix) if prefix else not name.startswith("gpt2-")
+
+    by = {r["name"][len(prefix):]: r for r in res if "step_s" in r and mine(r["name"])}
     ideal = 2 * 8 / (8 + 2 - 1)
     single, single_mb = by["single"]["step_s"], by["single-microbatched"]["step_s"]
-    print("\n| run | stages | s/step | speedup vs 1 process (full batch) | % of ideal 1.78x "
+    print(f"\n{prefix.rstrip('-') or 'mlp'}:\n")
+    print("| run | stages | s/step | speedup vs 1 process (full batch) | % of ideal 1.78x "
           "| speedup vs 1 process (8 microbatches) |")
     print("|---|---|---|---|---|---|")
     for name, r in by.items():
@@ -378,7 +422,7 @@ def pipeline(skip_torch: bool = False) -> list[dict]:
         print(f"| {name} | {r.get('stages', 1)} | {st:.3f} | {single / st:.2f}x | {pct} "
               f"| {single_mb / st:.2f}x |")
     for r in res:
-        if "error" in r:
+        if "error" in r and mine(r["name"]):
             print(f"| {r['name']} | | failed: {r['error']} | | | |")
     ours = {k: v["step_s"] for k, v in by.items() if k.startswith("hvdhybrid-")}
     peers = {k: v["step_s"] for k, v in by.items() if k.startswith("torch-")}
@@ -387,12 +431,6 @@ def pipeline(skip_torch: bool = False) -> list[dict]:
         print(f"\nhvdhybrid's best ({best}, {ours[best]:.3f} s) vs torch's best ({peer}, "
               f"{peers[peer]:.3f} s): {peers[peer] / ours[best]:.2f}x faster; vs one process on the full "
               f"batch: {single / ours[best]:.2f}x")
-    print("\n| message | raw mpi4py GB/s | hvdhybrid GB/s | ratio |")
-    print("|---|---|---|---|")
-    for r in res:
-        if r["name"] == "p2p":
-            print(f"| {r['mb']} MB | {r['raw_GBps']:.2f} | {r['hvdhybrid_GBps']:.2f} | {r['ratio']:.2f} |")
-    return res
 
 
 MPI_CHOICE = {"hvdhybrid-rules": "hvdhybrid's rules",

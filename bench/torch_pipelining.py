@@ -1,6 +1,6 @@
 """Peer: every torch.distributed.pipelining schedule (gloo, CPU) on the bench MLP; run under torchrun.
 
-    torchrun --nproc-per-node 2 bench/torch_pipelining.py [SCHEDULE ...]
+    torchrun --nproc-per-node 2 bench/torch_pipelining.py [--model mlp|gpt2] [SCHEDULE ...]
 
 Single-stage schedules (gpipe, 1f1b) run 2 stages (one per rank); the multi-stage ones run 4 virtual
 stages, looped (stage i on rank i % 2) or, for zbv and dualpipev, in a V (rank 0 holds stages 0 and 3).
@@ -14,8 +14,18 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.pipelining as pp
-from common import BATCH, MICRO, batch, emit, median, mlp_layers, one_thread, time_steps
-from torch import nn
+from common import (
+    MICRO,
+    emit,
+    median,
+    model_arg,
+    model_batch,
+    model_loss,
+    model_parts,
+    model_rows,
+    one_thread,
+    time_steps,
+)
 
 #: name -> (class, stages per rank, V placement)
 SCHEDULES = {
@@ -26,20 +36,19 @@ SCHEDULES = {
 }
 
 
-def run(name: str) -> None:
+def run(model: str, name: str) -> None:
     cls, v, vshape = SCHEDULES[name]
     rank, size = dist.get_rank(), dist.get_world_size()
-    layers = mlp_layers()
     n = size * v
-    per = len(layers) // n
     mine = [i for i in range(n) if (i if i < size else 2 * size - 1 - i) == rank] if vshape else \
         [i for i in range(n) if i % size == rank]
-    parts = [nn.Sequential(*layers[i * per:(i + 1) * per]) for i in mine]
+    every = model_parts(model, n)
+    parts = [every[i] for i in mine]
     stages = [pp.PipelineStage(p, i, n, torch.device("cpu")) for p, i in zip(parts, mine)]
     kind = getattr(pp, cls)
-    sched = kind(stages[0] if v == 1 else stages, MICRO, loss_fn=nn.functional.mse_loss)
+    sched = kind(stages[0] if v == 1 else stages, MICRO, loss_fn=model_loss(model))
     opt = torch.optim.SGD([q for p in parts for q in p.parameters()], lr=1e-3)
-    x, y = batch()
+    x, y = model_batch(model)
     first, last = 0 in mine, n - 1 in mine
 
     def step() -> None:
@@ -54,20 +63,23 @@ def run(name: str) -> None:
             sched.step()
         opt.step()
 
-    times = time_steps(step, 3, 10, dist.barrier)
+    times = time_steps(step, 3, 10, dist.barrier) if model == "mlp" else time_steps(step, 2, 4, dist.barrier)
     if rank == 0:
-        emit({"name": f"torch-{name}", "batch": BATCH, "step_s": median(times), "stages": n})
+        tag = "" if model == "mlp" else f"{model}-"
+        emit({"name": f"{tag}torch-{name}", "batch": model_rows(model), "step_s": median(times), "stages": n})
 
 
 def main() -> None:
     one_thread()
     dist.init_process_group("gloo")
-    for name in sys.argv[1:] or list(SCHEDULES):
+    model, names = model_arg(sys.argv[1:])
+    for name in names or list(SCHEDULES):
         try:
-            run(name)
+            run(model, name)
         except Exception as e:  # a schedule this torch cannot run on the CPU: say so, go on
             if dist.get_rank() == 0:
-                emit({"name": f"torch-{name}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                tag = "" if model == "mlp" else f"{model}-"
+                emit({"name": f"{tag}torch-{name}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
         dist.barrier()
     dist.destroy_process_group()
 

@@ -145,9 +145,11 @@ class PipelineConfig:
                                   "(a stage keeps only its inputs), selective (the attention core of gpt, "
                                   "gpt2, bert); :S0,S1,.. for those model stages only (e.g. full:0,1).",
                           metavar="none|full|selective[:S0,S1,..]")
-    batch_w: int = knob(0, "Weight gradients of this many microbatches of a stage as one product per layer "
-                           "(zb1, zbv, vhalf; 1: one at a time; 0: auto, all of a step's, where "
-                           "docs/benchmarks.md measured it faster).", metavar="N")
+    batch_w: int = knob(0, "Weight gradients of this many microbatches of a stage as one product per "
+                           "layer (zb1, zbv, vhalf; 1: one at a time; 0: auto, where docs/benchmarks.md "
+                           "measured it faster: all of a step's with zb1, which then holds activations as "
+                           "gpipe does).",
+                        metavar="N")
 
     def __post_init__(self) -> None:
         _at_least("--microbatches", self.microbatches, 1)
@@ -165,12 +167,12 @@ class PipelineConfig:
             raise ConfigError(f"token slices {list(self.slices)} must be positive lengths")
 
     def weights_per_w(self) -> int:
-        """Microbatches per ``W`` action: ``--batch-w``, 0 resolved (all of a step's where ``W`` is split
-        and sequences are whole; else 1)."""
+        """Microbatches per ``W`` action: ``--batch-w``, 0 resolved (all of a step's for zb1 with whole
+        sequences, where it measured faster; else 1: the V schedules' ``W`` fill their bubbles)."""
         if self.batch_w:
             return self.batch_w
         sliced = self.slices is not None and len(self.slices) > 1
-        return self.microbatches if self.schedule in SPLIT_W and not sliced else 1
+        return self.microbatches if self.schedule == "zb1" and not sliced else 1
 
 
 @dataclass(frozen=True)

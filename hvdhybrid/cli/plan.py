@@ -19,7 +19,7 @@ __all__ = ["plan", "render_plan"]
 @click.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("-np", "--np", "np_", type=int, required=True, help="Number of ranks.")
 @config_options(only=("stages", "bundle_shape", "tensor", "stages_per_rank", "placement", "fp16_compression",
-                      "schedule", "microbatches"), collective=False)
+                      "schedule", "microbatches", "batch_w"), collective=False)
 @click.option("--hostfile", type=click.Path(), default=None, help="Show which host runs each rank.")
 @map_by_option
 @click.option("--param-mb", type=float, default=None,
@@ -77,7 +77,7 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
     ctx = click.get_current_context()
     drawn = _timeline(cfg, layout, pl, slices) if any(
         ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
-        for k in ("schedule", "microbatches", "slices")) else None
+        for k in ("schedule", "microbatches", "slices", "batch_w")) else None
     click.echo(render_plan(layout, hosts, pl))
     if drawn is not None:
         click.echo(drawn)

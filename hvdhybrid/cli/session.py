@@ -204,6 +204,10 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                 log.info("--reduce overlap: gradients averaged across bundles during the last backward, "
                          "bucket by bucket" if why is None else
                          f"--reduce overlap: {why}; the reduce runs after the schedule")
+            per_w = cfg.pipeline.weights_per_w()
+            if per_w > 1 and not (cfg.pipeline.slices and len(cfg.pipeline.slices) > 1):
+                log.info(f"batched W: the weight gradients of up to {per_w} microbatches of a stage as one "
+                         "product per layer (--batch-w 1: one at a time)")
             if placement is not None:
                 how = cfg.parallel.placement_name(cfg.pipeline.schedule)
                 log.info(f"{model.graph.num_stages} model stages placed {how}: {placement.describe()}")

@@ -154,9 +154,9 @@ def backward_input(roots: list[torch.Tensor], grads: list[Optional[torch.Tensor]
         if leaves:
             torch.autograd.backward(roots, grads, inputs=leaves, retain_graph=True)
         else:  # down to the bottoms, not through them: they run in W (the gradient reaching each is kept)
-            got = torch.autograd.grad(roots, [GradientEdge(n, 0) for n in bottoms], grads, retain_graph=True,
-                                      allow_unused=True)
-            job.kept.update({n: {0: g} for n, g in zip(bottoms, got) if g is not None})
+            at = torch.autograd.grad(roots, [GradientEdge(n, 0) for n in bottoms], grads, retain_graph=True,
+                                     allow_unused=True)
+            job.kept.update({n: {0: g} for n, g in zip(bottoms, at) if g is not None})
     finally:
         for h in handles:
             h.remove()

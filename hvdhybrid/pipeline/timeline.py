@@ -35,13 +35,18 @@ def peak_held(acts: list[Any]) -> int:
 
 
 def draw(graph: StageGraph, placement: Placement, plan: Plan, microbatches: int, slices: int = 1) -> str:
-    """The plan's lock-step timeline, one row per position, then its bubble and peaks."""
+    """The plan's timeline in unit ticks (a batched ``W`` one per microbatch it covers, its later ticks
+    drawn ``~``), one row per position, then its bubble and peaks."""
     sim = simulate(graph, placement, plan, microbatches, slices=slices)
-    width = max((len(c) for row in sim.timeline for c in row), default=1)
-    ticks, npos = len(sim.timeline), placement.num_positions
-    lines = [f"position {p}: " + " ".join((row[p] or ".").rjust(width) for row in sim.timeline)
-             for p in range(npos)]
-    work = sum(len(plan.get(p, [])) for p in range(npos))
+    ticks, npos = int(round(sim.makespan)), placement.num_positions
+    grid = [["."] * ticks for _ in range(npos)]
+    for a, end in sim.finish.items():
+        if a.kind != "R":
+            p, start = placement.position_of(a.stage), int(round(end)) - a.n
+            grid[p][start:start + a.n] = [str(a)] + ["~"] * (a.n - 1)
+    width = max((len(c) for row in grid for c in row), default=1)
+    lines = [f"position {p}: " + " ".join(c.rjust(width) for c in grid[p]) for p in range(npos)]
+    work = sum(a.n for p in range(npos) for a in plan.get(p, []) if a.kind != "R")
     idle = ticks * npos - work
     lines.append(f"{ticks} ticks (unit costs); bubble {idle}/{ticks * npos} = {idle / (ticks * npos):.1%} "
                  "of positions x ticks")

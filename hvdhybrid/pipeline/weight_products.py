@@ -42,7 +42,8 @@ class Product:
 
     def rows(self) -> torch.Tensor:
         """The left-hand factor this microbatch saved (its rows are the microbatch's)."""
-        x: torch.Tensor = self.node._saved_mat1 if self.node.name() == "AddmmBackward0" else self.node._saved_self
+        n = self.node
+        x: torch.Tensor = n._saved_mat1 if n.name() == "AddmmBackward0" else n._saved_self
         return x
 
 

@@ -81,6 +81,40 @@ def test_bert(tmp_path_factory: pytest.TempPathFactory, tmp_path) -> None:
            tmp_path / "2-bundles", "bucket by bucket")
 
 
+BATCHED = "batched W: the weight gradients of up to"
+
+
+@pytest.mark.parametrize("np_,layout,placed", [
+    (2, ["--stages", "2", "--schedule", "zb1", "--stages-per-rank", "1", "--batch-w", "1"], ""),
+    (2, ["--stages", "2", "--schedule", "zb1", "--stages-per-rank", "1", "--batch-w", "3", "--recompute",
+         "full"], f"{BATCHED} 3 microbatches"),
+    (4, ["--bundle-shape", "1,1", "--schedule", "zbv", "--batch-w", "2", "--reduce", "overlap"],
+     f"{BATCHED} 2 microbatches"),
+], ids=["zb1-unbatched", "zb1-batched-3-recompute", "zbv-batched-2-bundles-overlap"])
+def test_mlp_batched_w(mlp_one: str, tmp_path, np_: int, layout: list[str], placed: str) -> None:
+    """W of several microbatches as one product (zb1 batches all of a step's by default: the other
+    files' zb1 cases run batched)."""
+    _check(np_, [*MLP, *V, *layout], mlp_one, tmp_path, placed)
+
+
+def test_gpt2_and_bert_batched_w(gpt2_one: str, tmp_path_factory: pytest.TempPathFactory, tmp_path) -> None:
+    """GPT-2's Conv1D and tensor-parallel layers, BERT's embeddings and heads, under a batched W."""
+    _check(4, [*GPT2, "--stages", "2", "--tensor", "2", "--schedule", "zb1"], gpt2_one, tmp_path / "gpt2",
+           f"{BATCHED} 4 microbatches")
+    one = _one(tmp_path_factory, "bert-w", BERT)
+    _check(4, [*BERT, "--bundle-shape", "1,1", "--schedule", "zb1", "--reduce", "overlap"], one,
+           tmp_path / "bert", f"{BATCHED} 2 microbatches")
+
+
+def test_batched_w_it_cannot_apply_is_one_line_exit_2(tmp_path) -> None:
+    r = mpirun(2, *MLP, "--stages", "2", "--schedule", "1f1b", "--batch-w", "2", "--out", str(tmp_path / "a"))
+    assert r.rc == 2 and "--batch-w 2: schedule 1f1b computes weight gradients inside B" in r.err
+    r = mpirun(2, *GPT, "--stages", "2", "--schedule", "zb1", "--slices", "3", "--batch-w", "2",
+               "--out", str(tmp_path / "b"))
+    assert r.rc == 2 and "with token slices each W runs a whole backward" in r.err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_layout_the_schedule_cannot_run_is_one_line_exit_2(tmp_path) -> None:
     out = str(tmp_path / "bad")
     r = mpirun(2, *MLP, "--stages", "2", "--schedule", "zbv", "--out", out)
@@ -98,6 +132,10 @@ def test_plan_draws_the_simulated_timeline_and_a_runs_real_one(tmp_path) -> None
     assert r.rc == 0, r.err[-3000:]
     rows = [line for line in r.out.splitlines() if line.startswith("position ")]
     assert len(rows) == 2 and "25 ticks (unit costs); bubble 2/50" in r.out
+    batched = run([HVDTRAIN, "plan", "-np", "2", "--stages", "2", "--schedule", "zb1", "-m", "4"])
+    assert batched.rc == 0, batched.err[-3000:]  # zb1 batches every W of the step by default
+    assert "0B3 0W0-3     ~     ~     ~" in batched.out and "peak activations (stage-microbatches held): " \
+        "position 0 4, position 1 4" in batched.out
     trace = str(tmp_path / "trace.json")
     r = mpirun(2, *MLP, *V, "--stages", "2", "--schedule", "zbv", "--trace", trace, "--out",
                str(tmp_path / "run"))
@@ -105,6 +143,6 @@ def test_plan_draws_the_simulated_timeline_and_a_runs_real_one(tmp_path) -> None
     got = run([HVDTRAIN, "plan", "-np", "1", "--trace", trace])
     assert got.rc == 0, got.err[-3000:]
     ran = [line.split(": ", 1)[1] for line in got.out.splitlines() if line.startswith("rank ")]
-    assert ran == [" ".join(a for a in row.split(": ", 1)[1].split() if a != ".") for row in rows]
+    assert ran == [" ".join(a for a in row.split(": ", 1)[1].split() if a not in ".~") for row in rows]
     bad = run([HVDTRAIN, "plan", "-np", "1", "--trace", str(tmp_path / "run" / "config.json")])
     assert bad.rc == 2 and bad.err.count("\n") == 1

@@ -68,7 +68,8 @@ def test_the_knob_resolves_auto_and_refuses_what_cannot_batch() -> None:
     assert PipelineConfig(schedule="zb1", microbatches=8).weights_per_w() == 8
     assert PipelineConfig(schedule="1f1b", microbatches=8).weights_per_w() == 1
     assert PipelineConfig(schedule="zb1", microbatches=8, slices=(4, 4)).weights_per_w() == 1
-    assert PipelineConfig(schedule="zbv", microbatches=8, batch_w=1).weights_per_w() == 1
+    assert PipelineConfig(schedule="zbv", microbatches=8).weights_per_w() == 1
+    assert PipelineConfig(schedule="zbv", microbatches=8, batch_w=4).weights_per_w() == 4
     with pytest.raises(ConfigError, match="--batch-w 4: schedule 1f1b computes"):
         PipelineConfig(schedule="1f1b", batch_w=4)
     with pytest.raises(ConfigError, match="token slices"):
