@@ -90,7 +90,10 @@ def model_parts(model: str, n: int) -> list[nn.Module]:
     units = unit_names(config.n_layer)
     cuts = [round(len(units) * i / n) for i in range(n + 1)]
     full = hf_model(config, 0)
-    return [GPT2Stage(full, units[cuts[i]:cuts[i + 1]], MPI.COMM_SELF) for i in range(n)]
+    parts = [GPT2Stage(full, units[cuts[i]:cuts[i + 1]], MPI.COMM_SELF) for i in range(n)]
+    head: Any = parts[-1].get_submodule("lm_head")
+    head.weight = nn.Parameter(head.weight.detach().clone())  # untied from the embedding's
+    return parts
 
 
 def model_batch(model: str) -> tuple[torch.Tensor, torch.Tensor]:
