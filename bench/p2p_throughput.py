@@ -14,7 +14,7 @@ from hvdhybrid.comm.p2p import P2P, MsgKey
 
 SIZES_MB = [1, 4, 16, 64]
 ROUNDS = 10
-REPEATS = 7
+REPEATS = 21
 
 
 def main() -> None:
@@ -49,8 +49,9 @@ def main() -> None:
                 p2p.wait_sends()
 
         times: dict[str, list[float]] = {"raw": [], "ours": []}
+        pair = (("raw", raw), ("ours", ours))
         for rep in range(REPEATS + 1):  # interleaved, so drift hits both alike; rep 0 warms up
-            for name, fn in (("raw", raw), ("ours", ours)):
+            for name, fn in pair if rep % 2 else pair[::-1]:  # each goes first in half the rounds
                 world.Barrier()
                 t0 = time.perf_counter()
                 for _ in range(ROUNDS):
