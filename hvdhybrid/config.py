@@ -252,6 +252,9 @@ class RunConfig:
     progress: bool = knob(True, "Progress bar on rank 0 (else a log line per step).",
                           flag="--progress/--no-progress")
     checkpoint_every: int = knob(0, "Steps between checkpoints (0: only at the end).")
+    checkpoint_async: bool = knob(True, "Write the --checkpoint-every checkpoints in the background (a copy "
+                                        "of the state is taken at the step; training waits only for it).",
+                                  flag="--checkpoint-async/--checkpoint-sync")
     keep: int = knob(3, "Complete checkpoints kept.")
     resume: bool = knob(False, "Continue the run in --out from its newest complete checkpoint.")
     trace: Optional[str] = knob(None, "Write a Chrome trace of every rank's actions (Perfetto, "

@@ -45,4 +45,4 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
     if dry_run:
         click.echo(shlex.join(cmd))
         return
-    sys.exit(supervise(cmd))
+    sys.exit(supervise(cmd, np_))

@@ -13,7 +13,10 @@ import tempfile
 import threading
 from typing import Any, Optional
 
-__all__ = ["launch_command", "supervise", "explain_failure"]
+from .. import waits
+from ..waits import HANG_DIR_ENV
+
+__all__ = ["launch_command", "supervise", "explain_failure", "print_hang_report"]
 
 LAYOUT_FILE_ENV = "HVDHYBRID_LAYOUT_FILE"
 
@@ -33,7 +36,7 @@ def launch_command(np_: int, hostfile: Optional[str], use_horovodrun: bool,
         cmd += ["-hostfile", hostfile] if hostfile else ["-H", f"localhost:{np_}"]
         return cmd + entry + args
     cmd = ["mpirun", "-np", str(np_)] + mpi_args
-    for var in ("PATH", "PYTHONPATH", LAYOUT_FILE_ENV):
+    for var in ("PATH", "PYTHONPATH", LAYOUT_FILE_ENV, HANG_DIR_ENV):
         cmd += ["-x", var]
     if hostfile:
         cmd += ["--hostfile", hostfile]
@@ -72,11 +75,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def supervise(cmd: list[str]) -> int:
-    """Run ``cmd``, pass its output through, stop it gently on SIGTERM/SIGINT, explain a failure."""
+def print_hang_report(hang_dir: str, ranks: int, timeout: float, when: str) -> None:
+    """The lines the ranks wrote of what each waits for (see :mod:`hvdhybrid.waits`), together."""
+    lines = waits.collect(hang_dir, ranks, timeout)
+    if lines:
+        sys.stderr.write(f"hvdtrain: what each rank was waiting for {when}:\n"
+                         + "".join(f"  {x}\n" for x in lines))
+        sys.stderr.flush()
+
+
+def supervise(cmd: list[str], ranks: int = 0) -> int:
+    """Run ``cmd``, pass its output through, stop it gently on SIGTERM/SIGINT, explain a failure.
+
+    SIGUSR2 asks every rank what it waits for and prints the lines together (so does a failure,
+    with the lines the ranks wrote when a ``--timeout`` fired). ``ranks``: how many lines to expect.
+    """
     fd, layout_path = tempfile.mkstemp(prefix="hvdhybrid-layout-", suffix=".json")
     os.close(fd)
-    env = dict(os.environ, **{LAYOUT_FILE_ENV: layout_path})
+    hang_dir = tempfile.mkdtemp(prefix="hvdhybrid-hang-")
+    env = dict(os.environ, **{LAYOUT_FILE_ENV: layout_path, HANG_DIR_ENV: hang_dir})
     # its own session: a Ctrl-C in the terminal reaches this launcher, not mpirun directly
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1,
                             start_new_session=True, preexec_fn=_die_with_parent)
@@ -109,7 +126,13 @@ def supervise(cmd: list[str]) -> int:
             proc.send_signal(signum)
         asked.append(signum)
 
+    def hang_report(signum: int, frame: Any) -> None:
+        waits.trigger(hang_dir)  # each rank's reporter thread answers within a fraction of a second
+        threading.Thread(target=print_hang_report, args=(hang_dir, ranks, waits.GATHER_S, "now"),
+                         daemon=True).start()
+
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, hang_report)
     try:
         rc = proc.wait()
         t.join(timeout=5)
@@ -124,7 +147,9 @@ def supervise(cmd: list[str]) -> int:
     finally:
         os.unlink(layout_path)
     if rc not in (0, 2):
+        print_hang_report(hang_dir, ranks, 0.0, "when the job ended")
         why = explain_failure("".join(tail), layout)
         if why:
             sys.stderr.write(f"hvdtrain: {why}\n")
+    shutil.rmtree(hang_dir, ignore_errors=True)
     return rc

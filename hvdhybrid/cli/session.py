@@ -20,6 +20,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .. import waits
 from ..comm.agreement import agreed, world
 from ..config import Config, ConfigError, check_batch
 from ..errors import UserError
@@ -172,6 +173,8 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
     log = tag_logger(tag)
     out, o = cfg.run.out, cfg.optim
     assert out is not None
+    hang_dir = os.environ.get(waits.HANG_DIR_ENV) or os.path.join(out, "hang")
+    reporter = waits.Reporter(tag, rank, hang_dir).start()  # a line on SIGUSR2 or a timeout
     try:
         # collective, and it starts Horovod: a rank failing here must not leave its peers waiting
         groups = ProcessGroups.create(layout, w)
@@ -263,11 +266,15 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                      f"({summary['samples_per_s']:.0f} samples/s), final loss {_rounded(losses)}; "
                      f"{shown}; results in {out}")
         groups.close()
+        reporter.close()
     except (SystemExit, UserError):
         raise
     except P2PTimeout as e:  # the message already names who waited for whom
         sys.stderr.write(f"[{tag}] {e}\n")
         sys.stderr.flush()
+        if size > 1:  # every rank says what it waits for before the job ends
+            waits.trigger(hang_dir)
+            waits.collect(hang_dir, size)
         w.Abort(1)
         raise
     except BaseException:

@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .. import waits
+
 __all__ = ["MsgKey", "P2P", "P2PTimeout", "PendingRecv", "TransportError", "make_tag", "MAX_TENSORS"]
 
 MAX_TENSORS = 16
@@ -56,7 +58,8 @@ class MsgKey:
     """What a message is: the edge of the stage graph, the microbatch, the direction.
 
     ``direction`` is 0 for activations (forward) and 1 for gradients (backward).
-    ``src_stage``/``dst_stage`` are for error messages only. With token slices,
+    ``src_stage``/``dst_stage`` are the edge's ends in the forward direction (gradients travel from
+    ``dst_stage`` to ``src_stage``), for error messages only. With token slices,
     ``slice`` is the slice of the microbatch's sequences, of ``slices``.
     """
 
@@ -71,7 +74,8 @@ class MsgKey:
     def describe(self) -> str:
         what = "activations" if self.direction == 0 else "gradients"
         sl = f" slice {self.slice}" if self.slices > 1 else ""
-        return f"{what} of microbatch {self.mb}{sl} from stage {self.src_stage} to stage {self.dst_stage}"
+        a, b = (self.src_stage, self.dst_stage) if self.direction == 0 else (self.dst_stage, self.src_stage)
+        return f"{what} of microbatch {self.mb}{sl} from stage {a} to stage {b}"
 
 
 def make_tag(key: MsgKey, part: int, num_edges: int) -> int:
@@ -294,15 +298,17 @@ class P2P:
             return
         t0 = time.monotonic()
         spins = 0
-        while not self._Request.Testall(reqs):
-            spins += 1
-            if spins > 2000:  # a few ms of spinning; then leave the core to others
-                time.sleep(0.0002)
-            waited = time.monotonic() - t0
-            if waited > self.timeout or (self.stop_requested and waited > STOP_GRACE_S):
-                why = "stopped by a signal" if waited <= self.timeout else "timed out"
-                raise P2PTimeout(f"{self.me} {why} after waiting {waited:.0f} s for {what()} "
-                                 "(is that rank alive and running the same schedule?)")
+        with waits.waiting(what):  # what a hang report says this rank waits for
+            while not self._Request.Testall(reqs):
+                spins += 1
+                if spins > 2000:  # a few ms of spinning; then leave the core to others
+                    time.sleep(0.0002)
+                waited = time.monotonic() - t0
+                if waited > self.timeout or (self.stop_requested and waited > STOP_GRACE_S):
+                    why = "stopped by a signal" if waited <= self.timeout else "timed out"
+                    waits.freeze()
+                    raise P2PTimeout(f"{self.me} {why} after waiting {waited:.0f} s for {what()} "
+                                     "(is that rank alive and running the same schedule?)")
 
     def wait_sends(self) -> None:
         """Complete every posted send (their buffers may then be reused)."""

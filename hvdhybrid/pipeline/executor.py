@@ -48,6 +48,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 import torch
 from torch import nn
 
+from .. import waits
 from ..comm.p2p import P2P, MsgKey, PendingRecv
 from ..layout.placement import Placement
 from ..layout.rows import Piece, transfer_pieces
@@ -263,6 +264,7 @@ class Executor:
             final = last_w.get(act.stage) == i
             if final:
                 watch.final_begin(act.stage)  # type: ignore[union-attr]
+            waits.set_action(act)
             with trace.span(str(act), act.kind):
                 key = (act.stage, act.mb, act.slice)
                 if act.kind == "F":
@@ -290,6 +292,7 @@ class Executor:
             for r in pending:
                 r.poll()
             self.p2p.drain_sends()
+        waits.set_action(None)
         self.p2p.wait_sends()
         self._mailbox.clear()
         return result

@@ -35,7 +35,7 @@ from ..errors import InputError
 
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "encode_shard",
-           "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest"]
+           "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest", "commit", "Entry"]
 
 FORMAT = 2
 
@@ -228,7 +228,12 @@ def prune(root: str, keep: int) -> None:
     oldest_kept = min(keep_set)
     for n in names:
         if n not in keep_set and n < oldest_kept:
-            shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            trash = os.path.join(root, f".deleting-{n}")  # gone at once: never a half-deleted step-*
+            try:
+                os.replace(os.path.join(root, n), trash)
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def load_file(path: str, name: str) -> dict[str, Any]:
@@ -267,24 +272,34 @@ def save_collective(world: Any, root: str, step: int, manifest: Manifest,
         after_shard()
     entries = world.gather((written, names, optim or {}), root=0)
     if world.Get_rank() == 0:
-        shards = {n: (h, size) for ws, _, _ in entries for n, h, size in ws}
-        all_names: dict[str, list[dict[str, Any]]] = {}
-        all_optim: dict[str, list[dict[str, Any]]] = {}
-        for _, ns, os_ in entries:
-            for k, pieces in ns.items():
-                all_names.setdefault(k, []).extend(pieces)
-            for k, pieces in os_.items():
-                all_optim.setdefault(k, []).extend(pieces)
-        for pieces in all_names.values():
-            pieces.sort(key=lambda p: (p.get("start") or 0))
-        for pieces in all_optim.values():
-            pieces.sort(key=lambda p: (p.get("start") or 0, p["flat"][0]))
-        m = Manifest(step, manifest.model, manifest.world_size, manifest.widths, shards,
-                     manifest.tensor, all_names, manifest.placement, all_optim)
-        write_manifest(root, m)
-        prune(root, keep)
+        commit(root, step, manifest, entries, keep)
     world.Barrier()  # nobody moves on before the checkpoint is committed
     return d
+
+
+Entry = tuple[list[tuple[str, str, int]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]
+"""What one rank wrote of a checkpoint: its files (name, sha256, size), its name map and share map."""
+
+
+def commit(root: str, step: int, manifest: Manifest, entries: list[Entry], keep: int) -> None:
+    """Rank 0, once every rank's files are on disk: the manifest from every rank's ``entries``, then
+    ``latest`` (the commit point), then the older checkpoints beyond ``keep`` are pruned."""
+    shards = {n: (h, size) for ws, _, _ in entries for n, h, size in ws}
+    all_names: dict[str, list[dict[str, Any]]] = {}
+    all_optim: dict[str, list[dict[str, Any]]] = {}
+    for _, ns, os_ in entries:
+        for k, pieces in ns.items():
+            all_names.setdefault(k, []).extend(pieces)
+        for k, pieces in os_.items():
+            all_optim.setdefault(k, []).extend(pieces)
+    for pieces in all_names.values():
+        pieces.sort(key=lambda p: (p.get("start") or 0))
+    for pieces in all_optim.values():
+        pieces.sort(key=lambda p: (p.get("start") or 0, p["flat"][0]))
+    m = Manifest(step, manifest.model, manifest.world_size, manifest.widths, shards,
+                 manifest.tensor, all_names, manifest.placement, all_optim)
+    write_manifest(root, m)
+    prune(root, keep)
 
 
 def resolve_resume(world: Any, where: str) -> tuple[Optional[str], list[str], Optional[str]]:

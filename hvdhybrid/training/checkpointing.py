@@ -16,6 +16,7 @@ import torch
 
 from ..log import get_logger
 from ..parallel.ownership import Sharded, join, owner_of, shard_of
+from .background_save import BackgroundWriter
 from .checkpoint import CheckpointError, Manifest, load_file, resolve_resume, save_collective
 from .engine import Engine
 from .faults import inject_failure
@@ -33,11 +34,14 @@ class Resumed:
     sampler: Optional[dict[str, int]]
 
 
-def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
+def save(engine: Engine, step: int, sampler: Optional[dict[str, int]],
+         writer: Optional[BackgroundWriter] = None) -> str:
     """Collective: write ``step``'s checkpoint under ``--out``/checkpoints, by name, once per stage.
 
     Args:
         sampler: the sampler's state at ``step`` (saved for the resume to continue from).
+        writer: write in the background (a copy of the state, written by its thread; see
+            :mod:`background_save`); None: write now, and return once it is committed.
 
     Returns:
         The checkpoint's directory.
@@ -62,8 +66,13 @@ def save(engine: Engine, step: int, sampler: Optional[dict[str, int]]) -> str:
     facts = Manifest(step, model_name, lay.world_size, lay.widths, {}, lay.tensor,
                      {}, engine.placement.positions)
     assert out is not None
-    path = save_collective(world, os.path.join(out, "checkpoints"), step, facts, files, names, run.keep,
-                           lambda: inject_failure(world.Get_rank(), step, "ckpt"), optim)
+    root, rank = os.path.join(out, "checkpoints"), world.Get_rank()
+    if writer is not None:
+        nonce = world.bcast(os.urandom(4).hex() if rank == 0 else None, root=0)
+        return writer.submit(root, step, facts, files, names, optim, run.keep, nonce,
+                             lambda: inject_failure(rank, step, "ckpt"))
+    path = save_collective(world, root, step, facts, files, names, run.keep,
+                           lambda: inject_failure(rank, step, "ckpt"), optim)
     if world.Get_rank() == 0:
         get_logger().info(f"checkpoint step {step} written to {path}")
     return path

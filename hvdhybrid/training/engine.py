@@ -24,6 +24,7 @@ from ..pipeline import schedules as sched
 from ..pipeline.actions import Action
 from ..pipeline.executor import Executor
 from .data import Dataset
+from .faults import injected_schedule
 from .gradsync import GradSync
 from .precision import Precision
 from .state import NamedState
@@ -87,7 +88,8 @@ class Engine:
         self.executor = Executor(self.graph, layout, placement, c, self.modules, self.p2p,
                                  model.loss_fn, self.precision.autocast(self.device), rc)
         mbs = cfg.pipeline.microbatches
-        self.plan: list[Action] = sched.build(cfg.pipeline.schedule, self.graph, mbs, placement,
+        schedule = injected_schedule(groups.world.Get_rank()) or cfg.pipeline.schedule
+        self.plan: list[Action] = sched.build(schedule, self.graph, mbs, placement,
                                               n_slices, cfg.pipeline.weights_per_w())[c.stage]
         self.eval_plan: list[Action] = sched.build_forward_only(self.graph, mbs, placement)[c.stage]
         self.sync = GradSync(groups, placement, self.modules, cfg.comm.fp16_compression)

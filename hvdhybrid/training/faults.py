@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["inject_failure"]
+__all__ = ["inject_failure", "injected_schedule"]
 
 
 def inject_failure(rank: int, step: int, where: str) -> None:
@@ -28,3 +28,10 @@ def inject_failure(rank: int, step: int, where: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected failure at step {step}, {where} (HVDHYBRID_INJECT_FAILURE)")
+
+
+def injected_schedule(rank: int) -> str:
+    """Failure tests only: ``HVDHYBRID_INJECT_SCHEDULE=RANK:NAME`` makes that rank run schedule NAME
+    (a schedule that does not match its peers' hangs: what the hang report must name); else ""."""
+    spec = os.environ.get("HVDHYBRID_INJECT_SCHEDULE", "").split(":")
+    return spec[1] if len(spec) == 2 and spec[0] == str(rank) else ""

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .. import waits
 from ..comm.groups import ProcessGroups
 from ..config import Config
 from ..layout.placement import Placement
@@ -25,6 +26,7 @@ from ..parallel import randomness
 from ..parallel.staged import StagedModel
 from ..pipeline import trace
 from . import checkpointing, evaluation, lr_schedule, memory
+from .background_save import BackgroundWriter
 from .data import Dataset, Sampler
 from .engine import Engine, EngineParts, OptimizerFn
 from .evaluation import MetricFn
@@ -61,7 +63,16 @@ class Trainer(EngineParts):
         self.stop_agreed = False  # some rank had one when the last step ended: all stop
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient
         self._last_checkpoint = -1  # the step of the last checkpoint written or resumed from
+        w = groups.world
+        self.writer = BackgroundWriter(w.Get_rank(), w.Get_size(), cfg.comm.timeout) \
+            if cfg.run.checkpoint_async else None  # the periodic checkpoints, written by a thread
         self.grad_bytes = 0  # the largest gradient bytes after a synchronisation (memory accounting)
+
+    def _sync_what(self) -> str:
+        """What the gradient sync waits for, in a hang report."""
+        g = self.groups
+        return (f"the gradient sync of stage group {g.coord.stage} (row, tie and data groups; across "
+                f"{g.layout.num_bundles} bundles by Horovod)")
 
     # -- one optimizer step ----------------------------------------------------
     def train_step(self, data: Dataset, indices: list[int]) -> float:
@@ -82,7 +93,7 @@ class Trainer(EngineParts):
                                     last_pass=a == acc - 1)
             loss_sum += res.loss_sum
         # Sync point: every microbatch of every pass has run backward on this rank's stages.
-        with trace.span("sync", "sync"):
+        with trace.span("sync", "sync"), waits.waiting(self._sync_what):
             self.sync.sync()
         if scale != 1.0:  # unscale the averaged gradients before the norm, the clip and the step
             for grad in self.sync.grad_tensors():
@@ -189,9 +200,10 @@ class Trainer(EngineParts):
                         path = self.save_checkpoint() if cfg.run.out else None
                         raise Stopped(self.stop_signal, self.step, path)
                     if cfg.run.out and cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
-                        self.save_checkpoint()
+                        self.save_checkpoint(background=self.step < cfg.optim.steps)
                 if cfg.run.out and self.step and not self._saved_at(self.step):
                     self.save_checkpoint()
+                self.flush_checkpoints()
             finally:
                 if bar is not None:
                     bar.close()
@@ -208,12 +220,21 @@ class Trainer(EngineParts):
         """
         return self._last_checkpoint == step
 
-    def save_checkpoint(self) -> str:
-        """Collective: write this step's checkpoint, by name, once per stage (see :mod:`checkpointing`)."""
+    def save_checkpoint(self, background: bool = False) -> str:
+        """Collective: write this step's checkpoint, by name, once per stage (see :mod:`checkpointing`);
+        ``background`` (with ``--checkpoint-async``): a copy of the state, written by a thread."""
         sampler = self.sampler.state() if self.sampler else self._resume_sampler
-        path = checkpointing.save(self.engine, self.step, sampler)
+        if not background:
+            self.flush_checkpoints()
+        writer = self.writer if background else None
+        path = checkpointing.save(self.engine, self.step, sampler, writer)
         self._last_checkpoint = self.step
         return path
+
+    def flush_checkpoints(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (raises what it failed with)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def resume(self, where: str) -> Optional[str]:
         """Collective: load the newest complete checkpoint under ``where`` (or that one directory).

@@ -47,7 +47,8 @@ def gone_within(stamp: str, seconds: float, out: str) -> None:
 
 def test_kill_9_mid_step_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path) -> None:
     out, stamp = str(tmp_path / "run"), str(tmp_path / "stamp")
-    r = mpirun(4, *BASE, "--steps", "40", "--checkpoint-every", "2", "--out", out,
+    # synchronous writes: step 4's checkpoint is committed before step 5 starts
+    r = mpirun(4, *BASE, "--steps", "40", "--checkpoint-every", "2", "--checkpoint-sync", "--out", out,
                extra_env={"HVDHYBRID_INJECT_FAILURE": "3:5:step:kill",
                           "HVDHYBRID_INJECT_STAMP": stamp}, timeout=120)
     assert r.rc != 0
