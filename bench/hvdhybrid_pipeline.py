@@ -54,36 +54,29 @@ def build(world, schedule: str, v: int, batch_w: int, which: str = "mlp"):  # ty
 
 
 def main(argv: list[str], rounds: int = 4) -> None:
-    """Every schedule timed in turn, ``rounds`` times: this machine's speed drifts by tens of percent over
-    seconds, and alternating spreads the drift over all of them. Each is built afresh in each round and
-    let go after it (GPT-2 small held once per schedule ran out of memory)."""
-    import gc
-
+    """Every schedule built once, then timed in turn, ``rounds`` times: this machine's speed drifts by
+    tens of percent over seconds, and alternating spreads the drift over all of them."""
     one_thread()
     world = mpi_world()
     which, names = model_arg(argv)
-    specs = []
+    runs = []
     for item in names or ["1f1b"]:
         name, _, rest = item.partition(":")
         v, _, bw = rest.partition(":")
-        specs.append((name, int(v) if v else (2 if name in VIRTUAL else 1), int(bw or 0)))
+        runs.append(build(world, name, int(v) if v else (2 if name in VIRTUAL else 1), int(bw or 0), which))
     x, y = model_batch(which)
     data = TensorDataset(x, y)
     idx = list(range(model_rows(which)))
-    times: dict[str, list[float]] = {}
-    stages: dict[str, int] = {}
-    for _ in range(rounds):
-        for schedule, v, batch_w in specs:
-            name, n, trainer, groups = build(world, schedule, v, batch_w, which)
-            times.setdefault(name, []).extend(
-                time_steps(lambda t=trainer: t.train_step(data, idx), 2, 3, world.Barrier))
-            stages[name] = n
-            groups.close()
-            del trainer
-            gc.collect()
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    for r in range(rounds):
+        for name, _, trainer, _ in runs:
+            times[name] += time_steps(lambda t=trainer: t.train_step(data, idx), 2 if r == 0 else 1, 3,
+                                      world.Barrier)
     if world.Get_rank() == 0:
-        for name, ts in times.items():
-            emit({"name": name, "batch": model_rows(which), "step_s": median(ts), "stages": stages[name]})
+        for name, n, _, _ in runs:
+            emit({"name": name, "batch": model_rows(which), "step_s": median(times[name]), "stages": n})
+    for *_, groups in runs:
+        groups.close()
 
 
 if __name__ == "__main__":

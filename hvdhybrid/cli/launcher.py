@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 from .. import waits
 from ..waits import HANG_DIR_ENV
 
-__all__ = ["launch_command", "supervise", "explain_failure", "print_hang_report"]
+__all__ = ["Supervision", "Watcher", "launch_command", "supervise", "explain_failure",
+           "print_hang_report"]
 
 LAYOUT_FILE_ENV = "HVDHYBRID_LAYOUT_FILE"
 
@@ -84,11 +86,29 @@ def print_hang_report(hang_dir: str, ranks: int, timeout: float, when: str) -> N
         sys.stderr.flush()
 
 
-def supervise(cmd: list[str], ranks: int = 0) -> int:
+@dataclass
+class Supervision:
+    """How a supervised job ended: its exit code, the last lines of its stderr, whether a person
+    stopped it (SIGTERM/SIGINT to the launcher) or the watcher did (to grow), and why it failed."""
+
+    rc: int
+    tail: list[str] = field(default_factory=list)
+    user_stop: bool = False
+    grow: bool = False
+    why: Optional[str] = None
+
+
+Watcher = Callable[[Any, threading.Event, threading.Event], bool]
+"""``watch(proc, asked, done)``: runs beside the job until ``done`` is set; returning True (after
+setting ``asked``) stops the job gently, as a first SIGTERM would."""
+
+
+def supervise(cmd: list[str], ranks: int = 0, watch: Optional[Watcher] = None) -> Supervision:
     """Run ``cmd``, pass its output through, stop it gently on SIGTERM/SIGINT, explain a failure.
 
     SIGUSR2 asks every rank what it waits for and prints the lines together (so does a failure,
     with the lines the ranks wrote when a ``--timeout`` fired). ``ranks``: how many lines to expect.
+    ``watch``: see :data:`Watcher` (``hvdtrain launch --elastic`` grows a job this way).
     """
     fd, layout_path = tempfile.mkstemp(prefix="hvdhybrid-layout-", suffix=".json")
     os.close(fd)
@@ -133,8 +153,16 @@ def supervise(cmd: list[str], ranks: int = 0) -> int:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     old[signal.SIGUSR2] = signal.signal(signal.SIGUSR2, hang_report)
+    grow, done, stopping = [False], threading.Event(), threading.Event()
+    if watch is not None:
+        def watcher() -> None:
+            if watch(proc, stopping, done) and proc.poll() is None and graceful:
+                grow[0] = True
+                proc.send_signal(signal.SIGUSR1)  # every rank finishes its step and checkpoints
+        threading.Thread(target=watcher, daemon=True).start()
     try:
         rc = proc.wait()
+        done.set()
         t.join(timeout=5)
     finally:
         for s, h in old.items():
@@ -146,10 +174,11 @@ def supervise(cmd: list[str], ranks: int = 0) -> int:
         layout = {}
     finally:
         os.unlink(layout_path)
+    why = None
     if rc not in (0, 2):
         print_hang_report(hang_dir, ranks, 0.0, "when the job ended")
         why = explain_failure("".join(tail), layout)
         if why:
             sys.stderr.write(f"hvdtrain: {why}\n")
     shutil.rmtree(hang_dir, ignore_errors=True)
-    return rc
+    return Supervision(rc, tail, bool(asked), grow[0] and not asked, why)

@@ -67,6 +67,14 @@ def plan_memory(command: list[str], np_: int) -> dict[str, Any]:
     return predict_memory(command, np_, cli)
 
 
+def fit_layout(command: list[str], slots: int) -> dict[str, Any]:
+    """Python API of ``hvdtrain plan -np SLOTS --fit MODEL ...``: the largest world of at most ``slots``
+    ranks that the model command's own layout options fit (``{"np", "bundles", "layout", ...}``)."""
+    from .layout_fit import fit_layout as fit
+
+    return fit(command, slots, cli)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: user errors are one line and exit code 2."""
     try:

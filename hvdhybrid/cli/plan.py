@@ -31,9 +31,11 @@ __all__ = ["plan", "render_plan"]
 @click.option("--trace", "trace_file", type=click.Path(), default=None,
               help="Draw the last step a run recorded with hvdtrain ... --trace FILE, rank by rank.")
 @click.option("--json", "as_json", is_flag=True, help="With a model command: print the prediction as JSON.")
+@click.option("--fit", is_flag=True, help="With a model command: the largest world of at most -np ranks "
+              "that its layout options fit (bundles as many as fit), instead of its memory.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
-         activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool,
+         activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool, fit: bool,
          command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
@@ -62,7 +64,7 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
             raise UserError(str(e)) from None
         return
     if command:
-        _plan_memory(np_, list(command), as_json)
+        _plan_memory(np_, list(command), as_json, fit)
         return
     try:
         layout = cfg.parallel.layout(np_)
@@ -112,9 +114,10 @@ def _timeline(cfg: Config, layout: Layout, placement: Optional[Placement], slice
             f"{pl.num_positions} stage groups:\n" + draw(StageGraph.chain(n), pl, plan, m, slices))
 
 
-def _plan_memory(np_: int, command: list[str], as_json: bool) -> None:
+def _plan_memory(np_: int, command: list[str], as_json: bool, fit: bool = False) -> None:
     import json
 
+    from .layout_fit import fit_layout
     from .plan_memory import predict_memory, render_memory
 
     ctx = click.get_current_context()
@@ -125,6 +128,10 @@ def _plan_memory(np_: int, command: list[str], as_json: bool) -> None:
         if given:
             raise LayoutError(f"{', '.join(given)} given before the model command: put the layout options "
                               f"after it (hvdtrain plan -np {np_} {command[0]} --tensor 2 ...)")
+        if fit:
+            got = fit_layout(command, np_, ctx.find_root().command)
+            click.echo(json.dumps(got) if as_json else f"{got['np']} ranks: {got['layout']}")
+            return
         pred = predict_memory(command, np_, ctx.find_root().command)
     except USER_ERRORS as e:
         raise UserError(str(e)) from None

@@ -16,7 +16,7 @@ from ..config import Config, ConfigError, check_batch
 from ..layout.placement import Placement
 from ..layout.rows import replica_rows
 
-__all__ = ["MODELS", "predict", "predict_memory", "render_memory"]
+__all__ = ["MODELS", "predict", "predict_memory", "render_memory", "run_as_planner"]
 
 #: the commands that train (``grover`` trains through its pretrain and finetune subcommands)
 MODELS = ("mlp", "resnet", "gpt", "gpt2", "bert", "grover", "run")
@@ -89,6 +89,24 @@ def predict_memory(command: list[str], np_: int, cli: Any) -> dict[str, Any]:
     """``hvdtrain plan -np N MODEL ...``: ``command`` is the model command and its options (as after
     ``hvdtrain``), ``cli`` the group that holds it; returns the prediction (see :func:`predict`). From
     Python: :func:`hvdhybrid.cli.main.plan_memory`."""
+    got: dict[str, Any] = {}
+
+    def planner(name: str, cfg: Config, default_widths: tuple[int, ...], widths: Any, build: Any,
+                tensor_parallel: bool) -> None:
+        got.update(predict(name, cfg, np_, default_widths, widths, build, tensor_parallel))
+
+    run_as_planner(command, cli, planner)
+    return got
+
+
+def run_as_planner(command: list[str], cli: Any, planner: Callable[..., None]) -> None:
+    """Run model command ``command`` (as after ``hvdtrain``) of group ``cli`` in this process as far
+    as :func:`session.run_model`, which hands ``planner`` what it got instead of training:
+    ``planner(name, cfg, default_widths, widths, build, tensor_parallel)``.
+
+    Raises:
+        ConfigError: not a training command, or its options are wrong (one line).
+    """
     import click
 
     from . import session
@@ -97,23 +115,22 @@ def predict_memory(command: list[str], np_: int, cli: Any) -> dict[str, Any]:
         what = " ".join(command[:2])
         raise ConfigError(f"hvdtrain plan: {what!r} is not a training command; give one of "
                           f"{', '.join(MODELS)} (grover pretrain or finetune) with its options")
-    got: dict[str, Any] = {}
+    reached: list[bool] = []
 
-    def planner(name: str, cfg: Config, default_widths: tuple[int, ...], widths: Any, build: Any,
-                tensor_parallel: bool) -> None:
-        got.update(predict(name, cfg, np_, default_widths, widths, build, tensor_parallel))
+    def hook(*args: Any) -> None:
+        reached.append(True)
+        planner(*args)
 
-    session.PLANNER.append(planner)
+    session.PLANNER.append(hook)
     try:
         cli.main(args=list(command), prog_name="hvdtrain", standalone_mode=False)
     except click.ClickException as e:
         raise ConfigError(f"hvdtrain {' '.join(command[:1])}: {e.format_message()}") from None
     finally:
         session.PLANNER.pop()
-    if not got:
+    if not reached:
         raise ConfigError(f"hvdtrain {' '.join(command[:2])} did not reach training; give one of "
                           f"{', '.join(MODELS)} (grover pretrain or finetune) with its options")
-    return got
 
 
 def render_memory(pred: dict[str, Any]) -> str:

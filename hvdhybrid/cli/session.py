@@ -183,12 +183,18 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
         trainer = Trainer(groups, model, built.optimizer_fn, cfg, device, placement)
         return_freed_memory()  # the build's temporaries (whole initial weights, copies into --zero's buffer)
         if cfg.run.resume:
+            t_load = time.perf_counter()
             with agreed(w):
                 path = trainer.resume(os.path.join(out, "checkpoints"))
                 if path is None:
                     raise CheckpointError(f"--resume: no complete checkpoint in {out}/checkpoints")
             if rank == 0:
-                log.info(f"resumed from {path} at step {trainer.step}")
+                load_s = time.perf_counter() - t_load
+                log.info(f"resumed from {path} at step {trainer.step} (loaded in {load_s:.1f} s)")
+                with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # an event among the steps
+                    f.write(json.dumps({"event": "resumed", "from": path, "resume_step": trainer.step,
+                                        "world_size": size, "layout": layout.describe(),
+                                        "load_s": load_s, "time": time.time()}) + "\n")
         if rank == 0:
             log.info(f"{name}: {layout.describe()}, schedule {cfg.pipeline.schedule}, "
                      f"{cfg.pipeline.microbatches} microbatches, batch {o.batch_size}, "

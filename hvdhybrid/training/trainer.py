@@ -189,7 +189,7 @@ class Trainer(EngineParts):
                     if metrics is not None:
                         metrics.write(json.dumps({"step": self.step, "epoch": sampler.epoch,
                                                   "loss": loss, "samples_per_s": sps,
-                                                  "elapsed_s": now - t_start}) + "\n")
+                                                  "elapsed_s": now - t_start, "time": time.time()}) + "\n")
                         metrics.flush()
                     if is_root and not run.progress and run.log_every and self.step % run.log_every == 0:
                         self.log.info(f"step {self.step}/{cfg.optim.steps} loss {loss:.4f} "

@@ -18,7 +18,8 @@ BASE = ["mlp", "--bundle-shape", "1,1", "--batch-size", "32", "--no-progress", "
 
 
 def losses(out: str) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))}
+    return {m["step"]: m["loss"] for m in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+            if "step" in m}  # event lines ("resumed") have none
 
 
 

@@ -1,0 +1,130 @@
+"""hvdtrain launch --elastic across 2 emulated hosts x 2 ranks: lose a host and go on with the other
+(2 bundles x 2 stages -> 1 bundle x 2 stages), or start on one host and grow to both; either way the
+run ends with the parameters of an uninterrupted run on one host (fp32, 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from hvdhybrid.testing.netemu import EmulatedHosts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HVDTRAIN = [sys.executable, "-m", "hvdhybrid"]
+STEPS = 150
+JOB = ["mlp", "--stages", "2", "--hidden", "512", "--depth", "4", "--steps", str(STEPS), "--batch-size", "32",
+       "--microbatches", "2", "--no-progress", "--no-fp16-compression", "--save-params", "--seed", "5",
+       "--checkpoint-every", "1", "--keep", "2"]
+
+
+def _lines(out: str) -> list[dict[str, Any]]:
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(x) for x in f if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The job uninterrupted on this machine alone (4 ranks: 2 bundles x 2 stages)."""
+    out = str(tmp_path_factory.mktemp("onehost") / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+                        *HVDTRAIN, *JOB, "--out", out], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return torch.load(os.path.join(out, "params.pt"))
+
+
+def _wait_for(out: str, pred: Any, timeout: float, proc: subprocess.Popen[Any]) -> Optional[float]:
+    """When ``pred(metrics lines)`` first held (time.monotonic), or None after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pred(_lines(out)):
+            return time.monotonic()
+        time.sleep(0.1)
+    return None
+
+
+def _finish(proc: subprocess.Popen[Any], timeout: float) -> str:
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return str(text)
+
+
+def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
+        hosts2: EmulatedHosts, env2: dict[str, str], one_host: dict[str, torch.Tensor], tmp_path: Any) -> None:
+    out = str(tmp_path / "run")
+    cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--hostfile", hosts2.hostfile(), "--cooldown", "600",
+           "--", *JOB, "--out", out]
+    proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
+        assert started is not None, "the job did not start"
+        assert hosts2.kill_host("h1") > 0
+        killed = time.monotonic()
+        back = _wait_for(out, lambda ls: any(x.get("event") == "launch" and x["np"] == 2 for x in ls)
+                         and "step" in ls[-1], 120, proc)
+    finally:
+        text = _finish(proc, 300)
+    print(text[-4000:])
+    assert back is not None, "the job did not go on with h0"
+    print(f"training again on h0 {back - killed:.1f} s after h1 was killed")
+    assert back - killed <= 30
+    assert proc.returncode == 0
+    events = [x for x in _lines(out) if "event" in x]
+    kinds = [x["event"] for x in events]
+    assert kinds == ["launch", "failure", "launch", "resumed", "done"], kinds
+    failure, relaunch, resumed = events[1:4]
+    assert failure["lost_hosts"] == ["h1"]
+    assert relaunch["hosts"] == {"h0": 2} and relaunch["resume_step"] == failure["step"]
+    assert relaunch["layout"].startswith("1 bundle(s)")
+    assert resumed["resume_step"] == failure["step"] and resumed["world_size"] == 2
+    assert max(x["step"] for x in _lines(out) if "step" in x) == STEPS
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host) <= 1e-5
+
+
+def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
+        hosts2: EmulatedHosts, env2: dict[str, str], one_host: dict[str, torch.Tensor], tmp_path: Any) -> None:
+    out, listed = str(tmp_path / "run"), str(tmp_path / "hosts")
+    with open(listed, "w") as f:
+        f.write("h0 slots=2\n")
+    cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--host-discovery-script", f"cat {listed}",
+           "--discovery-interval", "1", "--", *JOB, "--out", out]
+    proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
+        assert started is not None, "the job did not start"
+        with open(listed, "w") as f:
+            f.write("h0 slots=2\nh1 slots=2\n")
+        grown = _wait_for(out, lambda ls: any(x.get("event") == "launch" and x["np"] == 4 for x in ls)
+                          and "step" in ls[-1], 120, proc)
+    finally:
+        text = _finish(proc, 300)
+    print(text[-4000:])
+    assert grown is not None, "the job did not grow"
+    assert proc.returncode == 0
+    events = [x for x in _lines(out) if "event" in x]
+    kinds = [x["event"] for x in events]
+    assert kinds == ["launch", "grow", "launch", "resumed", "done"], kinds
+    assert events[0]["np"] == 2 and events[2]["hosts"] == {"h0": 2, "h1": 2}
+    assert events[2]["resume_step"] == events[1]["step"] > 0
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host) <= 1e-5
