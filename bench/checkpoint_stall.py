@@ -30,7 +30,8 @@ def one(mode: str, hidden: int, steps: int, every: int) -> dict[str, float]:
     out = os.path.join(tempfile.mkdtemp(prefix="bench-ckpt-"), "run")
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
            sys.executable, "-m", "hvdhybrid", "mlp", "--stages", "2", "--hidden", str(hidden), "--depth", "4",
-           "--batch-size", "64", "--steps", str(steps), "--checkpoint-every", str(every if mode != "none" else 0),
+           "--batch-size", "64", "--steps", str(steps),
+           "--checkpoint-every", str(every if mode != "none" else 0),
            "--keep", "2", "--no-progress", "--out", out, *MODES[mode]]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")

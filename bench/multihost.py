@@ -13,6 +13,8 @@
 3. ``--reduce after`` against ``--reduce overlap`` (the gradient average across bundles during the last
    backward) on the gradient-heavy model, batch 256, stages on a host, for 1F1B with 1 and 2
    microbatches and ZB-V (2 stages per rank), in interleaved rounds (``--only-overlap``: only these).
+4. ``hvdtrain launch --elastic``: the recovery time after every process of h1 is killed, cut into
+   detection, relaunch, checkpoint load and the first step (``--only-recovery``: only this).
 
 Prints ``BENCH {json}`` lines (bench/run.py collects them).
 """
@@ -112,22 +114,71 @@ def overlap(hosts: EmulatedHosts, steps: int, rounds: int = 2) -> list[dict]:
     return out
 
 
+def recovery(hosts: EmulatedHosts, steps: int = 400) -> dict:
+    """``hvdtrain launch --elastic`` on 2 hosts (2 bundles x 2 stages, a checkpoint every step): every
+    process of h1 killed mid-run; the time from the kill to the first step after the resume on h0, cut
+    into detection (kill to the launcher's failure event), relaunch (to the resume's start: the layout
+    fit, mpirun, start-up), checkpoint load, and the first step."""
+    import subprocess
+    import time
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-elastic-"), "run")
+    cmd = [sys.executable, "-m", "hvdhybrid", "launch", "-np", "4", "--elastic", "--hostfile",
+           hosts.hostfile(), "--cooldown", "600", "--", "mlp", "--stages", "2", "--hidden", "1024", "--depth",
+           "8", "--batch-size", "64", "--microbatches", "2", "--steps", str(steps), "--checkpoint-every", "1",
+           "--keep", "2", "--no-progress", "--out", out]
+
+    def lines() -> list[dict]:
+        try:
+            return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if x.strip()]
+        except (OSError, ValueError):
+            return []
+    proc = hosts.popen(cmd, env=_env(hosts), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while sum("step" in x for x in lines()) < 5:
+            if proc.poll() is not None:
+                raise SystemExit("the elastic job ended before h1 was killed")
+            time.sleep(0.2)
+        killed = time.time()
+        hosts.kill_host("h1")
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = lines()
+    shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+    failure = next(x for x in rows if x.get("event") == "failure")
+    resumed = next(x for x in rows if x.get("event") == "resumed")
+    first = next(x for x in rows if "step" in x and x["time"] > resumed["time"])
+    parts = {"detection_s": failure["time"] - killed,
+             "relaunch_s": resumed["time"] - resumed["load_s"] - failure["time"],
+             "load_s": resumed["load_s"], "first_step_s": first["time"] - resumed["time"]}
+    return {"name": "elastic-recovery", "total_s": first["time"] - killed, **parts,
+            "state_mb": 4 * 2 * _params(1024, 8) / 2**20, "rc": proc.returncode}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only-overlap", action="store_true", help="Only the --reduce after/overlap rows.")
+    ap.add_argument("--only-recovery", action="store_true", help="Only the elastic recovery time.")
     a = ap.parse_args()
     why = unavailable()
     if why:
         raise SystemExit(f"cannot emulate hosts here: {why}")
+    if a.only_recovery:
+        with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+            emit(recovery(hosts))
+        return
     if a.only_overlap:
         with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
             for r in overlap(hosts, a.steps):
                 emit(r)
         return
     with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+        emit(recovery(hosts))
         for r in overlap(hosts, a.steps):
             emit(r)
         for openmpi_choice in (False, True):

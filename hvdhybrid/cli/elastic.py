@@ -132,7 +132,7 @@ class Elastic:
             got = self.fit(self.opts.args, slots)
             resume = self.checkpoint_step()
             if resume is None and self.created and os.path.isdir(self.out):
-                shutil.rmtree(self.out)  # failed before its first checkpoint: start over (this launch made it)
+                shutil.rmtree(self.out)  # failed before a first checkpoint: start over (this launch made it)
             self.announce(hosts, got, resume)
             ran = self.once(hosts, got, resume)
             if ran.rc == 0:

@@ -19,9 +19,16 @@ from hvdhybrid.testing.netemu import EmulatedHosts
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HVDTRAIN = [sys.executable, "-m", "hvdhybrid"]
 STEPS = 150
-JOB = ["mlp", "--stages", "2", "--hidden", "512", "--depth", "4", "--steps", str(STEPS), "--batch-size", "32",
-       "--microbatches", "2", "--no-progress", "--no-fp16-compression", "--save-params", "--seed", "5",
-       "--checkpoint-every", "1", "--keep", "2"]
+COMMON = ["--steps", str(STEPS), "--no-progress", "--no-fp16-compression", "--save-params",
+          "--checkpoint-every", "1", "--keep", "2"]
+JOBS = {  # 4 ranks = 2 bundles of 2; h0 alone holds 1 bundle
+    "mlp-2-stages": ["mlp", "--stages", "2", "--hidden", "512", "--depth", "4", "--batch-size", "32",
+                     "--microbatches", "2", "--seed", "5", *COMMON],
+    "gpt2-tensor-2": ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "8",
+                      "--tensor", "2", "--optimizer", "sgd", "--lr", "1e-2", "--seed", "3", *COMMON],
+    "grover-task-parallel": ["grover", "finetune", "--config", "tiny", "--batch-size", "8", "--optimizer",
+                             "sgd", "--task-parallel", "--seed", "1", *COMMON],
+}
 
 
 def _lines(out: str) -> list[dict[str, Any]]:
@@ -37,15 +44,14 @@ def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-@pytest.fixture(scope="module")
-def one_host(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The job uninterrupted on this machine alone (4 ranks: 2 bundles x 2 stages)."""
-    out = str(tmp_path_factory.mktemp("onehost") / "run")
+def one_host(job: str, tmp: Any) -> dict[str, torch.Tensor]:
+    """``job`` uninterrupted on this machine alone (4 ranks, shared memory)."""
+    out = str(tmp / f"onehost-{job}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-                        *HVDTRAIN, *JOB, "--out", out], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+                        *HVDTRAIN, *JOBS[job], "--out", out], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(os.path.join(out, "params.pt"))
 
@@ -70,11 +76,12 @@ def _finish(proc: subprocess.Popen[Any], timeout: float) -> str:
     return str(text)
 
 
+@pytest.mark.parametrize("job", list(JOBS))
 def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
-        hosts2: EmulatedHosts, env2: dict[str, str], one_host: dict[str, torch.Tensor], tmp_path: Any) -> None:
+        hosts2: EmulatedHosts, env2: dict[str, str], job: str, tmp_path: Any) -> None:
     out = str(tmp_path / "run")
     cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--hostfile", hosts2.hostfile(), "--cooldown", "600",
-           "--", *JOB, "--out", out]
+           "--", *JOBS[job], "--out", out]
     proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
@@ -99,16 +106,16 @@ def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
     assert relaunch["layout"].startswith("1 bundle(s)")
     assert resumed["resume_step"] == failure["step"] and resumed["world_size"] == 2
     assert max(x["step"] for x in _lines(out) if "step" in x) == STEPS
-    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host) <= 1e-5
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(job, tmp_path)) <= 1e-5
 
 
 def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
-        hosts2: EmulatedHosts, env2: dict[str, str], one_host: dict[str, torch.Tensor], tmp_path: Any) -> None:
+        hosts2: EmulatedHosts, env2: dict[str, str], tmp_path: Any) -> None:
     out, listed = str(tmp_path / "run"), str(tmp_path / "hosts")
     with open(listed, "w") as f:
         f.write("h0 slots=2\n")
     cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--host-discovery-script", f"cat {listed}",
-           "--discovery-interval", "1", "--", *JOB, "--out", out]
+           "--discovery-interval", "1", "--", *JOBS["mlp-2-stages"], "--out", out]
     proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
@@ -127,4 +134,4 @@ def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
     assert kinds == ["launch", "grow", "launch", "resumed", "done"], kinds
     assert events[0]["np"] == 2 and events[2]["hosts"] == {"h0": 2, "h1": 2}
     assert events[2]["resume_step"] == events[1]["step"] > 0
-    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host) <= 1e-5
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host("mlp-2-stages", tmp_path)) <= 1e-5
