@@ -18,7 +18,7 @@ from hvdhybrid.testing.netemu import EmulatedHosts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HVDTRAIN = [sys.executable, "-m", "hvdhybrid"]
-STEPS = 150
+STEPS = 100
 COMMON = ["--steps", str(STEPS), "--no-progress", "--no-fp16-compression", "--save-params",
           "--checkpoint-every", "1", "--keep", "2"]
 JOBS = {  # 4 ranks = 2 bundles of 2; h0 alone holds 1 bundle
@@ -26,9 +26,15 @@ JOBS = {  # 4 ranks = 2 bundles of 2; h0 alone holds 1 bundle
                      "--microbatches", "2", "--seed", "5", *COMMON],
     "gpt2-tensor-2": ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "8",
                       "--tensor", "2", "--optimizer", "sgd", "--lr", "1e-2", "--seed", "3", *COMMON],
+    # a small --lr: at its default, GROVER's loss jumps from step to step, and the float rounding that
+    # differs between 2 bundles and 1 (1e-7) grew past 1e-5 over 100 steps in one of three runs
     "grover-task-parallel": ["grover", "finetune", "--config", "tiny", "--batch-size", "8", "--optimizer",
-                             "sgd", "--task-parallel", "--seed", "1", *COMMON],
+                             "sgd", "--lr", "1e-4", "--task-parallel", "--seed", "1", *COMMON],
 }
+
+
+GROW_STEPS = 400  # long enough that discovery (every second) and the layout fit come before the end
+GROW_JOB = [*JOBS["mlp-2-stages"], "--steps", str(GROW_STEPS)]  # the last --steps counts
 
 
 def _lines(out: str) -> list[dict[str, Any]]:
@@ -44,13 +50,13 @@ def _diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-def one_host(job: str, tmp: Any) -> dict[str, torch.Tensor]:
+def one_host(job: list[str], tmp: Any) -> dict[str, torch.Tensor]:
     """``job`` uninterrupted on this machine alone (4 ranks, shared memory)."""
-    out = str(tmp / f"onehost-{job}")
+    out = str(tmp / "onehost")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-                        *HVDTRAIN, *JOBS[job], "--out", out], env=env, cwd=ROOT, capture_output=True,
+                        *HVDTRAIN, *job, "--out", out], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return torch.load(os.path.join(out, "params.pt"))
@@ -86,18 +92,18 @@ def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
     try:
         started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
         assert started is not None, "the job did not start"
+        killed = time.time()
         assert hosts2.kill_host("h1") > 0
-        killed = time.monotonic()
-        back = _wait_for(out, lambda ls: any(x.get("event") == "launch" and x["np"] == 2 for x in ls)
-                         and "step" in ls[-1], 120, proc)
     finally:
         text = _finish(proc, 300)
     print(text[-4000:])
-    assert back is not None, "the job did not go on with h0"
-    print(f"training again on h0 {back - killed:.1f} s after h1 was killed")
-    assert back - killed <= 30
     assert proc.returncode == 0
     events = [x for x in _lines(out) if "event" in x]
+    relaunched = [x["time"] for x in events if x["event"] == "launch" and x["np"] == 2]
+    assert relaunched, "the job did not go on with h0"
+    back = min(x["time"] for x in _lines(out) if "step" in x and x["time"] > relaunched[0])
+    print(f"training again on h0 {back - killed:.1f} s after h1 was killed")
+    assert back - killed <= 30
     kinds = [x["event"] for x in events]
     assert kinds == ["launch", "failure", "launch", "resumed", "done"], kinds
     failure, relaunch, resumed = events[1:4]
@@ -106,7 +112,7 @@ def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
     assert relaunch["layout"].startswith("1 bundle(s)")
     assert resumed["resume_step"] == failure["step"] and resumed["world_size"] == 2
     assert max(x["step"] for x in _lines(out) if "step" in x) == STEPS
-    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(job, tmp_path)) <= 1e-5
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(JOBS[job], tmp_path)) <= 1e-5
 
 
 def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
@@ -115,23 +121,21 @@ def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
     with open(listed, "w") as f:
         f.write("h0 slots=2\n")
     cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--host-discovery-script", f"cat {listed}",
-           "--discovery-interval", "1", "--", *JOBS["mlp-2-stages"], "--out", out]
+           "--discovery-interval", "1", "--", *GROW_JOB, "--out", out]
     proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
         assert started is not None, "the job did not start"
         with open(listed, "w") as f:
             f.write("h0 slots=2\nh1 slots=2\n")
-        grown = _wait_for(out, lambda ls: any(x.get("event") == "launch" and x["np"] == 4 for x in ls)
-                          and "step" in ls[-1], 120, proc)
     finally:
         text = _finish(proc, 300)
     print(text[-4000:])
-    assert grown is not None, "the job did not grow"
     assert proc.returncode == 0
     events = [x for x in _lines(out) if "event" in x]
     kinds = [x["event"] for x in events]
     assert kinds == ["launch", "grow", "launch", "resumed", "done"], kinds
     assert events[0]["np"] == 2 and events[2]["hosts"] == {"h0": 2, "h1": 2}
-    assert events[2]["resume_step"] == events[1]["step"] > 0
-    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host("mlp-2-stages", tmp_path)) <= 1e-5
+    assert 0 < events[2]["resume_step"] == events[1]["step"] < GROW_STEPS  # grown mid-run
+    assert max(x["step"] for x in _lines(out) if "step" in x) == GROW_STEPS
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(GROW_JOB, tmp_path)) <= 1e-5
