@@ -350,16 +350,16 @@ def gpt() -> list[dict]:
 
 
 def checkpoint() -> list[dict]:
-    """The stall of a checkpoint of 270 MB of state (2 ranks): in the background against in the step."""
+    """The stall of a checkpoint of 270 MB of state: in the background against in the step; on 2 ranks of
+    2 cores (the writing thread competes with training), and on 1 rank of 1 thread (a core free)."""
     res = _run([PY, os.path.join(HERE, "checkpoint_stall.py")])
-    print("\nCheckpoint stall per checkpoint (hvdtrain mlp --stages 2 --hidden 4096, 2 ranks; loop time "
-          "beyond the same run without checkpoints)\n")
-    print("| writes | state MB | stall s | async / sync |\n|---|---|---|---|")
-    ratio = next((r["async_over_sync"] for r in res if r["name"] == "checkpoint-stall-ratio"), None)
+    res += _run([PY, os.path.join(HERE, "checkpoint_stall.py"), "--ranks", "1", "--threads", "1"])
+    print("\nCheckpoint stall per checkpoint (hvdtrain mlp --hidden 4096; loop time beyond the same run "
+          "without checkpoints)\n")
+    print("| ranks | writes | state MB | stall s | async / sync |\n|---|---|---|---|---|")
     for r in res:
-        if "stall_s" in r:
-            print(f"| {r['name'].split('-')[1]} | {r['state_mb']:.0f} | {r['stall_s']:.3f} | "
-                  f"{ratio:.2f} |" if ratio is not None else "| |")
+        print(f"| {r['ranks']} | {r['name'].split('-')[1]} | {r['state_mb']:.0f} | {r['stall_s']:.3f} | "
+              f"{r['async_over_sync']:.2f} |")
     return res
 
 
