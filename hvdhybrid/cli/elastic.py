@@ -109,8 +109,10 @@ class Elastic:
         except subprocess.TimeoutExpired:
             raise ElasticError(f"the discovery command {self.opts.discovery!r} ran over 60 s") from None
         if p.returncode:
+            said = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
             raise ElasticError(f"the discovery command {self.opts.discovery!r} failed with exit code "
-                               f"{p.returncode}: {p.stderr.strip()[-300:]}")
+                               f"{p.returncode}{': ' + said[0][-300:] if said else ''}; it must print the "
+                               "usable hosts as 'host slots=N' lines and exit 0")
         return parse_hostfile(p.stdout, "<discovery>")
 
     def usable(self) -> list[Host]:
@@ -170,13 +172,17 @@ class Elastic:
             f.writelines(f"{h.name} slots={h.slots}\n" for h in hosts)
         try:
             cmd = launch_command(got["np"], hostfile, False, args, self.opts.map_by)
-            watch = _Watch(self, got["np"])
+            watch = _Watch(self, got["np"], resume)
             return supervise(cmd, got["np"], watch=watch)
         finally:
             os.unlink(hostfile)
 
-    def could_grow(self, np_now: int) -> bool:
-        """Whether discovery now offers enough slots for a larger world than ``np_now``."""
+    def could_grow(self, np_now: int, since: Optional[int]) -> bool:
+        """Whether discovery now offers enough slots for a larger world than ``np_now``, once the job has
+        written a checkpoint beyond step ``since`` (the one it started from): it grows at a checkpoint
+        it made, not while it starts."""
+        if self.latest_step() in (None, since):
+            return False
         try:
             slots = min(self.opts.np_max, sum(h.slots for h in self.usable()))
         except InputError:
@@ -189,6 +195,14 @@ class Elastic:
             return False
 
     # -- records ----------------------------------------------------------------------------------
+    def latest_step(self) -> Optional[int]:
+        """The step ``latest`` names (no checksums read: for the watcher's frequent look)."""
+        try:
+            with open(os.path.join(self.out, "checkpoints", "latest")) as f:
+                return int(f.read().strip().split("-")[1])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def checkpoint_step(self) -> Optional[int]:
         path, _ = find_complete(os.path.join(self.out, "checkpoints"))
         return None if path is None else int(os.path.basename(path).split("-")[1])
@@ -219,12 +233,12 @@ class _Watch:
     """While a job runs: every ``interval`` seconds, ask discovery whether a larger world fits; if so,
     stop the job gently (it checkpoints) so the loop relaunches it larger."""
 
-    def __init__(self, elastic: Elastic, np_now: int) -> None:
-        self.elastic, self.np_now = elastic, np_now
+    def __init__(self, elastic: Elastic, np_now: int, since: Optional[int]) -> None:
+        self.elastic, self.np_now, self.since = elastic, np_now, since
 
     def __call__(self, proc: Any, asked: threading.Event, done: threading.Event) -> bool:
         while not done.wait(self.elastic.opts.interval):
-            if self.elastic.could_grow(self.np_now):
+            if self.elastic.could_grow(self.np_now, self.since):
                 self.elastic.say("more hosts are usable: stopping at the next step, with a checkpoint, "
                                  "to grow")
                 asked.set()

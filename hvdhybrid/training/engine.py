@@ -75,8 +75,13 @@ class Engine:
         model.share_local_ties(self.modules)
         groups.add_tied([ps for ps in (placement.groups_of(t.stages) for t in model.ties) if len(ps) > 1])
 
+        from mpi4py import MPI
+
+        hosts = groups.world.allgather(MPI.Get_processor_name())  # once: peers are named with their host
+
         def describe(local: int) -> str:
-            return layout.coord(c.bundle * layout.bundle_size + local).tag()
+            peer = c.bundle * layout.bundle_size + local
+            return f"{layout.coord(peer).tag()} on host {hosts[peer]}"
 
         self.p2p = P2P(groups.bundle, len(self.graph.edges), self.device, cfg.comm.timeout,
                        me=c.tag(), describe_peer=describe)

@@ -17,10 +17,11 @@ from conftest import HVDTRAIN, ROOT, env, mpirun
 BASE = ["mlp", "--bundle-shape", "1,1", "--microbatches", "4", "--schedule", "1f1b", "--steps", "3",
         "--no-progress"]
 MISMATCH = {"HVDHYBRID_INJECT_SCHEDULE": "1:gpipe"}
+HOST = os.uname().nodename
 RANK0 = ("rank 0 | bundle 0 | stage 0 (host ", "): in 0B0, waiting for gradients of microbatch 0 from "
-         "stage 1 to stage 0 from rank 1 | bundle 0 | stage 1")
+         f"stage 1 to stage 0 from rank 1 | bundle 0 | stage 1 on host {HOST}")
 RANK1 = ("rank 1 | bundle 0 | stage 1 (host ", "): in 1F2, waiting for activations of microbatch 2 from "
-         "stage 0 to stage 1 from rank 0 | bundle 0 | stage 0")
+         f"stage 0 to stage 1 from rank 0 | bundle 0 | stage 0 on host {HOST}")
 
 
 def _named(text: str, who: tuple[str, str]) -> bool:

@@ -1,6 +1,7 @@
 """hvdtrain launch --elastic across 2 emulated hosts x 2 ranks: lose a host and go on with the other
-(2 bundles x 2 stages -> 1 bundle x 2 stages), or start on one host and grow to both; either way the
-run ends with the parameters of an uninterrupted run on one host (fp32, 1e-5)."""
+(2 bundles -> 1 bundle), grow back when the host is usable again (GPT-2 at tensor 2, GROVER task
+parallel), or start on one host and grow to both (the MLP); every way, the run ends with the
+parameters of an uninterrupted run on one host (fp32, 1e-5)."""
 
 from __future__ import annotations
 
@@ -82,12 +83,20 @@ def _finish(proc: subprocess.Popen[Any], timeout: float) -> str:
     return str(text)
 
 
-@pytest.mark.parametrize("job", list(JOBS))
+BACK_STEPS = 200  # long enough for a checkpoint after the resume, discovery and a second relaunch
+CASES = [("mlp-2-stages", 600.0, STEPS),  # h1 stays out: the job ends on h0
+         ("gpt2-tensor-2", 5.0, BACK_STEPS),  # h1 is usable again after 5 s: the job grows back to it
+         ("grover-task-parallel", 5.0, BACK_STEPS)]
+
+
+@pytest.mark.parametrize("job,cooldown,steps", CASES, ids=[c[0] for c in CASES])
 def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
-        hosts2: EmulatedHosts, env2: dict[str, str], job: str, tmp_path: Any) -> None:
+        hosts2: EmulatedHosts, env2: dict[str, str], job: str, cooldown: float, steps: int,
+        tmp_path: Any) -> None:
     out = str(tmp_path / "run")
-    cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--hostfile", hosts2.hostfile(), "--cooldown", "600",
-           "--", *JOBS[job], "--out", out]
+    args = [*JOBS[job], "--steps", str(steps)]  # the last --steps counts
+    cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--hostfile", hosts2.hostfile(), "--cooldown",
+           str(cooldown), "--discovery-interval", "1", "--", *args, "--out", out]
     proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         started = _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc)
@@ -105,14 +114,19 @@ def test_a_lost_host_leaves_the_job_on_the_other_and_it_ends_as_one_host_does(
     print(f"training again on h0 {back - killed:.1f} s after h1 was killed")
     assert back - killed <= 30
     kinds = [x["event"] for x in events]
-    assert kinds == ["launch", "failure", "launch", "resumed", "done"], kinds
+    back_again = ["grow", "launch", "resumed"] if cooldown < 60 else []
+    assert kinds == ["launch", "failure", "launch", "resumed", *back_again, "done"], kinds
     failure, relaunch, resumed = events[1:4]
     assert failure["lost_hosts"] == ["h1"]
     assert relaunch["hosts"] == {"h0": 2} and relaunch["resume_step"] == failure["step"]
     assert relaunch["layout"].startswith("1 bundle(s)")
     assert resumed["resume_step"] == failure["step"] and resumed["world_size"] == 2
-    assert max(x["step"] for x in _lines(out) if "step" in x) == STEPS
-    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(JOBS[job], tmp_path)) <= 1e-5
+    if back_again:  # h1 back after its cool-down: 2 bundles again, from a later checkpoint, mid-run
+        grow, again = events[4:6]
+        assert again["hosts"] == {"h0": 2, "h1": 2} and again["layout"].startswith("2 bundle(s)")
+        assert failure["step"] < again["resume_step"] == grow["step"] < steps
+    assert max(x["step"] for x in _lines(out) if "step" in x) == steps
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(args, tmp_path)) <= 1e-5
 
 
 def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(

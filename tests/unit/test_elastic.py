@@ -100,3 +100,15 @@ def test_a_grow_request_relaunches_at_once_and_a_person_s_stop_ends_it(tmp_path:
 def test_an_elastic_launch_needs_the_job_s_out(tmp_path: Any) -> None:
     with pytest.raises(ElasticError, match="--elastic needs the job's --out"):
         Elastic(ElasticOptions(4, ["mlp"], "hosts"))
+
+
+def test_a_job_grows_only_after_a_checkpoint_of_its_own(tmp_path: Any) -> None:
+    e, _ = _elastic(tmp_path, [])
+    ckpts = os.path.join(e.out, "checkpoints")
+    assert not e.could_grow(2, None)  # no checkpoint yet: still starting
+    os.makedirs(ckpts)
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write("step-000007\n")
+    assert not e.could_grow(2, 7)  # the one it resumed from
+    assert e.could_grow(2, 6)  # one it wrote: 4 slots fit 2 bundles
+    assert not e.could_grow(4, 6)  # already as large as the hosts allow
