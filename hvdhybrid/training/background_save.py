@@ -2,7 +2,8 @@
 
 Training waits only for the copy (``--checkpoint-every`` with ``--checkpoint-async``, the default).
 Each rank's thread writes its files as the synchronous path does (temporary name, fsync,
-rename), then a *part* file, ``part-<nonce>-<rank>.json``: what it wrote, with checksums, and its
+rename), but past the page cache (:mod:`direct_io`), then a *part* file,
+``part-<nonce>-<rank>.json``: what it wrote, with checksums, and its
 entries of the name and share maps. World rank 0's thread, once every rank's part is there,
 commits the checkpoint as the synchronous path does: manifest, then ``latest``, then pruning.
 No MPI call is made off the main thread, so the MPI library needs no thread support.
@@ -93,7 +94,7 @@ class BackgroundWriter:
         try:
             d = step_dir(root, step)
             os.makedirs(d, exist_ok=True)
-            written = [(name, *write_shard(os.path.join(d, name), state))
+            written = [(name, *write_shard(os.path.join(d, name), state, direct=True))
                        for name, state in sorted(files.items())]
             del files
             if after_shard is not None:  # failure tests: die with the shard written, the part not

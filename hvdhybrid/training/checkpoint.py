@@ -95,18 +95,25 @@ class _Hashing:
         self.f.flush()
 
 
-def write_shard(path: str, state: dict[str, Any]) -> tuple[str, int]:
+def write_shard(path: str, state: dict[str, Any], direct: bool = False) -> tuple[str, int]:
     """``state`` streamed to ``path`` (temporary name, fsync, rename): no copy of its tensors in memory.
+    ``direct``: past the page cache (:mod:`direct_io`; for writes in the background).
 
     Returns:
         The file's sha256 and size.
     """
+    from .direct_io import open_direct
+
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    f = open_direct(tmp) if direct else open(tmp, "wb")
+    try:
         out = _Hashing(f)
         torch.save({"format": FORMAT, **state}, out)  # type: ignore[arg-type]  # a writable file
         f.flush()
-        os.fsync(f.fileno())
+        if not direct:
+            os.fsync(f.fileno())
+    finally:
+        f.close()  # a DirectFile writes its tail and fsyncs here
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
     return out.h.hexdigest(), out.n
