@@ -10,6 +10,7 @@ Where the file system refuses ``O_DIRECT`` (tmpfs), :func:`open_direct` returns 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -47,12 +48,23 @@ class DirectFile:
         view = memoryview(self.buf)
         done = 0
         while done < size:
-            done += os.write(self.fd, view[done:size])
+            try:
+                done += os.write(self.fd, view[done:size])
+            except OSError as e:  # a file system that took the flag but not the write: go on without
+                if e.errno != errno.EINVAL or not self._direct():
+                    raise
+                self._clear()
         rest = self.n - size
         if rest:
             self.buf[:rest] = self.buf[size:self.n]
         self.n = rest
         view.release()
+
+    def _direct(self) -> bool:
+        return bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+    def _clear(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
     def flush(self) -> None:
         pass
@@ -64,8 +76,7 @@ class DirectFile:
         try:
             self._out(self.n - self.n % ALIGN)
             if self.n:  # the tail: not a multiple of the alignment, so without O_DIRECT
-                flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                self._clear()
                 self._out(self.n)
             os.fsync(self.fd)
         finally:

@@ -48,3 +48,25 @@ def test_a_file_system_without_o_direct_gets_an_ordinary_file(tmp_path, monkeypa
     f.write(b"x" * 10)
     f.close()
     assert open(tmp_path / "g", "rb").read() == b"x" * 10
+
+
+def test_a_file_system_that_refuses_the_writes_gets_them_without_o_direct(tmp_path, monkeypatch) -> None:
+    real = os.write
+    calls = []
+
+    def picky(fd, data):  # type: ignore[no-untyped-def]
+        import fcntl
+
+        calls.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        if calls[-1]:
+            raise OSError(22, "Invalid argument")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", picky)
+    path = str(tmp_path / "h")
+    f = direct_io.open_direct(path)
+    data = os.urandom(direct_io.BLOCK + 5000)
+    f.write(data)
+    f.close()
+    assert calls[0] and not calls[-1]
+    assert open(path, "rb").read() == data
