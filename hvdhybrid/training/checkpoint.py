@@ -102,20 +102,22 @@ def write_shard(path: str, state: dict[str, Any], direct: bool = False) -> tuple
     Returns:
         The file's sha256 and size.
     """
-    from .direct_io import open_direct
+    from .direct_io import DirectFile, open_direct
 
     tmp = f"{path}.tmp.{os.getpid()}"
     f = open_direct(tmp) if direct else open(tmp, "wb")
     try:
-        out = _Hashing(f)
+        out = f if isinstance(f, DirectFile) else _Hashing(f)  # a DirectFile hashes what it writes
         torch.save({"format": FORMAT, **state}, out)  # type: ignore[arg-type]  # a writable file
         f.flush()
-        if not direct:
+        if not isinstance(f, DirectFile):
             os.fsync(f.fileno())
     finally:
         f.close()  # a DirectFile writes its tail and fsyncs here
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
+    if isinstance(out, DirectFile):
+        return out.sha256.hexdigest(), out.size
     return out.h.hexdigest(), out.n
 
 

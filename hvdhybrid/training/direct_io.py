@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import mmap
 import os
 from typing import Any, Union
+
+import numpy as np
 
 __all__ = ["DirectFile", "open_direct"]
 
@@ -24,19 +27,23 @@ BLOCK = 8 << 20
 
 class DirectFile:
     """``write``, ``flush`` (a no-op until :meth:`close`), ``fileno`` and ``close`` (which writes the
-    rest, fsyncs and closes)."""
+    rest, fsyncs and closes); ``sha256`` and ``size`` of what it wrote (one pass over the bytes fewer
+    than hashing them on their way in)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.buf = mmap.mmap(-1, BLOCK)  # anonymous maps are page-aligned, as O_DIRECT needs
+        self.arr = np.frombuffer(self.buf, dtype=np.uint8)  # numpy copies into it without the GIL
         self.n = 0
+        self.sha256 = hashlib.sha256()  # of what went out, hashed from the block while it is in cache
+        self.size = 0
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
         total = len(mv)
         while len(mv):
             k = min(len(mv), BLOCK - self.n)
-            self.buf[self.n:self.n + k] = mv[:k]
+            self.arr[self.n:self.n + k] = np.frombuffer(mv[:k], dtype=np.uint8)
             self.n += k
             mv = mv[k:]
             if self.n == BLOCK:
@@ -46,6 +53,8 @@ class DirectFile:
     def _out(self, size: int) -> None:
         """Write the block's first ``size`` bytes (a multiple of ALIGN, or the tail) and keep the rest."""
         view = memoryview(self.buf)
+        self.sha256.update(view[:size])
+        self.size += size
         done = 0
         while done < size:
             try:
@@ -56,7 +65,7 @@ class DirectFile:
                 self._clear()
         rest = self.n - size
         if rest:
-            self.buf[:rest] = self.buf[size:self.n]
+            self.arr[:rest] = self.arr[size:self.n]
         self.n = rest
         view.release()
 
@@ -81,6 +90,7 @@ class DirectFile:
             os.fsync(self.fd)
         finally:
             os.close(self.fd)
+            del self.arr
             self.buf.close()
 
 
