@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 from ..errors import InputError
 from ..layout.hostfile import Host, parse_hostfile, place_ranks, read_hostfile
 from ..layout.topology import Layout
-from ..training.checkpoint import find_complete
+from ..training.checkpoint import committed
 from .launcher import Supervision, launch_command, supervise
 
 __all__ = ["Elastic", "ElasticError", "ElasticOptions", "lost_hosts", "out_dir"]
@@ -181,7 +181,7 @@ class Elastic:
         """Whether discovery now offers enough slots for a larger world than ``np_now``, once the job has
         written a checkpoint beyond step ``since`` (the one it started from): it grows at a checkpoint
         it made, not while it starts."""
-        if self.latest_step() in (None, since):
+        if self.checkpoint_step() in (None, since):
             return False
         try:
             slots = min(self.opts.np_max, sum(h.slots for h in self.usable()))
@@ -195,17 +195,11 @@ class Elastic:
             return False
 
     # -- records ----------------------------------------------------------------------------------
-    def latest_step(self) -> Optional[int]:
-        """The step ``latest`` names (no checksums read: for the watcher's frequent look)."""
-        try:
-            with open(os.path.join(self.out, "checkpoints", "latest")) as f:
-                return int(f.read().strip().split("-")[1])
-        except (OSError, ValueError, IndexError):
-            return None
-
     def checkpoint_step(self) -> Optional[int]:
-        path, _ = find_complete(os.path.join(self.out, "checkpoints"))
-        return None if path is None else int(os.path.basename(path).split("-")[1])
+        """The step of the run's newest committed checkpoint (manifest written; no checksums read, so
+        the watcher may look often: the job's resume verifies the files and falls back if it must)."""
+        names = committed(os.path.join(self.out, "checkpoints"))
+        return int(names[0].split("-")[1]) if names else None
 
     def announce(self, hosts: list[Host], got: dict[str, Any], resume: Optional[int]) -> None:
         from .plan import render_plan

@@ -35,7 +35,8 @@ from ..errors import InputError
 
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "encode_shard",
-           "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest", "commit", "Entry"]
+           "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest", "commit", "Entry",
+           "committed"]
 
 FORMAT = 2
 
@@ -227,10 +228,21 @@ def newest_checkpoint(where: str) -> Optional[str]:
     return find_complete(where)[0]
 
 
+def committed(root: str) -> list[str]:
+    """The ``step-*`` directories under ``root`` that have their manifest, newest first (their files'
+    checksums are not read: :func:`find_complete` does that)."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted((n for n in names if n.startswith("step-") and
+                   os.path.exists(os.path.join(root, n, "manifest.json"))), reverse=True)
+
+
 def prune(root: str, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints (and incomplete older ones)."""
     names = sorted((n for n in os.listdir(root) if n.startswith("step-")), reverse=True)
-    complete = [n for n in names if os.path.exists(os.path.join(root, n, "manifest.json"))]
+    complete = committed(root)
     if not complete:
         return
     keep_set = set(complete[:keep])

@@ -106,9 +106,9 @@ def test_a_job_grows_only_after_a_checkpoint_of_its_own(tmp_path: Any) -> None:
     e, _ = _elastic(tmp_path, [])
     ckpts = os.path.join(e.out, "checkpoints")
     assert not e.could_grow(2, None)  # no checkpoint yet: still starting
-    os.makedirs(ckpts)
-    with open(os.path.join(ckpts, "latest"), "w") as f:
-        f.write("step-000007\n")
+    os.makedirs(os.path.join(ckpts, "step-000007"))
+    with open(os.path.join(ckpts, "step-000007", "manifest.json"), "w") as f:
+        f.write("{}")
     assert not e.could_grow(2, 7)  # the one it resumed from
     assert e.could_grow(2, 6)  # one it wrote: 4 slots fit 2 bundles
     assert not e.could_grow(4, 6)  # already as large as the hosts allow
