@@ -7,7 +7,7 @@ On disk, under ``OUT/checkpoints/``::
                                 optimizer state by full-model name (a tied parameter once)
     step-000020/common.pt       step, sampler position, RNG states, optimizer hyperparameters
     step-000020/manifest.json   written by rank 0 once every file is on disk: step, model,
-                                layout, sha256 and size of every file, and for every name
+                                layout, checksum and size of every file, and for every name
                                 the file(s) holding it with its global shape and slice
     latest                      the name of the newest complete checkpoint, updated last
 
@@ -21,8 +21,6 @@ a crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -32,13 +30,12 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
+from .shard_file import FORMAT, checksum, encode_shard, file_digest, fsync_dir, write_shard
 
 __all__ = ["CheckpointError", "Manifest", "atomic_write", "step_dir",
            "write_manifest", "find_complete", "verify", "prune", "encode_shard",
            "save_collective", "resolve_resume", "load_file", "write_shard", "file_digest", "commit", "Entry",
-           "committed"]
-
-FORMAT = 2
+           "committed", "checksum"]
 
 
 class CheckpointError(InputError):
@@ -49,17 +46,6 @@ def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step-{step:06d}")
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -68,68 +54,7 @@ def atomic_write(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def encode_shard(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buf)
-    return buf.getvalue()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class _Hashing:
-    """A file that hashes and counts what goes through it (torch.save streams into it)."""
-
-    def __init__(self, f: Any) -> None:
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def write(self, b: Any) -> int:
-        self.h.update(b)
-        self.n += len(memoryview(b).cast("B"))
-        return int(self.f.write(b))
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def write_shard(path: str, state: dict[str, Any], direct: bool = False) -> tuple[str, int]:
-    """``state`` streamed to ``path`` (temporary name, fsync, rename): no copy of its tensors in memory.
-    ``direct``: past the page cache (:mod:`direct_io`; for writes in the background).
-
-    Returns:
-        The file's sha256 and size.
-    """
-    from .direct_io import DirectFile, open_direct
-
-    tmp = f"{path}.tmp.{os.getpid()}"
-    f = open_direct(tmp) if direct else open(tmp, "wb")
-    try:
-        out = f if isinstance(f, DirectFile) else _Hashing(f)  # a DirectFile hashes what it writes
-        torch.save({"format": FORMAT, **state}, out)  # type: ignore[arg-type]  # a writable file
-        f.flush()
-        if not isinstance(f, DirectFile):
-            os.fsync(f.fileno())
-    finally:
-        f.close()  # a DirectFile writes its tail and fsyncs here
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-    if isinstance(out, DirectFile):
-        return out.sha256.hexdigest(), out.size
-    return out.h.hexdigest(), out.n
-
-
-def file_digest(path: str) -> tuple[str, int]:
-    """sha256 and size of the file at ``path``, read 8 MiB at a time."""
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 @dataclass(frozen=True)
@@ -138,7 +63,7 @@ class Manifest:
     model: str
     world_size: int
     widths: tuple[int, ...]
-    shards: dict[str, tuple[str, int]]  # file name -> (sha256, size)
+    shards: dict[str, tuple[str, int]]  # file name -> (checksum, size)
     tensor: int = 1
     #: full name -> pieces: {"file", "kind" (param/buffer), "shape" (global), "dim", "start", "stop",
     #: "parts" (the dim is that many blocks; start/stop are within each block)}
@@ -152,7 +77,7 @@ class Manifest:
         return json.dumps({"format": FORMAT, "step": self.step, "model": self.model,
                            "world_size": self.world_size, "widths": list(self.widths),
                            "tensor": self.tensor, "placement": list(self.placement),
-                           "shards": {k: {"sha256": h, "bytes": n} for k, (h, n) in self.shards.items()},
+                           "shards": {k: {"checksum": h, "bytes": n} for k, (h, n) in self.shards.items()},
                            "names": self.names, "optim": self.optim}, indent=1)
 
     @classmethod
@@ -166,7 +91,8 @@ class Manifest:
                     f"hvdhybrid reads format {FORMAT} (by-name checkpoints); start a new run")
             return cls(int(d["step"]), str(d["model"]), int(d["world_size"]),
                        tuple(int(w) for w in d["widths"]),
-                       {k: (str(v["sha256"]), int(v["bytes"])) for k, v in d["shards"].items()},
+                       {k: (str(v.get("checksum", v.get("sha256"))), int(v["bytes"]))  # sha256: before 12-07
+                        for k, v in d["shards"].items()},
                        int(d.get("tensor", 1)), dict(d.get("names", {})),
                        tuple(int(p) for p in d.get("placement", ())), dict(d.get("optim", {})))
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -193,7 +119,7 @@ def verify(path: str) -> Manifest:
     for name, (digest, size) in sorted(m.shards.items()):
         f = os.path.join(path, name)
         try:
-            got, n = file_digest(f)
+            got, n = file_digest(f, like=digest)
         except OSError:
             raise CheckpointError(f"checkpoint {path} lacks shard {name}") from None
         if n != size:
@@ -299,7 +225,7 @@ def save_collective(world: Any, root: str, step: int, manifest: Manifest,
 
 
 Entry = tuple[list[tuple[str, str, int]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]
-"""What one rank wrote of a checkpoint: its files (name, sha256, size), its name map and share map."""
+"""What one rank wrote of a checkpoint: its files (name, checksum, size), its name map and share map."""
 
 
 def commit(root: str, step: int, manifest: Manifest, entries: list[Entry], keep: int) -> None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 from typing import Any, Union
 
 import numpy as np
+
+from .checksum import Checksum
 
 __all__ = ["DirectFile", "open_direct"]
 
@@ -27,7 +28,7 @@ BLOCK = 8 << 20
 
 class DirectFile:
     """``write``, ``flush`` (a no-op until :meth:`close`), ``fileno`` and ``close`` (which writes the
-    rest, fsyncs and closes); ``sha256`` and ``size`` of what it wrote (one pass over the bytes fewer
+    rest, fsyncs and closes); ``checksum`` and ``size`` of what it wrote (one pass over the bytes fewer
     than hashing them on their way in)."""
 
     def __init__(self, fd: int) -> None:
@@ -35,7 +36,7 @@ class DirectFile:
         self.buf = mmap.mmap(-1, BLOCK)  # anonymous maps are page-aligned, as O_DIRECT needs
         self.arr = np.frombuffer(self.buf, dtype=np.uint8)  # numpy copies into it without the GIL
         self.n = 0
-        self.sha256 = hashlib.sha256()  # of what went out, hashed from the block while it is in cache
+        self.checksum = Checksum()  # of what went out, taken from the block while it is in cache
         self.size = 0
 
     def write(self, data: Any) -> int:
@@ -53,7 +54,7 @@ class DirectFile:
     def _out(self, size: int) -> None:
         """Write the block's first ``size`` bytes (a multiple of ALIGN, or the tail) and keep the rest."""
         view = memoryview(self.buf)
-        self.sha256.update(view[:size])
+        self.checksum.update(view[:size])
         self.size += size
         done = 0
         while done < size:

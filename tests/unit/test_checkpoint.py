@@ -11,11 +11,11 @@ from hvdhybrid.training.checkpoint import (
     CheckpointError,
     Manifest,
     atomic_write,
+    checksum,
     encode_shard,
     find_complete,
     load_file,
     prune,
-    sha256,
     step_dir,
     verify,
     write_manifest,
@@ -30,7 +30,7 @@ def make(root: str, step: int, ranks: int = 2, manifest: bool = True) -> str:
     for r in range(ranks):
         data = encode_shard({"step": step, "rank": r, "w": torch.full((3,), float(step))})
         atomic_write(os.path.join(d, stage_file(r, 0, 1)), data)
-        shards[stage_file(r, 0, 1)] = (sha256(data), len(data))
+        shards[stage_file(r, 0, 1)] = (checksum(data), len(data))
     if manifest:
         write_manifest(root, Manifest(step, "mlp", ranks, (1, 1), shards))
     return d
@@ -96,3 +96,26 @@ def test_unreadable_manifest_and_wrong_format(tmp_path) -> None:
     torch.save({"format": 99}, os.path.join(d, stage_file(0, 0, 1)))
     with pytest.raises(CheckpointError, match="format 99"):
         load_file(d, stage_file(0, 0, 1))
+
+
+def test_checksums_are_crc32_and_a_sha256_checkpoint_still_verifies(tmp_path) -> None:
+    import hashlib
+    import json
+    import zlib
+
+    root = str(tmp_path)
+    d = make(root, 2)
+    m = json.load(open(os.path.join(d, "manifest.json")))
+    name, entry = sorted(m["shards"].items())[0]
+    data = open(os.path.join(d, name), "rb").read()
+    assert entry["checksum"] == f"crc32:{zlib.crc32(data):08x}"
+    for k in m["shards"]:  # as a checkpoint written before crc32 has it
+        m["shards"][k] = {"sha256": hashlib.sha256(open(os.path.join(d, k), "rb").read()).hexdigest(),
+                          "bytes": m["shards"][k]["bytes"]}
+    open(os.path.join(d, "manifest.json"), "w").write(json.dumps(m))
+    assert verify(d).step == 2
+    with open(os.path.join(d, name), "r+b") as f:  # one byte changed, the size kept
+        f.seek(len(data) // 2)
+        f.write(bytes([data[len(data) // 2] ^ 1]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        verify(d)
