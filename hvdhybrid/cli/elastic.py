@@ -6,7 +6,9 @@ The loop, around one supervised mpirun job at a time:
    ``host slots=N`` lines, less the hosts whose ranks died within ``--cooldown`` seconds;
 2. pick the world: the largest that the job's own layout options fit in those slots
    (``hvdtrain plan --fit``: ``--stages``, ``--tensor``, ``--bundle-shape`` kept, bundles as many as
-   fit, the global batch unchanged), printed as ``hvdtrain plan`` prints a layout;
+   fit, the global batch unchanged); when they fit none, the smallest change to them that fits
+   (``--tensor`` or ``--stages`` lowered; ``--keep-layout``: stop instead), printed as ``hvdtrain plan``
+   prints a layout, with the change;
 3. launch it with ``--resume`` when the run has a complete checkpoint (resharded by name into the
    new layout: the run ends with the parameters it would have had without the failure);
 4. while it runs, watch discovery: when more bundles would fit, stop the job gently (SIGUSR1: every
@@ -37,6 +39,7 @@ from ..layout.hostfile import Host, parse_hostfile, place_ranks, read_hostfile
 from ..layout.topology import Layout
 from ..training.checkpoint import committed
 from .launcher import Supervision, launch_command, supervise
+from .layout_fit import apply_changes, describe_changes
 
 __all__ = ["Elastic", "ElasticError", "ElasticOptions", "lost_hosts", "out_dir"]
 
@@ -61,6 +64,7 @@ class ElasticOptions:
     max_restarts: int = 3
     cooldown: float = 300.0  # seconds a host whose ranks died is left out
     interval: float = 10.0  # seconds between discovery checks while a job runs
+    keep_layout: bool = False  # stop rather than change --tensor/--stages when the rule fits no world
 
 
 def out_dir(args: list[str]) -> Optional[str]:
@@ -80,11 +84,11 @@ def lost_hosts(log: str) -> set[str]:
 
 @dataclass
 class Elastic:
-    """One elastic launch. ``fit(args, slots) -> {"np", "widths", "tensor", "layout", ...}`` picks the
-    world (:func:`hvdhybrid.cli.layout_fit.fit_layout` in a subprocess by default)."""
+    """One elastic launch. ``fit(args, slots) -> {"np", "widths", "tensor", "layout", "changes", ...}``
+    picks the world (:func:`hvdhybrid.cli.layout_fit.fit_layout` in a subprocess by default)."""
 
     opts: ElasticOptions
-    fit: Callable[[list[str], int], dict[str, Any]] = field(default=lambda a, n: fit_in_subprocess(a, n))
+    fit: Optional[Callable[[list[str], int], dict[str, Any]]] = None
     say: Callable[[str], None] = field(default=lambda text: print(f"hvdtrain: elastic: {text}",
                                                                    file=sys.stderr, flush=True))
     excluded: dict[str, float] = field(default_factory=dict)  # host -> until (time.monotonic)
@@ -97,6 +101,9 @@ class Elastic:
                                "resumes from); add --out DIR and --checkpoint-every N after the model")
         self.out = out
         self.created = not os.path.exists(out)  # a run this launch starts (it may start it over)
+        keep = self.opts.keep_layout
+        self.fit_world: Callable[[list[str], int], dict[str, Any]] = \
+            self.fit or (lambda a, n: fit_in_subprocess(a, n, keep_layout=keep))
 
     # -- hosts ----------------------------------------------------------------------------------
     def discover(self) -> list[Host]:
@@ -131,7 +138,7 @@ class Elastic:
                 self.say("no usable host left; stopping")
                 self.event("stop", why="no usable host")
                 return 1
-            got = self.fit(self.opts.args, slots)
+            got = self.fit_world(self.opts.args, slots)
             resume = self.checkpoint_step()
             if resume is None and self.created and os.path.isdir(self.out):
                 shutil.rmtree(self.out)  # failed before a first checkpoint: start over (this launch made it)
@@ -164,7 +171,7 @@ class Elastic:
 
     def once(self, hosts: list[Host], got: dict[str, Any], resume: Optional[int]) -> Supervision:
         """One job on ``hosts`` at the world ``got``, resumed when there is a checkpoint."""
-        args = list(self.opts.args)
+        args = apply_changes(list(self.opts.args), got.get("changes") or {})
         if resume is not None and "--resume" not in args:
             args.append("--resume")
         fd, hostfile = tempfile.mkstemp(prefix="hvdhybrid-elastic-", suffix=".hosts")
@@ -190,7 +197,7 @@ class Elastic:
         if slots <= np_now:
             return False
         try:
-            return int(self.fit(self.opts.args, slots)["np"]) > np_now
+            return int(self.fit_world(self.opts.args, slots)["np"]) > np_now
         except InputError:
             return False
 
@@ -207,10 +214,13 @@ class Elastic:
         layout = Layout(got["np"], tuple(got["widths"]), got["tensor"])
         placed = place_ranks(hosts, got["np"], self.opts.map_by)
         where = f"resuming from checkpoint step {resume}" if resume is not None else "from the start"
+        changes = got.get("changes") or {}
+        changed = (f"; the layout options fit no world of these hosts, so changed: "
+                   f"{describe_changes(changes)}") if changes else ""
         self.say(f"launching {got['np']} ranks on {', '.join(f'{h.name}:{h.slots}' for h in hosts)}, "
-                 f"{where}:\n" + render_plan(layout, placed))
+                 f"{where}{changed}:\n" + render_plan(layout, placed))
         self.event("launch", np=got["np"], hosts={h.name: h.slots for h in hosts}, layout=got["layout"],
-                   resume_step=resume)
+                   resume_step=resume, changes=changes)
 
     def event(self, kind: str, **facts: Any) -> None:
         """One JSON line in the run's metrics.jsonl, written while no job runs; before the run's first
@@ -240,9 +250,10 @@ class _Watch:
         return False
 
 
-def fit_in_subprocess(args: list[str], slots: int) -> dict[str, Any]:
+def fit_in_subprocess(args: list[str], slots: int, keep_layout: bool = False) -> dict[str, Any]:
     """``hvdtrain plan -np SLOTS --fit --json ARGS`` in a fresh process (MPI is never started here)."""
-    cmd = [sys.executable, "-m", "hvdhybrid", "plan", "-np", str(slots), "--fit", "--json", *args]
+    cmd = [sys.executable, "-m", "hvdhybrid", "plan", "-np", str(slots), "--fit", "--json",
+           *(["--keep-layout"] if keep_layout else []), *args]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if p.returncode:
         lines = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()

@@ -36,10 +36,12 @@ __all__ = ["launch"]
               help="With --elastic: seconds a host whose ranks died is left out.")
 @click.option("--discovery-interval", type=float, default=10.0, show_default=True,
               help="With --elastic: seconds between discovery checks while a job runs (to grow).")
+@click.option("--keep-layout", is_flag=True, help="With --elastic: stop when the job's --stages/--tensor/"
+              "--bundle-shape fit no world left, instead of relaunching with the smallest change that fits.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: bool, map_by: str,
            elastic: bool, discovery: Optional[str], max_restarts: int, cooldown: float,
-           discovery_interval: float, args: tuple[str, ...]) -> None:
+           discovery_interval: float, keep_layout: bool, args: tuple[str, ...]) -> None:
     """Check the hostfile, then start `hvdtrain ARGS` on NP ranks with mpirun (or horovodrun).
 
     Example: hvdtrain launch -np 4 --hostfile hostfiles/localhost -- resnet --steps 20
@@ -58,12 +60,12 @@ def launch(np_: int, hostfile: Optional[str], use_horovodrun: bool, dry_run: boo
             from .elastic import Elastic, ElasticOptions
 
             run = Elastic(ElasticOptions(np_, list(args), hostfile, discovery, map_by, max_restarts,
-                                         cooldown, discovery_interval))
+                                         cooldown, discovery_interval, keep_layout))
             run.usable()  # a hostfile or discovery command that fails, before anything starts
         else:
             ctx = click.get_current_context()
             extra = [f"--{k.replace('_', '-')}" for k in ("discovery", "max_restarts", "cooldown",
-                                                          "discovery_interval")
+                                                          "discovery_interval", "keep_layout")
                      if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
             if extra:
                 raise LaunchError(f"{', '.join(extra)} appl{'y' if len(extra) > 1 else 'ies'} with "

@@ -67,12 +67,14 @@ def plan_memory(command: list[str], np_: int) -> dict[str, Any]:
     return predict_memory(command, np_, cli)
 
 
-def fit_layout(command: list[str], slots: int) -> dict[str, Any]:
-    """Python API of ``hvdtrain plan -np SLOTS --fit MODEL ...``: the largest world of at most ``slots``
-    ranks that the model command's own layout options fit (``{"np", "bundles", "layout", ...}``)."""
+def fit_layout(command: list[str], slots: int, keep_layout: bool = False) -> dict[str, Any]:
+    """Python API of ``hvdtrain plan -np SLOTS --fit [--keep-layout] MODEL ...``: the largest world of at
+    most ``slots`` ranks that the model command's own layout options fit, else the smallest change to them
+    that fits (``{"np", "bundles", "layout", "changes", ...}``; ``changes``: option -> new value, None
+    for dropped; apply them with :func:`hvdhybrid.cli.layout_fit.apply_changes`)."""
     from .layout_fit import fit_layout as fit
 
-    return fit(command, slots, cli)
+    return fit(command, slots, cli, keep_layout)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -32,11 +32,14 @@ __all__ = ["plan", "render_plan"]
               help="Draw the last step a run recorded with hvdtrain ... --trace FILE, rank by rank.")
 @click.option("--json", "as_json", is_flag=True, help="With a model command: print the prediction as JSON.")
 @click.option("--fit", is_flag=True, help="With a model command: the largest world of at most -np ranks "
-              "that its layout options fit (bundles as many as fit), instead of its memory.")
+              "that its layout options fit (bundles as many as fit), else the smallest change to them "
+              "that fits (--tensor, --stages lowered), instead of its memory.")
+@click.option("--keep-layout", is_flag=True,
+              help="With --fit: refuse instead of changing the layout options.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
          activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool, fit: bool,
-         command: tuple[str, ...]) -> None:
+         keep_layout: bool, command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
     With --hostfile, each rank's host (as mpirun --map-by places it) and, given
@@ -64,7 +67,7 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
             raise UserError(str(e)) from None
         return
     if command:
-        _plan_memory(np_, list(command), as_json, fit)
+        _plan_memory(np_, list(command), as_json, fit, keep_layout)
         return
     try:
         layout = cfg.parallel.layout(np_)
@@ -114,10 +117,11 @@ def _timeline(cfg: Config, layout: Layout, placement: Optional[Placement], slice
             f"{pl.num_positions} stage groups:\n" + draw(StageGraph.chain(n), pl, plan, m, slices))
 
 
-def _plan_memory(np_: int, command: list[str], as_json: bool, fit: bool = False) -> None:
+def _plan_memory(np_: int, command: list[str], as_json: bool, fit: bool = False,
+                 keep_layout: bool = False) -> None:
     import json
 
-    from .layout_fit import fit_layout
+    from .layout_fit import describe_changes, fit_layout
     from .plan_memory import predict_memory, render_memory
 
     ctx = click.get_current_context()
@@ -129,8 +133,9 @@ def _plan_memory(np_: int, command: list[str], as_json: bool, fit: bool = False)
             raise LayoutError(f"{', '.join(given)} given before the model command: put the layout options "
                               f"after it (hvdtrain plan -np {np_} {command[0]} --tensor 2 ...)")
         if fit:
-            got = fit_layout(command, np_, ctx.find_root().command)
-            click.echo(json.dumps(got) if as_json else f"{got['np']} ranks: {got['layout']}")
+            got = fit_layout(command, np_, ctx.find_root().command, keep_layout)
+            click.echo(json.dumps(got) if as_json else f"{got['np']} ranks: {got['layout']}"
+                       + (f" (changed: {describe_changes(got['changes'])})" if got["changes"] else ""))
             return
         pred = predict_memory(command, np_, ctx.find_root().command)
     except USER_ERRORS as e:

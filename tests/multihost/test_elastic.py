@@ -153,3 +153,33 @@ def test_a_host_that_appears_grows_the_job_and_it_ends_as_one_host_does(
     assert 0 < events[2]["resume_step"] == events[1]["step"] < GROW_STEPS  # grown mid-run
     assert max(x["step"] for x in _lines(out) if "step" in x) == GROW_STEPS
     assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(GROW_JOB, tmp_path)) <= 1e-5
+
+
+CHANGE_JOB = ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "8", "--tensor",
+              "2", "--stages", "2", "--optimizer", "sgd", "--lr", "1e-2", "--seed", "3", *COMMON]
+
+
+def test_a_layout_that_no_longer_fits_is_changed_as_little_as_fits_and_ends_as_one_host_does(
+        hosts2: EmulatedHosts, env2: dict[str, str], tmp_path: Any) -> None:
+    """Tensor 2 x 2 stages is one bundle of 4 ranks: with h1 lost, 2 ranks fit no bundle of that rule, so
+    the job goes on with one option lowered (a bundle of 2) and still ends as the uninterrupted run."""
+    out = str(tmp_path / "run")
+    cmd = [*HVDTRAIN, "launch", "-np", "4", "--elastic", "--hostfile", hosts2.hostfile(), "--cooldown", "600",
+           "--", *CHANGE_JOB, "--out", out]
+    proc = hosts2.popen(cmd, env=env2, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for(out, lambda ls: sum("step" in x for x in ls) >= 5, 180, proc) is not None
+        assert hosts2.kill_host("h1") > 0
+    finally:
+        text = _finish(proc, 300)
+    print(text[-4000:])
+    assert proc.returncode == 0
+    events = [x for x in _lines(out) if "event" in x]
+    assert [x["event"] for x in events] == ["launch", "failure", "launch", "resumed", "done"]
+    first, relaunch = events[0], events[2]
+    assert first["np"] == 4 and first["changes"] == {}
+    assert relaunch["np"] == 2 and relaunch["hosts"] == {"h0": 2}
+    assert relaunch["changes"] in ({"--tensor": "1"}, {"--stages": "1"})
+    assert "so changed: --" in text
+    assert max(x["step"] for x in _lines(out) if "step" in x) == STEPS
+    assert _diff(torch.load(os.path.join(out, "params.pt")), one_host(CHANGE_JOB, tmp_path)) <= 1e-5

@@ -112,3 +112,19 @@ def test_a_job_grows_only_after_a_checkpoint_of_its_own(tmp_path: Any) -> None:
     assert not e.could_grow(2, 7)  # the one it resumed from
     assert e.could_grow(2, 6)  # one it wrote: 4 slots fit 2 bundles
     assert not e.could_grow(4, 6)  # already as large as the hosts allow
+
+
+def test_when_the_rule_fits_no_world_left_the_change_is_announced_and_recorded(tmp_path: Any) -> None:
+    said: list[str] = []
+
+    def fit(args: list[str], slots: int) -> dict[str, Any]:  # tensor 2 x 2 stages: 4 ranks a bundle
+        if slots >= 4:
+            return {"np": 4, "widths": [1, 1], "tensor": 2, "layout": "1 bundle(s) x tensor 2", "changes": {}}
+        return {"np": 2, "widths": [1, 1], "tensor": 1, "layout": "1 bundle(s)", "changes": {"--tensor": "1"}}
+
+    e, jobs = _elastic(tmp_path, [(Supervision(137, [KILLED_H1]), 4), (Supervision(0), 9)])
+    e.fit_world, e.say = fit, said.append
+    assert e.run() == 0
+    launches = [x for x in _events(e.out) if x["event"] == "launch"]
+    assert [x["changes"] for x in launches] == [{}, {"--tensor": "1"}]
+    assert any("so changed: --tensor 1" in s for s in said)
