@@ -5,6 +5,10 @@ take twice their time on a 2-vCPU machine (the kernel's copy into the page cache
 compete with the step), while the same bytes written with ``O_DIRECT`` cost them under 10%
 (docs/benchmarks.md). Writes are gathered in a page-aligned block and go out a block at a time; the
 last partial block is written with ``O_DIRECT`` cleared (its size is not a multiple of the alignment).
+A write of at least 1 MB from page-aligned memory, arriving where the file is at a multiple of 4096
+(``torch.save`` of a shard puts each tensor's bytes there, :mod:`shard_file`; the background copy of
+the state is page-aligned, :func:`background_save.aligned_copy`), goes out from where it is, without
+the copy into the block.
 Where the file system refuses ``O_DIRECT`` (tmpfs), :func:`open_direct` returns an ordinary file.
 """
 
@@ -24,6 +28,11 @@ __all__ = ["DirectFile", "open_direct"]
 
 ALIGN = 4096
 BLOCK = 8 << 20
+DIRECT_MIN = 1 << 20  # a write at least this long, page-aligned, goes out from where it is
+
+
+def _address(mv: memoryview) -> int:
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if len(mv) else 0
 
 
 class DirectFile:
@@ -42,6 +51,11 @@ class DirectFile:
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
         total = len(mv)
+        if self.n % ALIGN == 0 and len(mv) >= DIRECT_MIN and _address(mv) % ALIGN == 0 and self._direct():
+            self._out(self.n)  # the block, so that the file is where mv starts (an aligned offset)
+            k = len(mv) - len(mv) % ALIGN
+            self._send(mv[:k])  # straight from the caller's page-aligned memory: no copy
+            mv = mv[k:]
         while len(mv):
             k = min(len(mv), BLOCK - self.n)
             self.arr[self.n:self.n + k] = np.frombuffer(mv[:k], dtype=np.uint8)
@@ -54,21 +68,28 @@ class DirectFile:
     def _out(self, size: int) -> None:
         """Write the block's first ``size`` bytes (a multiple of ALIGN, or the tail) and keep the rest."""
         view = memoryview(self.buf)
-        self.checksum.update(view[:size])
-        self.size += size
-        done = 0
-        while done < size:
-            try:
-                done += os.write(self.fd, view[done:size])
-            except OSError as e:  # a file system that took the flag but not the write: go on without
-                if e.errno != errno.EINVAL or not self._direct():
-                    raise
-                self._clear()
+        self._send(view[:size])
         rest = self.n - size
         if rest:
             self.arr[:rest] = self.arr[size:self.n]
         self.n = rest
         view.release()
+
+    def _send(self, view: memoryview) -> None:
+        """Write ``view`` (page-aligned, a multiple of ALIGN long unless O_DIRECT is off) and checksum it."""
+        size = len(view)
+        for at in range(0, size, BLOCK):  # checksummed a block at a time, just before it goes out
+            part = view[at:at + BLOCK]
+            self.checksum.update(part)
+            done = 0
+            while done < len(part):
+                try:
+                    done += os.write(self.fd, part[done:])
+                except OSError as e:  # a file system that took the flag but not the write: go on without
+                    if e.errno != errno.EINVAL or not self._direct():
+                        raise
+                    self._clear()
+        self.size += size
 
     def _direct(self) -> bool:
         return bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT)

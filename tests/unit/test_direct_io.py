@@ -70,3 +70,34 @@ def test_a_file_system_that_refuses_the_writes_gets_them_without_o_direct(tmp_pa
     f.close()
     assert calls[0] and not calls[-1]
     assert open(path, "rb").read() == data
+
+
+def test_page_aligned_writes_go_out_from_where_they_are_and_land_in_order(tmp_path, monkeypatch) -> None:
+    import mmap
+
+    import numpy as np
+
+    sent: list[int] = []
+    real = direct_io.DirectFile._send
+    monkeypatch.setattr(direct_io.DirectFile, "_send",
+                        lambda self, v: (sent.append(direct_io._address(v)), real(self, v))[1])
+    page = mmap.mmap(-1, 3 << 20)
+    page[:] = os.urandom(3 << 20)
+    src = np.frombuffer(page, dtype=np.uint8)
+    path, want = str(tmp_path / "f"), bytearray()
+    f = direct_io.open_direct(path)
+    for piece in (memoryview(page)[: 2 << 20], b"x" * 100, memoryview(page)[: (2 << 20) + 10],
+                  b"y" * 3986, memoryview(page)):  # aligned, then not, then aligned again (at 2 MB + 4096)
+        f.write(piece)
+        want += bytes(piece)
+    f.close()
+    assert open(path, "rb").read() == bytes(want)
+    assert sent.count(int(src.ctypes.data)) == 2  # the first and the last: straight from the map
+
+
+def test_shard_settings_are_restored_after_a_write(tmp_path) -> None:
+    from torch.utils.serialization import config
+
+    before = (torch.serialization.get_crc32_options(), config.save.storage_alignment)
+    write_shard(str(tmp_path / "a.pt"), {"w": torch.randn(300_000)}, direct=True)
+    assert (torch.serialization.get_crc32_options(), config.save.storage_alignment) == before
