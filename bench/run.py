@@ -261,21 +261,23 @@ def headline() -> list[dict]:
     got = subprocess.run([PY, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=_env())
     rest = int(got.stdout.split()[-1])  # bytes
     args = ["--size", "gpt2-medium", "--seq-len", "128", "--batch-size", "4", "--limit", "100",
-            "--steps", "2", "--optimizer", "adamw"]
+            "--steps", "2", "--optimizer", "adamw", "--sample-tokens", "0"]  # the run's peak is training's
     print(f"\ngpt2-medium (303.6 M parameters), AdamW, 2 steps of 4 x 128 bytes; libraries at rest "
           f"{rest / 1e6:.0f} MB (measured once); peak RSS from each rank's memory.json\n")
     print("| run | ranks | peak RSS per rank (MB) | vs one process | accounted + rest (MB) "
           "| RSS / (accounted + rest) | plan error |")
     print("|---|---|---|---|---|---|---|")
     res, one = [], 0
-    for np_, extra in ((1, []), (4, ["--tensor", "2", "--zero", "2", "--recompute", "full"])):
+    layout = ["--tensor", "2", "--zero", "2", "--recompute", "full"]
+    for np_, extra in ((1, []), (4, layout), (4, [*layout, "--microbatches", "1"])):
         m = _memory_run(np_, [*args, *extra])["memory"]
         rss = max(r["rss_peak"] for r in m)
         acc = max(sum(r[f] for f in FIGURES) for r in m) + rest
         one = one or rss
         err = _plan_error(np_, [*args, *extra], m)
-        name = "one process" if np_ == 1 else "tensor 2 x 2 bundles, --zero 2, --recompute full"
-        res.append({"name": f"headline-np{np_}", "rss_peak": rss, "accounted_plus_rest": acc,
+        name = "one process" if np_ == 1 else " ".join(["tensor 2 x 2 bundles", *extra[2:]])
+        mbs = extra[-1] if "--microbatches" in extra else "2"
+        res.append({"name": f"headline-np{np_}-mb{mbs}", "rss_peak": rss, "accounted_plus_rest": acc,
                     "plan_error": err})
         print(f"| {name} | {np_} | {rss / 1e6:.0f} | {rss / one:.2f}x | {acc / 1e6:.0f} "
               f"| {rss / acc:.2f}x | {err:.3f} |")

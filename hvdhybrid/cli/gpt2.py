@@ -34,9 +34,12 @@ __all__ = ["gpt2", "merge"]
               help="Bytes (or --model's tokens) per training window (default: the model's context).")
 @click.option("--dropout", type=float, default=0.1, show_default=True, help="GPT-2's dropout (keyed).")
 @click.option("--limit", type=int, default=None, help="Use only the first N windows (quick runs).")
+@click.option("--sample-tokens", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens of the greedy sample printed after training (0: none; the sample builds the "
+                   "whole model from the final checkpoint on one rank).")
 @optimizer_option
 def gpt2(cfg: Config, size: str, model_dir: Optional[str], data: Optional[str], seq_len: Optional[int],
-         dropout: float, limit: Optional[int], optimizer: str) -> None:
+         dropout: float, limit: Optional[int], sample_tokens: int, optimizer: str) -> None:
     """A Hugging Face GPT2LMHeadModel: tensor x pipeline x data parallel.
 
     --tensor T splits every stage over T ranks (Megatron style; the
@@ -121,7 +124,8 @@ def gpt2(cfg: Config, size: str, model_dir: Optional[str], data: Optional[str], 
                            os.path.join(out, "probe_logits.pt"))
                 from ..models.gpt2.sample import gpt2_sampler
 
-                end_sample(lambda c: gpt2_sampler(out, c), test_set.x[0, :8].tolist())
+                if sample_tokens:
+                    end_sample(lambda c: gpt2_sampler(out, c), test_set.x[0, :8].tolist(), sample_tokens)
 
         pad = vocab_padding(vocab, cfg.parallel.tensor)
         padded = f" (padded to {vocab + pad} for tensor {cfg.parallel.tensor})" if pad else ""

@@ -3,7 +3,10 @@
 Modes (``--recompute MODE[:S0,S1,..]``, per model stage):
 
     none        every activation a backward needs is kept
-    full        a stage keeps only its inputs per microbatch; its forward runs again in its backward
+    full        a stage keeps only its inputs per microbatch, and, where it is a chain of layers (a
+                sequential model's layers, GPT-2's embeddings, blocks and head), each layer's input;
+                its forward runs again in its backward, a layer at a time (:func:`full`): what the
+                recomputation holds at once is one layer's activations, not the stage's
     selective   the attention core of GPT, GPT-2 and BERT (scores, softmax, dropout, the product with
                 V) is recomputed; it holds the largest activations (heads x tokens x tokens per row)
 
@@ -24,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..errors import InputError
 
-__all__ = ["MODES", "RecomputeError", "Recompute", "attention", "recomputed", "selective"]
+__all__ = ["MODES", "RecomputeError", "Recompute", "attention", "full", "recomputed", "selective"]
 
 MODES = ("none", "full", "selective")
 
@@ -104,6 +107,20 @@ def recomputed(fn: Callable[..., Any], *args: Any, tape: Optional[Any] = None) -
             return contextlib.nullcontext(), _Restored(snap)
         return tape.recording(), _Both(_Restored(snap), tape.replaying())
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=contexts)
+
+
+def full(module: Any, *args: Any) -> Any:
+    """``--recompute full`` of a stage: ``module(*args)`` recomputed in the backward, a layer at a time
+    where the module is a chain of layers (``module.pieces()``: callables ``x -> x`` applied in order,
+    each layer's input kept), else as one region (its inputs kept)."""
+    pieces = getattr(module, "pieces", None)
+    chain = pieces() if callable(pieces) else None
+    if not chain or len(args) != 1:
+        return recomputed(module, *args)
+    x = args[0]
+    for piece in chain:
+        x = recomputed(piece, x)
+    return x
 
 
 class _Restored:

@@ -61,6 +61,10 @@ class Part(nn.Module):
             x = layer(x)
         return x
 
+    def pieces(self) -> list[Callable[[Any], Any]]:
+        """The layers in order (``--recompute full`` recomputes them one at a time)."""
+        return list(self._order)
+
 
 @dataclass
 class StagedModel:

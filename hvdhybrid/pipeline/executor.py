@@ -337,7 +337,7 @@ class Executor:
         module = self.modules[s]
         with self.autocast(), self.saved.hooks(), recompute.selective(mode == "selective"):
             if mode == "full":  # keep the inputs only; the forward runs again in the backward
-                out = _as_tuple(recompute.recomputed(module, *args))
+                out = _as_tuple(recompute.full(module, *args))
             else:
                 out = _as_tuple(module(*args) if cache is None else module(*args, cache=cache))
         loss = None

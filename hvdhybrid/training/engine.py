@@ -26,6 +26,7 @@ from ..pipeline.executor import Executor
 from .data import Dataset
 from .faults import injected_schedule
 from .gradsync import GradSync
+from .memory import return_freed_memory
 from .precision import Precision
 from .state import NamedState
 from .zero import ZeroOptimizer
@@ -101,6 +102,7 @@ class Engine:
         self.sync.broadcast_parameters(self.modules)
         self.optimizer: Any
         if cfg.optim.zero and groups.data_set is not None:  # one bundle: nothing to shard
+            return_freed_memory()  # the build's temporaries go before the flat buffer comes
             zero = ZeroOptimizer(self.sync.params, optimizer_fn, groups.data, cfg.optim.zero,
                                  fp16=self.sync.fp16_compression)
             zero.set_weights(self.sync.weight_of)

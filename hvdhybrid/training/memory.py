@@ -33,9 +33,11 @@ def tensor_bytes(tensors: Any) -> int:
 def return_freed_memory() -> bool:
     """Give the memory the allocator holds free back to the kernel.
 
-    Called once, after the model is built, so the build's temporaries (whole
-    initial weights, the copies into ``--zero``'s flat buffer) do not stay
-    resident for the whole run. Under jemalloc (:mod:`hvdhybrid.allocator`,
+    Called after the model is built (before ``--zero``'s flat buffer is made)
+    and once more after the trainer is, so the build's temporaries (whole
+    initial weights, the parameters copied into ``--zero``'s flat buffer) do not
+    stay resident for the whole run, nor under the flat buffer's peak. Under
+    jemalloc (:mod:`hvdhybrid.allocator`,
     hvdtrain's default where installed, run with freed pages kept for reuse) it
     purges every arena; under glibc it is ``malloc_trim``: glibc serves blocks below
     its mapping threshold (raised up to 32 MB as large blocks are freed) from

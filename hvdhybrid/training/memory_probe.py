@@ -107,7 +107,7 @@ def measure_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, b
     counter = SavedBytes()
     counter.exclude(p for m in modules.values() for p in m.parameters())
     with counter.hooks(), recompute.selective(mode == "selective"):
-        out = recompute.recomputed(module, *args) if mode == "full" else module(*args)
+        out = recompute.full(module, *args) if mode == "full" else module(*args)
     loss: Optional[torch.Tensor] = None
     if stage == g.sink:
         with counter.hooks():

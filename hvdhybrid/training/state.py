@@ -46,12 +46,22 @@ def _piece(file: str, kind: str, t: torch.Tensor, shard: Optional[Sharded]) -> d
 
 
 def _own(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a checkpoint writes it: itself when it is its storage's whole, else a compact copy (a
-    saved view would carry the whole storage it views). Writing is synchronous, so no copy is kept."""
+    """``t`` as a checkpoint writes it: a tensor whose storage is exactly its bytes (a saved view would
+    carry the whole storage it views). Itself when it is its storage's whole; a contiguous view (a
+    parameter in ``--zero``'s flat buffer) as a tensor over the same memory, without a copy; else a
+    compact copy. Writing is synchronous, so nothing is kept."""
     t = t.detach().cpu()
     whole = t.storage_offset() == 0 and t.is_contiguous() and \
         t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return t if whole else t.clone()
+    if whole:
+        return t
+    if t.is_contiguous() and t.dtype in _NUMPY and t.numel():
+        return torch.from_numpy(t.numpy())  # the same memory, a storage of its own extent
+    return t.clone()
+
+
+_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+          torch.uint8, torch.bool)
 
 
 def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:

@@ -172,3 +172,72 @@ def test_a_replay_that_draws_more_than_its_forward_is_an_error() -> None:
         tape.take(lambda: torch.zeros(2, dtype=torch.bool))
         with pytest.raises(RuntimeError, match="drew more dropout masks"):
             tape.take(lambda: torch.zeros(2, dtype=torch.bool))
+
+
+class _Mark(nn.Module):
+    """Identity that logs its forwards and backwards: how many layers are recomputed and not yet
+    back-propagated at once (a recomputed layer's activations are held until its backward)."""
+
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log = self.log
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: object, t: torch.Tensor) -> torch.Tensor:
+                log.append(1)
+                return t.view_as(t)
+
+            @staticmethod
+            def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+                log.append(-1)
+                return g
+        return Fn.apply(x)
+
+
+def _most_pending(log: list) -> int:
+    n = top = 0
+    for e in log:
+        n += e
+        top = max(top, n)
+    return top
+
+
+def test_full_recomputes_a_chain_a_layer_at_a_time_keeping_each_layers_input() -> None:
+    """``full`` over a :class:`Part`: the same gradients (dropout on) as no recomputation; it keeps each
+    layer's input (not the layers' activations), and its backward holds one layer's activations at a
+    time, where recomputing the chain as one region holds them all."""
+    from hvdhybrid.parallel import recompute
+    from hvdhybrid.parallel.staged import Part
+
+    torch.manual_seed(0)
+    log: list = []
+    layers = [nn.Sequential(nn.Linear(64, 256), _Mark(log), nn.Tanh(), KeyedDropout(0.3, f"l{i}"),
+                            nn.Linear(256, 64)) for i in range(6)]
+    part = Part(layers, 0).train()
+    x0 = torch.randn(32, 64)
+
+    def run(fn: callable) -> tuple[list[torch.Tensor], int, int]:  # type: ignore[valid-type]
+        part.zero_grad()
+        randomness.set_step(0, 1)
+        randomness.set_rows(range(32))
+        counted = SavedBytes()
+        counted.exclude(part.parameters())
+        x = x0.clone().requires_grad_()
+        with counted.hooks():
+            out = fn(x)
+        log.clear()  # from here: the backward, and the recomputation within it
+        out.sum().backward()
+        return [p.grad.clone() for p in part.parameters()], counted.peak, _most_pending(log)
+
+    want, kept_none, _ = run(part)
+    got, kept_full, held = run(lambda x: recompute.full(part, x))
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    assert kept_full == 6 * 32 * 64 * 4  # each layer's input
+    assert kept_full < kept_none / 4
+    _, kept_region, held_region = run(lambda x: recomputed(part, x))
+    assert kept_region == 32 * 64 * 4
+    assert (held, held_region) == (1, 6)  # one layer's activations at a time, not the chain's

@@ -22,6 +22,7 @@ what the unmodified model computes (the transparency tests compare with it).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -147,21 +148,29 @@ class GPT2Stage(nn.Module):
 
     def forward(self, x: Any) -> Any:
         for u in self.units:
-            if u == "embeddings":
-                wte: Any = self.get_submodule("transformer.wte")
-                wpe = self.get_submodule("transformer.wpe")
-                tok = vocab_parallel_embedding(x, wte.weight, self.vocab_start, self.comm)
-                pos = wpe(torch.arange(x.shape[1], device=x.device))
-                x = self.get_submodule("transformer.drop")(tok + pos)
-            elif u == "head":
-                h = self.get_submodule("transformer.ln_f")(x)
-                head: Any = self.get_submodule("lm_head")
-                x = copy_to(h, self.comm) @ head.weight.t()
-                if self.pad:  # padding rows of the vocabulary: never predicted, never in the loss
-                    cols = self.vocab_start + torch.arange(x.shape[-1], device=x.device)
-                    x = x.masked_fill(cols >= self.vocab, float("-inf"))
-            else:
-                x = self._block(u, self.get_submodule(f"transformer.{u}"), x)
+            x = self._unit(u, x)
+        return x
+
+    def pieces(self) -> list[Any]:
+        """Each unit as ``x -> x``, in order (``--recompute full`` recomputes them one at a time)."""
+        return [functools.partial(self._unit, u) for u in self.units]
+
+    def _unit(self, u: str, x: Any) -> Any:
+        if u == "embeddings":
+            wte: Any = self.get_submodule("transformer.wte")
+            wpe = self.get_submodule("transformer.wpe")
+            tok = vocab_parallel_embedding(x, wte.weight, self.vocab_start, self.comm)
+            pos = wpe(torch.arange(x.shape[1], device=x.device))
+            x = self.get_submodule("transformer.drop")(tok + pos)
+        elif u == "head":
+            h = self.get_submodule("transformer.ln_f")(x)
+            head: Any = self.get_submodule("lm_head")
+            x = copy_to(h, self.comm) @ head.weight.t()
+            if self.pad:  # padding rows of the vocabulary: never predicted, never in the loss
+                cols = self.vocab_start + torch.arange(x.shape[-1], device=x.device)
+                x = x.masked_fill(cols >= self.vocab, float("-inf"))
+        else:
+            x = self._block(u, self.get_submodule(f"transformer.{u}"), x)
         return x
 
     def _block(self, name: str, block: Any, x: torch.Tensor) -> torch.Tensor:
