@@ -3,10 +3,11 @@
 Modes (``--recompute MODE[:S0,S1,..]``, per model stage):
 
     none        every activation a backward needs is kept
-    full        a stage keeps only its inputs per microbatch, and, where it is a chain of layers (a
-                sequential model's layers, GPT-2's embeddings, blocks and head), each layer's input;
-                its forward runs again in its backward, a layer at a time (:func:`full`): what the
-                recomputation holds at once is one layer's activations, not the stage's
+    full        a stage keeps only its inputs per microbatch, and, where it is a chain of layers
+                (a sequential model's layers; GPT's, GPT-2's and BERT's embeddings, blocks and
+                head), each layer's input; its forward runs again in its backward, a layer at a
+                time (:func:`full`): what the recomputation holds at once is one layer's
+                activations, not the stage's
     selective   the attention core of GPT, GPT-2 and BERT (scores, softmax, dropout, the product with
                 V) is recomputed; it holds the largest activations (heads x tokens x tokens per row)
 

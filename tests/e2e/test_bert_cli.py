@@ -24,8 +24,9 @@ def one_rank(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
-@pytest.mark.parametrize("np_,layout", [(2, []), (4, ["--stages", "2", "--recompute", "selective:1"])],
-                         ids=["2-bundles", "2x2-selective-recompute-on-stage-1"])
+@pytest.mark.parametrize("np_,layout", [(2, ["--recompute", "full"]),
+                                       (4, ["--stages", "2", "--recompute", "selective:1"])],
+                         ids=["2-bundles-full-recompute", "2x2-selective-recompute-on-stage-1"])
 def test_bert_layouts_match_one_rank(one_rank: str, tmp_path, np_: int, layout: list[str]) -> None:
     out = str(tmp_path / "run")
     r = mpirun(np_, *BERT, *layout, "--out", out)

@@ -32,8 +32,9 @@ def one_rank(tmp_path_factory: pytest.TempPathFactory) -> str:
     (4, ["--stages", "4", "--slices", "16,12,12,8"]),
     (4, ["--stages", "2", "--slices", "20,16,12", "--fp16-compression"]),
     (4, ["--stages", "2", "--tensor", "2", "--slices", "20,16,12"]),
+    (2, ["--stages", "2", "--slices", "1", "--recompute", "full"]),
 ], ids=["2stages-uniform", "2stages-planned-mb2", "4stages-explicit", "2stages-2bundles-fp16",
-        "2stages-tensor2"])
+        "2stages-tensor2", "2stages-whole-sequences-full-recompute"])
 def test_sliced_runs_end_where_one_rank_ends(one_rank: str, tmp_path, np_: int, layout: list[str]) -> None:
     out = str(tmp_path / "run")
     r = mpirun(np_, *GPT, "--steps", "3", *layout, "--out", out)
@@ -45,7 +46,7 @@ def test_sliced_runs_end_where_one_rank_ends(one_rank: str, tmp_path, np_: int, 
         assert sum(lat["plan"]) == 48 and lat["predicted_s"] > 0
         said = "whole sequences" if len(lat["plan"]) == 1 else ",".join(map(str, lat["plan"]))
         assert said in r.err
-    else:
+    elif "full" not in layout:
         assert "token slices" in r.err
 
 

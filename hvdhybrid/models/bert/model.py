@@ -169,17 +169,23 @@ class BertStage(nn.Module):
 
     def forward(self, x: Any) -> Any:
         for u in self.units:
-            if u == "embeddings":
-                ids = x
-                x = (self.get_submodule("bert.embeddings")(input_ids=ids), ids != 0)
-            elif u == "head":
-                h, _ = x
-                pooled = self.get_submodule("bert.pooler")(h)
-                x = self.get_submodule("classifier")(self.get_submodule("dropout")(pooled))
-            else:
-                h, mask = x
-                x = (self._layer(self.get_submodule(f"bert.encoder.{u}"), h, mask), mask)
+            x = self._unit(u, x)
         return x
+
+    def pieces(self) -> list[Any]:
+        """Each unit as ``x -> x``, in order (``--recompute full`` recomputes them one at a time)."""
+        return [functools.partial(self._unit, u) for u in self.units]
+
+    def _unit(self, u: str, x: Any) -> Any:
+        if u == "embeddings":
+            ids = x
+            return self.get_submodule("bert.embeddings")(input_ids=ids), ids != 0
+        if u == "head":
+            h, _ = x
+            pooled = self.get_submodule("bert.pooler")(h)
+            return self.get_submodule("classifier")(self.get_submodule("dropout")(pooled))
+        h, mask = x
+        return self._layer(self.get_submodule(f"bert.encoder.{u}"), h, mask), mask
 
     def _layer(self, layer: Any, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``BertLayer``'s forward (eager attention), every dropout keyed."""

@@ -23,6 +23,7 @@ are per head, so each tensor rank caches only its own heads.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -192,18 +193,25 @@ class GPTStage(nn.Module):
                 self.h[u.split(".")[1]] = keyed(seed, _key(u), lambda: Block(cfg, comm))
 
     def forward(self, x: torch.Tensor, cache: Optional[SliceCache] = None) -> torch.Tensor:
+        for u in self.units:
+            x = self._unit(u, x, cache)
+        return x
+
+    def pieces(self) -> list[Any]:
+        """Each unit as ``x -> x`` without token slices, in order (``--recompute full``, which token
+        slices refuse, recomputes them one at a time)."""
+        return [functools.partial(self._unit, u) for u in self.units]
+
+    def _unit(self, u: str, x: torch.Tensor, cache: Optional[SliceCache] = None) -> torch.Tensor:
         start = cache.start if cache is not None else 0
         total = cache.total if cache is not None else x.shape[1]
-        for u in self.units:
-            if u == "embed":
-                tok = vocab_parallel_embedding(x, self.wte.weight, self.vocab_start, self.comm)
-                pos = self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
-                x = self._drop(tok + pos, "embed.drop", start, total)
-            elif u == "head":
-                x = copy_to(self.ln_f(x), self.comm) @ self.lm_head.weight.t()
-            else:
-                x = self._block(u, self.h[u.split(".")[1]], x, cache, start, total)
-        return x
+        if u == "embed":
+            tok = vocab_parallel_embedding(x, self.wte.weight, self.vocab_start, self.comm)
+            pos = self.wpe(torch.arange(start, start + x.shape[1], device=x.device))
+            return self._drop(tok + pos, "embed.drop", start, total)
+        if u == "head":
+            return copy_to(self.ln_f(x), self.comm) @ self.lm_head.weight.t()
+        return self._block(u, self.h[u.split(".")[1]], x, cache, start, total)
 
     def _drop(self, x: torch.Tensor, name: str, start: int, total: int) -> torch.Tensor:
         """Residual/embedding dropout: the mask of the whole sequence, cut to these tokens."""
