@@ -168,11 +168,13 @@ class PipelineConfig:
 
     def weights_per_w(self) -> int:
         """Microbatches per ``W`` action: ``--batch-w``, 0 resolved (all of a step's for zb1 with whole
-        sequences, where it measured faster; else 1: the V schedules' ``W`` fill their bubbles)."""
+        sequences, where it measured faster; else 1: the V schedules' ``W`` fill their bubbles, and
+        ``--recompute full``'s batched products would recompute a layer per product they read)."""
         if self.batch_w:
             return self.batch_w
         sliced = self.slices is not None and len(self.slices) > 1
-        return self.microbatches if self.schedule == "zb1" and not sliced else 1
+        full = self.recompute.partition(":")[0] == "full"
+        return self.microbatches if self.schedule == "zb1" and not sliced and not full else 1
 
 
 @dataclass(frozen=True)

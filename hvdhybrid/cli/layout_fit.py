@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 from ..config import Config, ParallelConfig, check_batch
 from ..errors import USER_ERRORS
 from ..layout.topology import LayoutError
+from ..parallel.recompute import Recompute
 from .plan_memory import run_as_planner
 
 __all__ = ["apply_changes", "describe_changes", "fit_layout", "largest_fit"]
@@ -41,8 +42,8 @@ def largest_fit(name: str, cfg: Config, slots: int, default_widths: tuple[int, .
     try:
         return {**_largest(name, cfg, slots, default_widths, widths), "changes": {}}
     except LayoutError as e:
-        if strict:
-            raise
+        if strict or not _fits_somewhere(name, cfg, slots, default_widths, widths):
+            raise  # (without strict) it fits no world: the rule is wrong, not too large for the ranks here
         refused = str(e)
     for edits in (1, 2):
         fits = []
@@ -58,15 +59,35 @@ def largest_fit(name: str, cfg: Config, slots: int, default_widths: tuple[int, .
     raise LayoutError(f"{refused}; no smaller --tensor or --stages fits either")
 
 
+def _fits_somewhere(name: str, cfg: Config, slots: int, default_widths: tuple[int, ...],
+                    widths: Optional[tuple[int, ...]], most: int = 1024) -> bool:
+    """Whether the rule fits some world of ``slots`` to ``most`` ranks (then it did not fit ``slots``
+    for want of ranks; else it fits none and a change of layout would hide the mistake)."""
+    for n in range(slots + 1, most + 1):
+        try:
+            _check(cfg, n, default_widths, widths)
+        except USER_ERRORS:
+            continue
+        return True
+    return False
+
+
+def _check(cfg: Config, n: int, default_widths: tuple[int, ...], widths: Optional[tuple[int, ...]]) -> Any:
+    """The layout of ``n`` ranks, checked as a run checks it (raises a user error where it does not fit)."""
+    p = cfg.parallel
+    layout = p.layout(n, default_widths, widths)
+    check_batch(cfg, layout)
+    p.placement_for(layout, cfg.pipeline.schedule)
+    Recompute.parse(cfg.pipeline.recompute).check(p.model_stages(layout), True, "the model")
+    return layout
+
+
 def _largest(name: str, cfg: Config, slots: int, default_widths: tuple[int, ...],
              widths: Optional[tuple[int, ...]]) -> dict[str, Any]:
-    p = cfg.parallel
     first: Optional[str] = None
     for n in range(slots, 0, -1):
         try:
-            layout = p.layout(n, default_widths, widths)
-            check_batch(cfg, layout)
-            p.placement_for(layout, cfg.pipeline.schedule)
+            layout = _check(cfg, n, default_widths, widths)
         except USER_ERRORS as e:
             first = first or str(e)
             continue

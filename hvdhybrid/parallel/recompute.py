@@ -119,9 +119,24 @@ def full(module: Any, *args: Any) -> Any:
     if not chain or len(args) != 1:
         return recomputed(module, *args)
     x = args[0]
-    for piece in chain:
-        x = recomputed(piece, x)
+    for k, piece in enumerate(chain):
+        given, seen = x, _versions(x)
+        if isinstance(x, tuple):  # each tensor an input of its own: kept (and counted) as saved
+            x = recomputed(lambda *a, f=piece: f(tuple(a)), *x)
+        else:
+            x = recomputed(piece, x)
+        if _versions(given) != seen:
+            raise RecomputeError(f"--recompute full: layer {k} of the stage changes its input in place, "
+                                 "which its recomputation would see changed; make it out of place (e.g. "
+                                 "inplace=False), or use --recompute none or selective")
     return x
+
+
+def _versions(x: Any) -> tuple[Optional[int], ...]:
+    """The version counters of ``x``'s tensors (an in-place change bumps them)."""
+    import torch
+
+    return tuple(t._version if torch.is_tensor(t) else None for t in (x if isinstance(x, tuple) else (x,)))
 
 
 class _Restored:

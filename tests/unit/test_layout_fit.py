@@ -46,3 +46,24 @@ def test_changes_apply_to_a_command_line_in_either_spelling() -> None:
     assert apply_changes(args, changes) == ["gpt2", "--steps", "3", "--tensor", "1", "--stages", "2"]
     assert describe_changes(changes) == "--tensor 1, --stages 2, --bundle-shape dropped"
     assert apply_changes(args, {}) == args
+
+
+def test_a_changed_layout_keeps_the_recomputed_stages_in_range() -> None:
+    from hvdhybrid.config import PipelineConfig
+
+    def fit(recompute: str) -> dict:
+        cfg = Config(parallel=ParallelConfig(stages=3), pipeline=PipelineConfig(recompute=recompute))
+        return largest_fit("gpt2", cfg, 2, (1,), None, tensor_parallel=True)
+    assert fit("full:1")["changes"] == {"--stages": "2"}
+    with pytest.raises(LayoutError, match="no smaller --tensor or --stages fits either"):
+        fit("full:2")  # stage 2 of fewer stages does not exist: no change fits
+
+
+def test_a_rule_that_fits_no_world_is_refused_not_changed() -> None:
+    from hvdhybrid.config import OptimConfig, PipelineConfig
+
+    cfg = Config(parallel=ParallelConfig(stages=2), pipeline=PipelineConfig(microbatches=2),
+                 optim=OptimConfig(batch_size=3))  # 3 rows never split into 2 microbatches
+    with pytest.raises(LayoutError) as e:
+        largest_fit("gpt2", cfg, 2, (1,), None, tensor_parallel=True)
+    assert "no smaller" not in str(e.value)

@@ -241,3 +241,26 @@ def test_full_recomputes_a_chain_a_layer_at_a_time_keeping_each_layers_input() -
     _, kept_region, held_region = run(lambda x: recomputed(part, x))
     assert kept_region == 32 * 64 * 4
     assert (held, held_region) == (1, 6)  # one layer's activations at a time, not the chain's
+
+
+def test_full_refuses_a_layer_that_changes_its_input_in_place() -> None:
+    from hvdhybrid.parallel import recompute
+    from hvdhybrid.parallel.staged import Part
+
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mul_(2.0)
+
+    part = Part([nn.Linear(4, 4), Scale(), nn.Linear(4, 4)], 0)
+    with pytest.raises(recompute.RecomputeError, match="layer 1 of the stage changes its input in place"):
+        recompute.full(part, torch.randn(2, 4, requires_grad=True))
+    ok = Part([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)], 0)
+    recompute.full(ok, torch.randn(2, 4, requires_grad=True)).sum().backward()
+
+
+def test_zb1_batches_w_by_default_except_under_full_recomputation() -> None:
+    from hvdhybrid.config import PipelineConfig
+
+    assert PipelineConfig(schedule="zb1", microbatches=4).weights_per_w() == 4
+    assert PipelineConfig(schedule="zb1", microbatches=4, recompute="full").weights_per_w() == 1
+    assert PipelineConfig(schedule="zb1", microbatches=4, recompute="full", batch_w=2).weights_per_w() == 2
