@@ -42,7 +42,7 @@ def largest_fit(name: str, cfg: Config, slots: int, default_widths: tuple[int, .
     try:
         return {**_largest(name, cfg, slots, default_widths, widths), "changes": {}}
     except LayoutError as e:
-        if strict or not _fits_somewhere(name, cfg, slots, default_widths, widths):
+        if strict or not _fits_somewhere(cfg, slots, default_widths, widths):
             raise  # (without strict) it fits no world: the rule is wrong, not too large for the ranks here
         refused = str(e)
     for edits in (1, 2):
@@ -59,7 +59,7 @@ def largest_fit(name: str, cfg: Config, slots: int, default_widths: tuple[int, .
     raise LayoutError(f"{refused}; no smaller --tensor or --stages fits either")
 
 
-def _fits_somewhere(name: str, cfg: Config, slots: int, default_widths: tuple[int, ...],
+def _fits_somewhere(cfg: Config, slots: int, default_widths: tuple[int, ...],
                     widths: Optional[tuple[int, ...]], most: int = 1024) -> bool:
     """Whether the rule fits some world of ``slots`` to ``most`` ranks (then it did not fit ``slots``
     for want of ranks; else it fits none and a change of layout would hide the mistake)."""

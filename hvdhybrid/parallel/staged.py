@@ -13,6 +13,7 @@ groups exist. Two ways to give the same initial parameters as one process:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
@@ -23,7 +24,7 @@ from .graph import StageGraph
 from .ownership import Sharded, Tie, Tied, owner_of, shard_of, tag
 from .partition import STRATEGIES, PartitionError
 
-__all__ = ["StagedModel", "Part", "Unit", "LayerFn", "partition_sizes", "split_sequential",
+__all__ = ["StagedModel", "Part", "Unit", "UnitChain", "LayerFn", "partition_sizes", "split_sequential",
            "sequential_model", "keyed", "keyed_layers", "meta_layers", "mount"]
 
 LayerFn = Callable[[], nn.Module]
@@ -64,6 +65,25 @@ class Part(nn.Module):
     def pieces(self) -> list[Callable[[Any], Any]]:
         """The layers in order (``--recompute full`` recomputes them one at a time)."""
         return list(self._order)
+
+
+class UnitChain(nn.Module):
+    """A stage made of named units (``self.units``) applied in order by ``_unit(u, x)``: ``forward`` runs
+    them; ``pieces()`` hands them one by one to ``--recompute full``, which recomputes a unit at a time."""
+
+    units: list[str]
+
+    def forward(self, x: Any) -> Any:
+        for u in self.units:
+            x = self._unit(u, x)
+        return x
+
+    def pieces(self) -> list[Callable[[Any], Any]]:
+        """Each unit as ``x -> x``, in order."""
+        return [functools.partial(self._unit, u) for u in self.units]
+
+    def _unit(self, u: str, x: Any) -> Any:
+        raise NotImplementedError
 
 
 @dataclass

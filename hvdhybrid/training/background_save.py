@@ -28,6 +28,7 @@ import torch
 
 from ..log import get_logger
 from .checkpoint import CheckpointError, Entry, Manifest, atomic_write, commit, step_dir, write_shard
+from .direct_io import DIRECT_MIN
 
 __all__ = ["BackgroundWriter", "aligned_copy", "snapshot"]
 
@@ -58,7 +59,7 @@ def aligned_copy(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of ``t``; from 1 MB, in page-aligned memory of its own (an anonymous map, freed with the
     tensor), which a write past the page cache sends without copying it again (:mod:`direct_io`)."""
     nbytes = t.numel() * t.element_size()
-    if nbytes < (1 << 20) or not t.is_contiguous():
+    if nbytes < DIRECT_MIN or not t.is_contiguous():
         return t.to("cpu", copy=True)
     out = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=t.dtype).view(t.shape)
     return out.copy_(t)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from .checksum import Checksum, checksum
+from .direct_io import ALIGN, DirectFile, open_direct  # ALIGN: where each tensor's bytes start
 
 __all__ = ["FORMAT", "Checksum", "checksum", "encode_shard", "file_digest", "fsync_dir", "write_shard",
            "shard_save_settings"]
@@ -32,7 +33,6 @@ FORMAT = 2
 _lock = threading.Lock()
 _users = 0
 _before: tuple[bool, int] = (True, 64)
-ALIGN = 4096  # where each tensor's bytes start in the file: O_DIRECT writes them from where they are
 
 
 @contextmanager
@@ -99,8 +99,6 @@ def write_shard(path: str, state: dict[str, Any], direct: bool = False) -> tuple
     Returns:
         The file's checksum (:class:`Checksum`) and size.
     """
-    from .direct_io import DirectFile, open_direct
-
     tmp = f"{path}.tmp.{os.getpid()}"
     f = open_direct(tmp) if direct else open(tmp, "wb")
     try:

@@ -55,13 +55,12 @@ def _own(t: torch.Tensor) -> torch.Tensor:
         t.untyped_storage().nbytes() == t.numel() * t.element_size()
     if whole:
         return t
-    if t.is_contiguous() and t.dtype in _NUMPY and t.numel():
-        return torch.from_numpy(t.numpy())  # the same memory, a storage of its own extent
+    if t.is_contiguous() and t.numel():
+        try:
+            return torch.from_numpy(t.numpy())  # the same memory, a storage of its own extent
+        except TypeError:  # a dtype numpy lacks (bfloat16)
+            pass
     return t.clone()
-
-
-_NUMPY = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
-          torch.uint8, torch.bool)
 
 
 def _other_size(name: str, saved: torch.Tensor, mine: torch.Tensor) -> CheckpointError:

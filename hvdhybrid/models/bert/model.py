@@ -38,7 +38,7 @@ from ...errors import InputError
 from ...parallel import recompute
 from ...parallel.dropout import keyed_dropouts
 from ...parallel.graph import StageGraph
-from ...parallel.staged import StagedModel, keyed, mount
+from ...parallel.staged import StagedModel, UnitChain, keyed, mount
 
 __all__ = ["BertSpec", "BertStage", "ModelError", "bert_model", "default_model_dir", "unit_names"]
 
@@ -154,7 +154,7 @@ def _init_linear(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-class BertStage(nn.Module):
+class BertStage(UnitChain):
     """Consecutive units of the model; parameters under their Hugging Face names."""
 
     def __init__(self, spec: BertSpec, units: Sequence[str]) -> None:
@@ -166,15 +166,6 @@ class BertStage(nn.Module):
                 mount(self, path, m)
         keyed_dropouts(self)
         _load(spec, self)
-
-    def forward(self, x: Any) -> Any:
-        for u in self.units:
-            x = self._unit(u, x)
-        return x
-
-    def pieces(self) -> list[Any]:
-        """Each unit as ``x -> x``, in order (``--recompute full`` recomputes them one at a time)."""
-        return [functools.partial(self._unit, u) for u in self.units]
 
     def _unit(self, u: str, x: Any) -> Any:
         if u == "embeddings":

@@ -23,7 +23,6 @@ are per head, so each tensor rank caches only its own heads.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from ...parallel import recompute
 from ...parallel.dropout import keyed_window_drop
 from ...parallel.graph import StageGraph
 from ...parallel.ownership import Tie
-from ...parallel.staged import StagedModel, keyed
+from ...parallel.staged import StagedModel, UnitChain, keyed
 from ...parallel.tensor_parallel import (
     copy_to,
     reduce_from,
@@ -164,7 +163,7 @@ class Block(nn.Module):
         self.fc2.weight = shard_parameter(self.fc2.weight, comm, 1)
 
 
-class GPTStage(nn.Module):
+class GPTStage(UnitChain):
     """Consecutive units of a GPT (``embed``, ``h.i``, ``head``), split over the tensor communicator."""
 
     def __init__(self, cfg: GPTConfig, units: Sequence[str], comm: Any, seed: int) -> None:
@@ -193,14 +192,11 @@ class GPTStage(nn.Module):
                 self.h[u.split(".")[1]] = keyed(seed, _key(u), lambda: Block(cfg, comm))
 
     def forward(self, x: torch.Tensor, cache: Optional[SliceCache] = None) -> torch.Tensor:
+        """The units in order, with the token slices' cache (``pieces()``, for ``--recompute full``,
+        which token slices refuse, run them without)."""
         for u in self.units:
             x = self._unit(u, x, cache)
         return x
-
-    def pieces(self) -> list[Any]:
-        """Each unit as ``x -> x`` without token slices, in order (``--recompute full``, which token
-        slices refuse, recomputes them one at a time)."""
-        return [functools.partial(self._unit, u) for u in self.units]
 
     def _unit(self, u: str, x: torch.Tensor, cache: Optional[SliceCache] = None) -> torch.Tensor:
         start = cache.start if cache is not None else 0

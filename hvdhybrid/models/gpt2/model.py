@@ -22,7 +22,6 @@ what the unmodified model computes (the transparency tests compare with it).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -35,7 +34,7 @@ from ...parallel import recompute
 from ...parallel.dropout import KeyedDropout, keyed_head_drop
 from ...parallel.graph import StageGraph
 from ...parallel.ownership import Sharded, Tie, owner_of, shard_of, tag
-from ...parallel.staged import StagedModel, mount
+from ...parallel.staged import StagedModel, UnitChain, mount
 from ...parallel.tensor_parallel import (
     copy_to,
     reduce_from,
@@ -105,7 +104,7 @@ def unit_names(layers: int) -> list[str]:
     return ["embeddings"] + [f"h.{i}" for i in range(layers)] + ["head"]
 
 
-class GPT2Stage(nn.Module):
+class GPT2Stage(UnitChain):
     """Consecutive units of a GPT-2, its matrices split over the tensor communicator ``comm``."""
 
     def __init__(self, full: Any, units: Sequence[str], comm: Any) -> None:
@@ -145,15 +144,6 @@ class GPT2Stage(nn.Module):
                 a.resid_dropout = KeyedDropout(cfg.resid_pdrop, f"transformer.h.{i}.attn.resid_dropout")
                 m.dropout = KeyedDropout(cfg.resid_pdrop, f"transformer.h.{i}.mlp.dropout")
                 mount(self, f"transformer.h.{i}", block)
-
-    def forward(self, x: Any) -> Any:
-        for u in self.units:
-            x = self._unit(u, x)
-        return x
-
-    def pieces(self) -> list[Any]:
-        """Each unit as ``x -> x``, in order (``--recompute full`` recomputes them one at a time)."""
-        return [functools.partial(self._unit, u) for u in self.units]
 
     def _unit(self, u: str, x: Any) -> Any:
         if u == "embeddings":
