@@ -13,7 +13,8 @@ from ..layout.topology import LayoutError
 from ..models.grover.config import CONFIGS, GroverConfig
 from ..parallel.partition import PartitionError
 
-__all__ = ["data_options", "describe", "grover_config", "grover_widths", "make_optimizer", "model_options",
+__all__ = ["corpus_options", "corpus_source", "data_options", "describe",
+           "grover_config", "grover_widths", "make_optimizer", "model_options",
            "say"]
 
 
@@ -100,3 +101,45 @@ def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _default_corpus() -> str:
+    import importlib.util
+
+    return "moses" if importlib.util.find_spec("moses") is not None else "rdkit"
+
+
+def corpus_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--corpus", default=None, metavar="moses|rdkit|FILE",
+                     help="Molecules to pretrain on: MOSES (1.58M, the default where molsets is installed), "
+                          "the 15K that RDKit ships, or a CSV or .smi file (.gz too)."),
+        click.option("--data", multiple=True, type=click.Path(),
+                     help="Same as --corpus FILE; repeat for several files."),
+        click.option("--max-molecules", type=int, default=0, show_default=True,
+                     help="Use only the first N records of the corpus (0: all)."),
+        click.option("--workers", type=int, default=1, show_default=True,
+                     help="Featurising processes per rank that reads data (0: the training process)."),
+        click.option("--corpus-cache", type=click.Path(), default=None,
+                     help="Where the corpus index is kept (default: ~/.cache/hvdhybrid/corpus)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def corpus_source(corpus: Optional[str], data: tuple[str, ...], column: str | int | None,
+                  max_molecules: int, workers: int) -> Any:
+    """The pretraining corpus the options name, checked (``--corpus`` or ``--data``, not both)."""
+    from ..models.grover.corpus import CorpusSource, resolve_corpus
+    from ..training.data import DataError
+
+    if max_molecules < 0:
+        raise DataError(f"--max-molecules must be >= 0, got {max_molecules}")
+    if workers < 0:
+        raise DataError(f"--workers must be >= 0, got {workers}")
+    if corpus and data:
+        raise DataError("--corpus and --data both name the corpus: give one")
+    if data:
+        for p in data:
+            resolve_corpus(p)  # exists
+        return CorpusSource(data[0] if len(data) == 1 else ",".join(data), tuple(data), column)
+    return resolve_corpus(corpus or _default_corpus(), column)

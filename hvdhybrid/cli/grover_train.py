@@ -14,6 +14,8 @@ from ..models.grover.config import CONFIGS
 from ..models.grover.labels import column, load_labelled, write_predictions
 from ..training.data import DataError
 from .grover_options import (
+    corpus_options,
+    corpus_source,
     data_options,
     describe,
     grover_config,
@@ -32,69 +34,69 @@ __all__ = ["finetune", "pretrain"]
 @click.command()
 @config_options(steps=300, batch_size=32, lr=1e-3, microbatches=2, clip_grad=1.0)
 @model_options
-@click.option("--data", multiple=True, type=click.Path(),
-              help="CSV or .smi file of SMILES; repeat for several (default: RDKit's WEHI PAINS "
-                   "test molecules and its first 5K NCI molecules).")
-@click.option("--max-molecules", type=int, default=0, show_default=True,
-              help="Use only the first N molecules (0: all).")
+@corpus_options
 @click.option("--mask-rate", type=float, default=0.15, show_default=True,
               help="Fraction of atoms and of bonds whose context is masked and predicted.")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Molecules held out to report the validation loss.")
+              help="Molecules held out (the corpus's last ones, at most 2,000) for the validation loss.")
 def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
-             optimizer: str, smiles_col: Optional[str], data: tuple[str, ...], max_molecules: int,
-             mask_rate: float, val_fraction: float) -> None:
+             optimizer: str, smiles_col: Optional[str], corpus: Optional[str], data: tuple[str, ...],
+             max_molecules: int, workers: int, corpus_cache: Optional[str], mask_rate: float,
+             val_fraction: float) -> None:
     """Self-supervised pretraining: contextual properties of masked atoms and bonds, and motifs.
 
-    Writes OUT/grover.pt (encoder, config, vocabularies) for `grover finetune --checkpoint OUT`.
+    The corpus streams: molecules are read and featurised as training goes, by
+    --workers processes per rank, each rank only its rows. Writes OUT/grover.pt
+    (encoder, config, vocabularies) for `grover finetune --checkpoint OUT`.
     """
-    from ..models.grover.molfiles import default_pretrain_smiles, random_split, read_smiles_csv
+    from ..models.grover.corpus import CorpusIndex, held_out, index_corpus
+    from ..models.grover.workers import Workers
 
-    smiles: list[str] = []
-    with agreed(world()):
+    w = world()
+    path: Optional[str] = None
+    with agreed(w):
         cfg = grover_config(config_name, layers, CONFIGS["small"])
         widths = grover_widths(run.parallel, task_parallel, cfg)
         if not 0.0 < mask_rate < 1.0:
             raise DataError(f"--mask-rate must be between 0 and 1, got {mask_rate}")
         if not 0.0 < val_fraction < 0.5:
             raise DataError(f"--val-fraction must be between 0 and 0.5, got {val_fraction}")
-        if max_molecules < 0:
-            raise DataError(f"--max-molecules must be >= 0, got {max_molecules}")
-        if data:
-            for path in data:
-                t = read_smiles_csv(path, column(smiles_col))
-                if t.skipped:
-                    say(f"{path}: {t.report()}")
-                smiles += t.smiles
-        else:
-            smiles = default_pretrain_smiles()
-        if max_molecules:
-            smiles = smiles[:max_molecules]
-        if len(smiles) < 2:
-            raise DataError(f"pretraining needs at least 2 molecules, got {len(smiles)}")
+        source = corpus_source(corpus, data, column(smiles_col), max_molecules, workers)
+        if w.Get_rank() == 0:
+            pool = Workers(workers)
+            try:
+                path = index_corpus(source, pool, corpus_cache, max_molecules, say=say)
+            finally:
+                pool.close()
+    index = CorpusIndex(w.bcast(path, root=0))
+    with agreed(w):
+        n_train, val_smiles = held_out(index, min(2000, max(1, round(val_fraction * index.n))))
     name = config_name or "small"
-    say(f"{len(smiles)} molecules for pretraining")
+    say(f"{n_train:,} molecules of {source.name} for pretraining, {len(val_smiles):,} held out; "
+        f"{workers} featurising worker(s) per rank")
 
     def build(num_stages: int, layout: Any) -> Built:
         import torch
         from rdkit import Chem
+        from rdkit.rdBase import BlockLogs
 
-        from ..models.grover.data import PretrainSet, build_vocabs, pretrain_loss
-        from ..models.grover.features import N_MOTIFS
+        from ..models.grover.data import PretrainSet, pretrain_loss
+        from ..models.grover.features import N_MOTIFS, Vocab
         from ..models.grover.model import count_parameters
         from ..models.grover.pretrained import FILE, save_pretrained
         from ..models.grover.staged import GroverNet, PretrainHeads, stage_model
+        from ..models.grover.stream import StreamedPretrainSet
         from ..training.trainer import Trainer
 
-        mols = [Chem.MolFromSmiles(s) for s in smiles]
-        split = random_split(len(mols), (1.0 - val_fraction, val_fraction, 0.0), seed=0)
-        train_mols, val_mols = [mols[i] for i in split[0]], [mols[i] for i in split[1]]
-        atom_vocab, bond_vocab = build_vocabs(train_mols)
+        atom_vocab, bond_vocab = (Vocab.from_json(v) for v in index.vocabs)
         say(f"vocabularies: {len(atom_vocab)} atom contexts, {len(bond_vocab)} bond contexts")
         torch.manual_seed(run.run.seed)
         net = GroverNet(cfg, PretrainHeads(cfg, len(atom_vocab), len(bond_vocab), N_MOTIFS))
         model = stage_model(net, num_stages // (2 if task_parallel else 1), task_parallel, pretrain_loss)
-        train_set = PretrainSet(train_mols, atom_vocab, bond_vocab, mask_rate)
+        train_set = StreamedPretrainSet(index, n_train, mask_rate, Workers(workers, index.vocabs))
+        with BlockLogs():
+            val_mols = [m for m in (Chem.MolFromSmiles(s) for s in val_smiles)
+                        if m is not None and m.GetNumAtoms()]
         val_set = PretrainSet(val_mols, atom_vocab, bond_vocab, mask_rate)
 
         def evaluate(trainer: Trainer, ds: Any) -> dict[str, float]:
@@ -105,10 +107,15 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
             return {"loss": loss, "rows": rows}
 
         def finish(trainer: Trainer, out: str) -> None:
+            if train_set.molecules:
+                trainer.log.info(f"this rank featurised {train_set.molecules:,} molecules "
+                                 f"({train_set.skipped:,} did not parse: they stood in with no weight) and "
+                                 f"waited {train_set.wait_s:.1f} s for them")
+            train_set.close()
             params = trainer.gather_parameters()
             if params is not None:
                 save_pretrained(os.path.join(out, FILE), name, cfg, params, atom_vocab.to_json(),
-                                bond_vocab.to_json(), trainer.step, len(train_mols))
+                                bond_vocab.to_json(), trainer.step, n_train)
                 trainer.log.info(f"pretrained encoder written to {os.path.join(out, FILE)}; "
                                  f"finetune with: hvdtrain grover finetune --checkpoint {out}")
 

@@ -161,7 +161,9 @@ class Trainer(EngineParts):
         cfg, world = self.cfg, self.groups.world
         run = cfg.run
         if self.sampler is None:
-            self.sampler = Sampler(len(data), cfg.optim.batch_size, cfg.run.seed)
+            make = getattr(data, "make_sampler", None)  # a streamed set orders its own
+            self.sampler = Sampler(len(data), cfg.optim.batch_size, cfg.run.seed) if make is None \
+                else make(cfg.optim.batch_size, cfg.run.seed)
             if self._resume_sampler is not None:
                 self.sampler.load_state(self._resume_sampler)
         sampler = self.sampler
@@ -178,22 +180,28 @@ class Trainer(EngineParts):
         with StopSignals(self):
             try:
                 while self.step < cfg.optim.steps:
-                    loss = self.train_step(data, sampler.next())
+                    indices = sampler.next()
+                    self._prefetch(data, sampler)
+                    loss = self.train_step(data, indices)
                     losses.append(loss)
                     now = time.perf_counter()
                     sps = cfg.optim.batch_size / max(now - t_last, 1e-9)
                     t_last = now
+                    waited = data_wait(data, now - t_start)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}", refresh=False)
+                        bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{sps:.0f}", refresh=False,
+                                        **({} if waited is None else {"data_wait": f"{waited:.0%}"}))
                         bar.update(1)
                     if metrics is not None:
                         metrics.write(json.dumps({"step": self.step, "epoch": sampler.epoch,
                                                   "loss": loss, "samples_per_s": sps,
+                                                  **({} if waited is None else {"data_wait": waited}),
                                                   "elapsed_s": now - t_start, "time": time.time()}) + "\n")
                         metrics.flush()
                     if is_root and not run.progress and run.log_every and self.step % run.log_every == 0:
+                        wait = "" if waited is None else f", {waited:.0%} of the time waiting for data"
                         self.log.info(f"step {self.step}/{cfg.optim.steps} loss {loss:.4f} "
-                                      f"{sps:.0f} samples/s")
+                                      f"{sps:.0f} samples/s{wait}")
                     if on_step is not None:
                         on_step(self.step, loss)
                     if self.stop_agreed:
@@ -210,6 +218,17 @@ class Trainer(EngineParts):
                 if metrics is not None:
                     metrics.close()
         return losses
+
+    def _prefetch(self, data: Dataset, sampler: Sampler) -> None:
+        """Hand a data set that featurises ahead (``prefetch``) this rank's rows of the next step."""
+        prefetch = getattr(data, "prefetch", None)
+        peek = getattr(sampler, "peek", None)
+        if prefetch is None or peek is None or self.step + 1 >= self.cfg.optim.steps:
+            return
+        nxt, mbs = peek(), self.cfg.pipeline.microbatches
+        parts = [nxt[a * self.per_pass:(a + 1) * self.per_pass] for a in range(self.cfg.optim.accumulate)]
+        rows = [r for part in parts for mb in range(mbs) if (r := self.rows_fn(part, mbs)(mb))]
+        prefetch(self.cfg.run.seed, self.step + 2, rows)
 
     # -- checkpoints and parameters (see :mod:`checkpointing`) ---------------------
     def _saved_at(self, step: int) -> bool:
@@ -288,3 +307,9 @@ class Trainer(EngineParts):
         return {"model": self.cfg.run.model_name, **self.cfg.to_dict(),
                 "layout": {"world_size": lay.world_size, "widths": list(lay.widths), "tensor": lay.tensor,
                            "placement": list(self.placement.positions)}}
+
+
+def data_wait(data: Dataset, elapsed: float) -> Optional[float]:
+    """The share of ``elapsed`` this rank waited for a data set that counts it (``wait_s``), else None."""
+    waited = getattr(data, "wait_s", None)
+    return None if waited is None else float(waited) / max(elapsed, 1e-9)

@@ -1,0 +1,247 @@
+"""GROVER's pretraining corpora: where the SMILES come from, copied once into an index read by shard.
+
+``--corpus moses|rdkit|FILE``: MOSES (1,584,663 drug-like molecules, PyPI
+``molsets``), the 15,000 molecules RDKit ships, or a CSV / .smi file
+(``.gz`` too). The first run over a corpus copies its SMILES once, without
+parsing them, into the cache directory:
+
+    clean.smi    every record's SMILES, one per line, in file order (not parsed yet)
+    offsets.npy  byte offset of every SHARD-th line (so a shard reads with one seek)
+    meta.json    counts and the vocabularies (from a strided sample, parsed)
+
+Later runs read the index and nothing else. Reading is streamed: memory does
+not grow with the corpus (the offsets are 8 bytes per SHARD molecules). A
+record that does not parse is found when training featurises it: it keeps
+its row as a stand-in that weighs nothing, so every layout sees the same
+batches, and it is counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from ...training.data import DataError
+from .workers import Workers, parse_chunk
+
+__all__ = ["CORPORA", "CorpusIndex", "CorpusSource", "SHARD", "default_cache", "held_out", "index_corpus",
+           "resolve_corpus"]
+
+CORPORA = ("moses", "rdkit")
+SHARD = 1024  # molecules per shard: the unit of seeking and of the shuffle's shard order
+_CHUNK = 2000  # records per parse task
+
+
+def default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return os.path.join(base, "hvdhybrid", "corpus")
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """Files of SMILES read in order; ``column``: the SMILES column of CSV files (None: the default)."""
+
+    name: str
+    paths: tuple[str, ...]
+    column: str | int | None = None
+
+    def key(self) -> str:
+        """What the cache is keyed by: the files' paths, sizes and times, and the column."""
+        parts = [self.name, repr(self.column)]
+        for p in self.paths:
+            st = os.stat(p)
+            parts += [os.path.abspath(p), str(st.st_size), str(st.st_mtime_ns)]
+        return hashlib.blake2b("|".join(parts).encode(), digest_size=10).hexdigest()
+
+    def records(self) -> Iterator[str]:
+        """Every record's SMILES text (empty where a row has none), in file order."""
+        for p in self.paths:
+            yield from _file_records(p, self.column)
+
+
+def _package_file(package: str, *parts: str) -> Optional[str]:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    return path if os.path.isfile(path) else None
+
+
+def resolve_corpus(spec: str, column: str | int | None = None) -> CorpusSource:
+    """``moses``, ``rdkit`` or a file path, checked to exist."""
+    if spec == "moses":
+        path = _package_file("moses", "dataset", "data", "train.csv.gz")
+        if path is None:
+            raise DataError("--corpus moses needs the molsets package: pip install --no-deps molsets==0.3.1 "
+                            "(bin/setup does), or pass --corpus rdkit or a file")
+        return CorpusSource("moses", (path,), "SMILES")
+    if spec == "rdkit":
+        from .molfiles import _rdkit_file
+
+        return CorpusSource("rdkit", (_rdkit_file("Data", "Pains", "test_data", "wehi_mols.csv"),
+                                      _rdkit_file("Data", "NCI", "first_5K.smi")), 0)
+    if not os.path.isfile(spec):
+        raise DataError(f"--corpus {spec}: no such file; pass moses, rdkit, or the path of a CSV or "
+                        ".smi file of SMILES (.gz too)")
+    return CorpusSource(spec, (spec,), column)
+
+
+def _open(path: str) -> IO[str]:
+    if path.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _file_records(path: str, column: str | int | None) -> Iterator[str]:
+    base = path[:-3] if path.endswith(".gz") else path
+    smi = base.lower().endswith(".smi")
+    with _open(path) as f:
+        rows: Iterator[list[str]] = (ln.split() for ln in f) if smi else csv.reader(f)
+        first = next(rows, None)
+        while first is not None and not first:
+            first = next(rows, None)
+        if first is None:
+            return
+        header = any("smiles" in c.lower() for c in first) or isinstance(column, str)
+        if header:
+            names = [c.strip() for c in first]
+            if isinstance(column, str):
+                if column not in names:
+                    raise DataError(f"{path}:1: no SMILES column {column!r}; the columns are "
+                                    f"{', '.join(map(repr, names))}: pass one with --smiles-col")
+                col = names.index(column)
+            else:
+                col = column if column is not None else next(i for i, c in enumerate(names)
+                                                             if "smiles" in c.lower())
+        else:
+            col = column if isinstance(column, int) else 0
+        if not header:
+            yield first[col].strip() if col < len(first) else ""
+        for cells in rows:
+            if cells:
+                yield cells[col].strip() if col < len(cells) else ""
+
+
+class CorpusIndex:
+    """A checked corpus: ``n`` molecules read by id (line of ``clean.smi``), a shard at a time."""
+
+    def __init__(self, path: str, cache_shards: int = 64) -> None:
+        self.dir = path
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta: dict[str, Any] = json.load(f)
+        self.n: int = int(self.meta["molecules"])
+        self.offsets = np.load(os.path.join(path, "offsets.npy"))
+        self._file = open(os.path.join(path, "clean.smi"), "rb")
+        self._shards: OrderedDict[int, list[str]] = OrderedDict()
+        self._cache_shards = cache_shards
+
+    @property
+    def vocabs(self) -> tuple[str, str]:
+        """(atom, bond) vocabularies as JSON."""
+        return self.meta["atom_vocab"], self.meta["bond_vocab"]
+
+    def shard(self, k: int) -> list[str]:
+        if k in self._shards:
+            self._shards.move_to_end(k)
+            return self._shards[k]
+        self._file.seek(int(self.offsets[k]))
+        size = int(self.offsets[k + 1] - self.offsets[k])
+        lines = self._file.read(size).decode().splitlines()
+        self._shards[k] = lines
+        if len(self._shards) > self._cache_shards:
+            self._shards.popitem(last=False)
+        return lines
+
+    def smiles(self, ids: list[int]) -> list[str]:
+        return [self.shard(i // SHARD)[i % SHARD] for i in ids]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = None, limit: int = 0,
+                 vocab_molecules: int = 20000, say: Callable[[str], None] = lambda m: None) -> str:
+    """The directory of the corpus's index (the first ``limit`` records; 0: all), made on first use.
+
+    One process makes it (the others open it after): the records are copied to
+    ``clean.smi`` without parsing; about ``vocab_molecules`` of them, spread
+    over the corpus, are parsed by ``workers`` for the vocabularies. None of
+    those parsing is an error; single bad records are counted as training meets them.
+    """
+    root = cache or default_cache()
+    path = os.path.join(root, f"{source.key()}-n{limit}-v{vocab_molecules}")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        return path
+    t0 = time.perf_counter()
+    total = 0
+    for _ in source.records():
+        total += 1
+        if total == limit:
+            break
+    if total == 0:
+        raise DataError(f"{source.name}: the file is empty; pass a file with one SMILES per row")
+    every = max(1, total // max(1, vocab_molecules))
+    say(f"indexing {source.name}: {total:,} records, once (cached in {root})")
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".index-", dir=root)
+    offsets, sample = [0], []
+    pos = 0
+    with open(os.path.join(tmp, "clean.smi"), "wb") as out:
+        for r, smi in enumerate(source.records()):
+            if r == total:
+                break
+            line = (smi.replace("\n", " ").replace("\r", " ") + "\n").encode()
+            out.write(line)
+            pos += len(line)
+            if (r + 1) % SHARD == 0 or r + 1 == total:
+                offsets.append(pos)
+            if r % every == 0:
+                sample.append(smi)
+    np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    chunks = ((i, sample[i:i + _CHUNK]) for i in range(0, len(sample), _CHUNK))
+    bad = 0
+    atoms: Counter[str] = Counter()
+    bonds: Counter[str] = Counter()
+    for b, a, bo in workers.map(parse_chunk, chunks):
+        bad += len(b)
+        atoms.update(a)
+        bonds.update(bo)
+    if bad == len(sample):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{source.name}: none of its SMILES could be parsed ({len(sample):,} tried); check "
+                        "the file, or pick the SMILES column with --smiles-col")
+    from .features import Vocab
+
+    meta = {"source": source.name, "files": list(source.paths), "molecules": total, "shard": SHARD,
+            "sampled": len(sample), "sampled_unparsable": bad,
+            "atom_vocab": Vocab(atoms.elements()).to_json(), "bond_vocab": Vocab(bonds.elements()).to_json()}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another run wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"indexed {source.name}: {total:,} records in {time.perf_counter() - t0:.0f} s; vocabularies "
+        f"from {len(sample):,} of them ({bad:,} did not parse)")
+    return path
+
+
+def held_out(index: CorpusIndex, count: int) -> tuple[int, list[str]]:
+    """The corpus split: (molecules to train on, the SMILES of the last ``count``, held out)."""
+    if index.n < 2:
+        raise DataError(f"pretraining needs at least 2 molecules, the corpus has {index.n}")
+    count = min(count, index.n // 2)
+    return index.n - count, index.smiles(list(range(index.n - count, index.n)))
