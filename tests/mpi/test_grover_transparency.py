@@ -59,10 +59,38 @@ def pretrain_parts(dropout: float = 0.0) -> tuple[GroverNet, PretrainSet]:
     return net, PretrainSet(mols(), av, bv)
 
 
+def stream_parts(workers: int = 0) -> tuple[GroverNet, Any]:
+    """The streamed corpus: SMILES (two that do not parse among them) read from an index, in shard order."""
+    import hashlib
+    import os
+    import tempfile
+
+    from hvdhybrid.models.grover.corpus import CorpusIndex, CorpusSource, index_corpus
+    from hvdhybrid.models.grover.features import Vocab
+    from hvdhybrid.models.grover.stream import StreamedPretrainSet
+    from hvdhybrid.models.grover.workers import Workers
+
+    rows = SMILES[:10] + ["C1CC(", "xyz"] + SMILES[10:]
+    root = os.path.join(tempfile.gettempdir(), "hvdhybrid-stream-test")
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, hashlib.md5("\n".join(rows).encode()).hexdigest() + ".smi")
+    if not os.path.exists(path):
+        with open(path + f".{os.getpid()}", "w") as f:
+            f.write("\n".join(rows) + "\n")
+        os.replace(path + f".{os.getpid()}", path)
+    index = CorpusIndex(index_corpus(CorpusSource(path, (path,)), Workers(0), cache=root))
+    av, bv = (Vocab.from_json(v) for v in index.vocabs)
+    torch.manual_seed(0)
+    net = GroverNet(CFG, PretrainHeads(CFG, len(av), len(bv), 85))
+    return net, StreamedPretrainSet(index, index.n, 0.15, Workers(workers, index.vocabs))
+
+
 PARTS = {"finetune": (finetune_parts, finetune_loss),
          "finetune-2d": (functools.partial(finetune_parts, descriptors=True), finetune_loss),
          "pretrain": (pretrain_parts, pretrain_loss),
-         "pretrain-dropout": (functools.partial(pretrain_parts, dropout=0.2), pretrain_loss)}
+         "pretrain-dropout": (functools.partial(pretrain_parts, dropout=0.2), pretrain_loss),
+         "pretrain-stream": (stream_parts, pretrain_loss),
+         "pretrain-stream-workers": (functools.partial(stream_parts, workers=1), pretrain_loss)}
 
 
 def opt(params: Any) -> torch.optim.Optimizer:
@@ -72,7 +100,8 @@ def opt(params: Any) -> torch.optim.Optimizer:
 def reference(task: str) -> dict[str, torch.Tensor]:
     make, loss_fn = PARTS[task]
     net, ds = make()
-    o, sampler = opt(net.parameters()), Sampler(len(ds), BATCH, seed=0)
+    o = opt(net.parameters())
+    sampler = ds.make_sampler(BATCH, 0) if hasattr(ds, "make_sampler") else Sampler(len(ds), BATCH, seed=0)
     for step in range(1, STEPS + 1):
         randomness.set_step(0, step)
         idx = sampler.next()
