@@ -86,7 +86,8 @@ def make_optimizer(lr: float, name: str) -> Callable[[Any], Any]:
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option("--data", type=click.Path(), default=None,
-                     help="CSV of SMILES with label columns (default: RDKit's CHEMBL2321810 pIC50 set)."),
+                     help="CSV of SMILES with label columns, or a built-in set: chembl2321810 (RDKit's "
+                          "pIC50 set, the default) or b3db (blood-brain barrier, classification)."),
         click.option("--label-cols", default=None, metavar="COL[,COL..]",
                      help="Label columns: names or 0-based indices (needed with --data)."),
         click.option("--task", type=click.Choice(["regression", "classification"]), default="regression",

@@ -134,13 +134,15 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
               help="Start from a pretrained encoder: the --out of `grover pretrain`, or its grover.pt.")
 @click.option("--disagreement", type=float, default=0.1, show_default=True,
               help="Weight of the loss term that keeps the two heads' predictions together.")
+@click.option("--freeze-encoder", is_flag=True,
+              help="Train only the readout and heads; the encoder (from --checkpoint) stays as it is.")
 @click.option("--rdkit-2d", "rdkit2d", is_flag=True,
               help="Append RDKit's 2D descriptors (CDF-normalised on the training molecules) to both "
                    "heads' input, as GROVER does at finetuning.")
 def finetune(run: Config, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
              optimizer: str, smiles_col: Optional[str], data: Optional[str], label_cols: Optional[str],
              task: str, split: str, split_sizes: str, split_seed: int, checkpoint: Optional[str],
-             disagreement: float, rdkit2d: bool) -> None:
+             disagreement: float, freeze_encoder: bool, rdkit2d: bool) -> None:
     """Finetune on labelled molecules (from scratch, or from --checkpoint); RMSE or ROC-AUC.
 
     Reports the metric on the validation and test parts of the split, and
@@ -151,6 +153,8 @@ def finetune(run: Config, config_name: Optional[str], layers: Optional[int], tas
     classification = task == "classification"
     state: Optional[dict[str, Any]] = None
     with agreed(world()):
+        if freeze_encoder and not checkpoint:
+            raise DataError("--freeze-encoder keeps a pretrained encoder as it is: give --checkpoint too")
         if checkpoint:
             state = load_pretrained(checkpoint)
             default = config_from(state)
@@ -172,7 +176,7 @@ def finetune(run: Config, config_name: Optional[str], layers: Optional[int], tas
 
         from ..models.grover.data import FinetuneSet, finetune_loss
         from ..models.grover.model import count_parameters
-        from ..models.grover.pretrained import load_encoder
+        from ..models.grover.pretrained import freeze, load_encoder
         from ..models.grover.staged import FinetuneHeads, GroverNet, stage_model
         from ..training.metrics import rmse, roc_auc
         from ..training.trainer import Trainer
@@ -194,6 +198,8 @@ def finetune(run: Config, config_name: Optional[str], layers: Optional[int], tas
             n = load_encoder(net, state, checkpoint)
             note = (f"; encoder ({n} tensors) from {checkpoint}, pretrained {state['steps']} steps on "
                     f"{state['molecules']} molecules")
+            if freeze_encoder:
+                note += f", frozen ({freeze(net):,} parameters not trained)"
         loss_fn = functools.partial(finetune_loss, classification=classification,
                                     disagreement=disagreement)
         model = stage_model(net, num_stages // (2 if task_parallel else 1), task_parallel, loss_fn)

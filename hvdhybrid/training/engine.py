@@ -112,8 +112,9 @@ class Engine:
                 self.executor.grad_watch = zero.watch(uses)
             self.optimizer = self.sync.zero = zero
             self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
-        else:
-            self.optimizer = optimizer_fn(self.sync.params)
+        else:  # a rank with nothing to train (a frozen stage) gets an optimizer with an empty group
+            empty: Any = [{"params": []}]
+            self.optimizer = optimizer_fn(self.sync.params if self.sync.params else empty)
         #: why --reduce overlap fell back to the reduce after the schedule (None: it did not)
         self.reduce_fallback = self.sync.overlap_blocker(cfg.optim.zero) if cfg.comm.reduce == "overlap" \
             else None

@@ -177,6 +177,7 @@ class Trainer(EngineParts):
                        dynamic_ncols=True, mininterval=0.5)
         metrics = open(os.path.join(cfg.run.out, "metrics.jsonl"), "a") if (is_root and cfg.run.out) else None
         t_start = t_last = time.perf_counter()
+        first = self.step
         with StopSignals(self):
             try:
                 while self.step < cfg.optim.steps:
@@ -200,8 +201,9 @@ class Trainer(EngineParts):
                         metrics.flush()
                     if is_root and not run.progress and run.log_every and self.step % run.log_every == 0:
                         wait = "" if waited is None else f", {waited:.0%} of the time waiting for data"
+                        eta = (now - t_start) / (self.step - first) * (cfg.optim.steps - self.step)
                         self.log.info(f"step {self.step}/{cfg.optim.steps} loss {loss:.4f} "
-                                      f"{sps:.0f} samples/s{wait}")
+                                      f"{sps:.0f} samples/s{wait}, eta {_clock(eta)}")
                     if on_step is not None:
                         on_step(self.step, loss)
                     if self.stop_agreed:
@@ -313,3 +315,10 @@ def data_wait(data: Dataset, elapsed: float) -> Optional[float]:
     """The share of ``elapsed`` this rank waited for a data set that counts it (``wait_s``), else None."""
     waited = getattr(data, "wait_s", None)
     return None if waited is None else float(waited) / max(elapsed, 1e-9)
+
+
+def _clock(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 \
+        else f"{s}s"

@@ -138,3 +138,37 @@ def test_baseline_regression_reports_the_training_mean_floor(tmp_path) -> None:
         want = math.sqrt(sum((ys[i] - mean) ** 2 for i in idx) / len(idx))
         assert res[f"train_mean_{part}_rmse"] == pytest.approx(want, rel=1e-6)
     assert res["test_rmse"] < res["train_mean_test_rmse"]  # the forest learns the SMILES length
+
+
+def test_a_frozen_encoder_stays_as_pretrained_at_every_layout(pretrained: str, tmp_path) -> None:
+    """--freeze-encoder: only readout and heads train; stages with nothing to train still run."""
+    args = ["grover", "finetune", "--checkpoint", pretrained, "--freeze-encoder", "--steps", "3",
+            "--batch-size", "8", "--optimizer", "sgd", "--no-fp16-compression", "--save-params",
+            "--no-progress", "-m", "2"]
+    one = mpirun(1, *args, "--out", str(tmp_path / "one"))
+    assert one.rc == 0, one.err[-3000:]
+    assert "frozen (" in one.err and "parameters not trained)" in one.err
+    four = mpirun(4, *args, "--task-parallel", "--stages", "2", "--out", str(tmp_path / "four"))
+    assert four.rc == 0, four.err[-3000:]
+    a = torch.load(str(tmp_path / "one" / "params.pt"))
+    b = torch.load(str(tmp_path / "four" / "params.pt"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    encoder = torch.load(os.path.join(pretrained, "grover.pt"), weights_only=True)["params"]
+    assert all(torch.equal(a[k], encoder[k]) for k in encoder)
+    unfrozen = mpirun(1, *args[:4], *args[5:], "--out", str(tmp_path / "free"))
+    assert unfrozen.rc == 0, unfrozen.err[-3000:]
+    c = torch.load(str(tmp_path / "free" / "params.pt"))
+    assert any(not torch.equal(c[k], encoder[k]) for k in encoder)  # without the flag the encoder moves
+
+
+def test_b3db_is_a_built_in_classification_set(tmp_path) -> None:
+    out = str(tmp_path / "b3db")
+    r = mpirun(2, "grover", "finetune", *TINY, "--data", "b3db", "--task", "classification", "--steps", "2",
+               "--batch-size", "16", "--out", out)
+    assert r.rc == 0, r.err[-3000:]
+    assert "7805 molecules with 1 label(s) from B3DB; scaffold split" in r.err
+    assert 0.0 <= summary(out)["test_roc_auc"] <= 1.0
+    bad = mpirun(1, "grover", "finetune", *TINY, "--data", "b3db", "--steps", "1", "--out", str(tmp_path / "x"))
+    assert bad.rc == 2 and "--data b3db holds 0/1 labels (BBB+ is 1): use --task classification" in bad.err
+    bad = mpirun(1, "grover", "finetune", *TINY, "--freeze-encoder", "--steps", "1", "--out", str(tmp_path / "y"))
+    assert bad.rc == 2 and "--freeze-encoder keeps a pretrained encoder as it is: give --checkpoint" in bad.err

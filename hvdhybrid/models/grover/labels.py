@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -54,10 +55,18 @@ def load_labelled(data: Optional[str], label_cols: Optional[str], smiles_col: Op
     ``say`` hears about rows skipped. Returns:
         (MolTable, the name to report it by, (train, val, test) row indices).
     """
-    from .molfiles import chembl2321810, random_split, read_smiles_csv, scaffold_split
+    from .molfiles import b3db, chembl2321810, random_split, read_smiles_csv, scaffold_split
 
     fractions = floats(split_sizes, "--split-sizes", 3)
-    if data:
+    builtin = {"chembl2321810": chembl2321810, "b3db": b3db}
+    if data in builtin and not os.path.exists(data):
+        if label_cols or smiles_col:
+            raise DataError(f"--data {data} is a built-in set with its own columns: drop --label-cols and "
+                            "--smiles-col")
+        if data == "b3db" and not classification:
+            raise DataError("--data b3db holds 0/1 labels (BBB+ is 1): use --task classification")
+        table, path = builtin[data](), data.upper() if data != "b3db" else "B3DB"
+    elif data:
         if not label_cols:
             raise DataError("--data needs --label-cols: the label columns, names or 0-based "
                             "indices, comma-separated")

@@ -17,8 +17,8 @@ from rdkit.rdBase import BlockLogs
 
 from hvdhybrid.training.data import DataError, read_csv_rows, read_text
 
-__all__ = ["MolTable", "read_smiles_csv", "chembl2321810", "default_pretrain_smiles", "scaffold_split",
-           "random_split"]
+__all__ = ["MolTable", "read_smiles_csv", "b3db", "chembl2321810", "default_pretrain_smiles",
+           "scaffold_split", "random_split"]
 
 
 @dataclass
@@ -154,6 +154,25 @@ def chembl2321810() -> MolTable:
     items = [(line, cells[0], [act[cells[1]]]) for line, cells in _read_rows(smi_path)[0]
              if len(cells) > 1 and cells[1] in act]
     return _table(smi_path, items, ["Act"])
+
+
+def b3db() -> MolTable:
+    """B3DB's blood-brain-barrier classification set (PyPI ``qc-b3db``): label 1 for BBB+, 0 for BBB-."""
+    import csv
+    import importlib.util
+
+    spec = importlib.util.find_spec("B3DB")
+    path = os.path.join(list(spec.submodule_search_locations or [""])[0], "B3DB_classification.tsv") \
+        if spec is not None else ""
+    if not os.path.isfile(path):
+        raise DataError("--data b3db needs the qc-b3db package: pip install --no-deps qc-b3db==1.1.1 "
+                        "(bin/setup does)")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    col, lab = rows[0].index("SMILES"), rows[0].index("BBB+/BBB-")
+    items = [(line, cells[col], [1.0 if cells[lab] == "BBB+" else 0.0])
+             for line, cells in enumerate(rows[1:], 2) if cells and cells[lab] in ("BBB+", "BBB-")]
+    return _table(path, items, ["BBB+"])
 
 
 def default_pretrain_smiles() -> list[str]:

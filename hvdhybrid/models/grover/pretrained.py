@@ -18,7 +18,7 @@ from torch import nn
 from ...training.data import DataError
 from .model import GroverConfig
 
-__all__ = ["FORMAT", "FILE", "save_pretrained", "load_pretrained", "load_encoder", "config_from"]
+__all__ = ["FORMAT", "FILE", "config_from", "freeze", "load_encoder", "load_pretrained", "save_pretrained"]
 
 FORMAT = "hvdhybrid-grover-pretrain/1"
 FILE = "grover.pt"
@@ -79,3 +79,13 @@ def load_encoder(net: nn.Module, state: dict[str, Any], file: Optional[str] = No
                         f"(missing {missing}, unexpected {extra})")
     net.load_state_dict(params, strict=False)
     return len(params)
+
+
+def freeze(net: nn.Module) -> int:
+    """Stop training ``net``'s encoder (its pretrained part); returns how many parameters that holds."""
+    n = 0
+    for name, p in net.named_parameters():
+        if name.startswith(_ENCODER):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
