@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py [--out DIR] [--only PART ...]
 
-PART: pipeline, grover, memory, bert, gpt2, gpt, multihost, resnet, zero, checkpoint (repeat --only
+PART: pipeline, grover, grover-stream, memory, bert, gpt2, gpt, multihost, resnet, zero, checkpoint (repeat --only
 for several).
 
 Writes into DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...):
@@ -563,8 +563,15 @@ def speedups(res: list[dict]) -> list[dict]:
     return out
 
 
+def grover_stream() -> list[dict]:
+    """GROVER pretraining streamed from MOSES through the CLI: molecules/s, data waits, RSS (its own tables)."""
+    import grover_stream as gs
+
+    return gs.main()
+
+
 PARTS: dict[str, Callable[[], list[dict]]] = {
-    "pipeline": pipeline, "grover": grover, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
+    "pipeline": pipeline, "grover": grover, "grover-stream": grover_stream, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
     "multihost": multihost, "resnet": resnet, "zero": zero, "checkpoint": checkpoint,
 }
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVa
 
 from ...training.data import DataError
 
-__all__ = ["Workers", "parse_chunk", "featurise_batch", "WorkerError"]
+__all__ = ["Workers", "parse_chunk", "featurise_batch", "peak_rss", "WorkerError"]
 
 T = TypeVar("T")
 _VOCABS: dict[str, Any] = {}
@@ -86,6 +86,13 @@ def featurise_batch(seed: int, step: int, ids: Sequence[int], smiles: Sequence[s
         return masked_batch(items, list(ids), mask_rate, frozenset(dead))
 
 
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes (Linux reports KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 class Workers:
     """``n`` featurising processes (0: the calling process does the work), at most ``depth`` chunks each.
 
@@ -131,6 +138,12 @@ class Workers:
                 yield result(pending.pop(0))
         for fut in pending:
             yield result(fut)
+
+    def peak_rss(self) -> int:
+        """The largest peak RSS among the worker processes (0: none started)."""
+        if self._pool is None:
+            return 0
+        return max(result(self._pool.submit(peak_rss)) for _ in range(2 * self.n))
 
     def close(self) -> None:
         if self._pool is not None:
