@@ -91,7 +91,8 @@ def main() -> list[dict]:
         r = pretrain(2, [], a.steps, a.config, "--max-molecules", str(n))
         sizes[n] = r
         res.append({"name": f"grover-stream rss {n}", "ranks": 2, **r})
-        print(f"| {n:,} molecules | {r['rss_peak'] / 1e6:.0f} | {r['worker_rss_peak'] / 1e6:.0f} |", flush=True)
+        print(f"| {n:,} molecules | {r['rss_peak'] / 1e6:.0f} | {r['worker_rss_peak'] / 1e6:.0f} |",
+              flush=True)
     ratio = sizes[1_000_000]["rss_peak"] / sizes[100_000]["rss_peak"]
     print(f"\n1M / 100k molecules: rank peak RSS {ratio:.3f}x (goal: within 10%)")
     return res

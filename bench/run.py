@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/run.py [--out DIR] [--only PART ...]
 
-PART: pipeline, grover, grover-stream, memory, bert, gpt2, gpt, multihost, resnet, zero, checkpoint (repeat --only
-for several).
+PART: pipeline, grover, grover-stream, memory, bert, gpt2, gpt, multihost, resnet, zero, checkpoint
+(repeat --only for several).
 
 Writes into DIR (default docs/results/bench-all; with --only, docs/results/bench-PART-...):
 results.json, results.md (the tables below, as printed), scaling.png (each run
@@ -564,14 +564,15 @@ def speedups(res: list[dict]) -> list[dict]:
 
 
 def grover_stream() -> list[dict]:
-    """GROVER pretraining streamed from MOSES through the CLI: molecules/s, data waits, RSS (its own tables)."""
+    """GROVER pretraining streamed from MOSES through the CLI: molecules/s, data waits, RSS."""
     import grover_stream as gs
 
     return gs.main()
 
 
 PARTS: dict[str, Callable[[], list[dict]]] = {
-    "pipeline": pipeline, "grover": grover, "grover-stream": grover_stream, "memory": memory, "bert": bert, "gpt2": gpt2, "gpt": gpt,
+    "pipeline": pipeline, "grover": grover, "grover-stream": grover_stream, "memory": memory, "bert": bert,
+    "gpt2": gpt2, "gpt": gpt,
     "multihost": multihost, "resnet": resnet, "zero": zero, "checkpoint": checkpoint,
 }
 

@@ -38,7 +38,7 @@ __all__ = ["finetune", "pretrain"]
 @click.option("--mask-rate", type=float, default=0.15, show_default=True,
               help="Fraction of atoms and of bonds whose context is masked and predicted.")
 @click.option("--val-fraction", type=float, default=0.05, show_default=True,
-              help="Molecules held out (the corpus's last ones, at most 2,000) for the validation loss.")
+              help="Molecules held out (the corpus's first, at most 2,000) for the validation loss.")
 def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
              optimizer: str, smiles_col: Optional[str], corpus: Optional[str], data: tuple[str, ...],
              max_molecules: int, workers: int, corpus_cache: Optional[str], mask_rate: float,
@@ -70,7 +70,8 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
                 pool.close()
     index = CorpusIndex(w.bcast(path, root=0))
     with agreed(w):
-        n_train, val_smiles = held_out(index, min(2000, max(1, round(val_fraction * index.n))))
+        val_smiles = held_out(index, min(2000, max(1, round(val_fraction * index.n))))
+    n_train = index.n - len(val_smiles)
     name = config_name or "small"
     say(f"{n_train:,} molecules of {source.name} for pretraining, {len(val_smiles):,} held out; "
         f"{workers} featurising worker(s) per rank")
@@ -93,7 +94,8 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
         torch.manual_seed(run.run.seed)
         net = GroverNet(cfg, PretrainHeads(cfg, len(atom_vocab), len(bond_vocab), N_MOTIFS))
         model = stage_model(net, num_stages // (2 if task_parallel else 1), task_parallel, pretrain_loss)
-        train_set = StreamedPretrainSet(index, n_train, mask_rate, Workers(workers, index.vocabs))
+        train_set = StreamedPretrainSet(index, n_train, mask_rate, Workers(workers, index.vocabs),
+                                        first=len(val_smiles))
         with BlockLogs():
             val_mols = [m for m in (Chem.MolFromSmiles(s) for s in val_smiles)
                         if m is not None and m.GetNumAtoms()]
@@ -103,7 +105,7 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
             def metric(out: Any, t: Any) -> tuple[float, int]:
                 n = int(t.motif.shape[0])
                 return float(pretrain_loss(out, t)) * n, n
-            loss, rows = trainer.evaluate(ds, metric, 256)
+            loss, rows = trainer.evaluate(ds, metric, 64)  # attention's padded scores grow with it
             return {"loss": loss, "rows": rows}
 
         def finish(trainer: Trainer, out: str) -> None:
@@ -122,7 +124,7 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
                                  f"finetune with: hvdtrain grover finetune --checkpoint {out}")
 
         return Built(model, train_set, {"val": val_set}, evaluate, make_optimizer(run.optim.lr, optimizer),
-                     describe(name, cfg, count_parameters(net)), finish)
+                     describe(name, cfg, count_parameters(net)), finish, helpers=workers)
 
     run_model("grover-pretrain", run, widths, build, widths=widths)
 

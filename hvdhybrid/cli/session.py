@@ -52,6 +52,7 @@ class Built:
     finish: Optional[Callable[[Any, str], None]] = None  # collective, after evaluation: (trainer, out)
     slices: Optional[tuple[int, ...]] = None  # token slices of every sequence (TeraPipe); None: whole
     attention: bool = False  # the model runs attention through recompute.attention (--recompute selective)
+    helpers: int = 0  # processes a rank runs beside itself (GROVER's featurising workers): fewer threads
 
 
 ModelFn = Callable[[Any], Any]
@@ -122,6 +123,9 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
         placement = p.placement_for(layout, cfg.pipeline.schedule)
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(p.model_stages(layout), layout)
+        if built.helpers and not r.threads:  # the cores are shared with the rank's helper processes
+            threads = max(1, (os.cpu_count() or 1) // (local_size() * (1 + built.helpers)))
+            torch.set_num_threads(threads)
         resolved: dict[str, Any] = {"model_name": name, "slices": built.slices}
         if cfg.optim.epochs is not None:
             resolved["steps"] = steps_for_epochs(cfg.optim.epochs, len(built.train_set), cfg.optim.batch_size)

@@ -168,7 +168,9 @@ def test_b3db_is_a_built_in_classification_set(tmp_path) -> None:
     assert r.rc == 0, r.err[-3000:]
     assert "7805 molecules with 1 label(s) from B3DB; scaffold split" in r.err
     assert 0.0 <= summary(out)["test_roc_auc"] <= 1.0
-    bad = mpirun(1, "grover", "finetune", *TINY, "--data", "b3db", "--steps", "1", "--out", str(tmp_path / "x"))
+    ft = ["grover", "finetune", *TINY, "--steps", "1"]
+    bad = mpirun(1, *ft, "--data", "b3db", "--out", str(tmp_path / "x"))
     assert bad.rc == 2 and "--data b3db holds 0/1 labels (BBB+ is 1): use --task classification" in bad.err
-    bad = mpirun(1, "grover", "finetune", *TINY, "--freeze-encoder", "--steps", "1", "--out", str(tmp_path / "y"))
-    assert bad.rc == 2 and "--freeze-encoder keeps a pretrained encoder as it is: give --checkpoint" in bad.err
+    bad = mpirun(1, *ft, "--freeze-encoder", "--out", str(tmp_path / "y"))
+    assert bad.rc == 2
+    assert "--freeze-encoder keeps a pretrained encoder as it is: give --checkpoint" in bad.err

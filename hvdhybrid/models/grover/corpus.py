@@ -239,9 +239,11 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
     return path
 
 
-def held_out(index: CorpusIndex, count: int) -> tuple[int, list[str]]:
-    """The corpus split: (molecules to train on, the SMILES of the last ``count``, held out)."""
+def held_out(index: CorpusIndex, count: int) -> list[str]:
+    """The SMILES of the corpus's first ``count`` molecules (at most half): held out for validation.
+
+    The first, so that the held-out set stays the same whatever prefix of the corpus is used.
+    """
     if index.n < 2:
         raise DataError(f"pretraining needs at least 2 molecules, the corpus has {index.n}")
-    count = min(count, index.n // 2)
-    return index.n - count, index.smiles(list(range(index.n - count, index.n)))
+    return index.smiles(list(range(min(count, index.n // 2))))

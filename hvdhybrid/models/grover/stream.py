@@ -20,10 +20,15 @@ import torch
 
 from ...parallel import randomness
 from ...training.data import DataError, Sampler
+from ...training.memory import return_freed_memory
 from .corpus import SHARD, CorpusIndex
 from .workers import Workers, featurise_batch, result
 
 __all__ = ["StreamOrder", "StreamSampler", "StreamedPretrainSet"]
+
+#: batches between purges of the allocator's freed pages: every batch has other shapes, and under
+#: jemalloc with decay off (hvdtrain's default) the freed pages of earlier shapes otherwise pile up
+PURGE_EVERY = 20
 
 
 def _perm(n: int, *key: int) -> list[int]:
@@ -108,7 +113,7 @@ class StreamSampler(Sampler):
 
 
 class StreamedPretrainSet:
-    """The first ``n`` molecules of a corpus index, featurised for pretraining by ``workers`` as asked.
+    """``n`` molecules of a corpus index (from its ``first``), featurised for pretraining by ``workers``.
 
     ``prefetch(step, rows)`` hands the workers the microbatches a rank will ask
     for at ``step``; ``batch(rows)`` then only waits for them. Results are kept
@@ -116,14 +121,16 @@ class StreamedPretrainSet:
     """
 
     def __init__(self, index: CorpusIndex, n: int, mask_rate: float, workers: Workers,
-                 window: int = 32) -> None:
+                 window: int = 32, first: int = 0) -> None:
         self.index, self.n, self.mask_rate, self.workers, self.window = index, n, mask_rate, workers, window
+        self.first = first  # molecule i of this set is the corpus's molecule first + i
         self._pending: dict[tuple[int, int, tuple[int, ...]], Future[Any]] = {}
         self._used = False
         #: seconds the trainer waited for featurising, molecules featurised, and those that did not parse
         self.wait_s = 0.0
         self.molecules = 0
         self.skipped = 0
+        self._calls = 0
 
     def __len__(self) -> int:
         return self.n
@@ -133,7 +140,8 @@ class StreamedPretrainSet:
 
     def _submit(self, seed: int, step: int, rows: Sequence[int]) -> Future[Any]:
         ids = list(rows)
-        return self.workers.submit(featurise_batch, seed, step, ids, self.index.smiles(ids), self.mask_rate)
+        smiles = self.index.smiles([self.first + i for i in ids])
+        return self.workers.submit(featurise_batch, seed, step, ids, smiles, self.mask_rate)
 
     def prefetch(self, seed: int, step: int, rows: Sequence[Sequence[int]]) -> None:
         """Start featurising the microbatches ``rows`` of ``step`` (on ranks that read data at all)."""
@@ -156,6 +164,9 @@ class StreamedPretrainSet:
         self.wait_s += time.perf_counter() - t0
         self.molecules += len(indices)
         self.skipped += int((out[1].motif_w == 0).sum())
+        self._calls += 1
+        if self._calls % PURGE_EVERY == 0:
+            return_freed_memory()
         return out
 
     def close(self) -> None:

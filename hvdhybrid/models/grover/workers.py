@@ -29,10 +29,15 @@ class WorkerError(DataError):
     """A featurising worker failed or died."""
 
 
-def _init(vocabs: Optional[tuple[str, str]], threads: int) -> None:
+def _init(vocabs: Optional[tuple[str, str]], threads: int, unbind: bool = False) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if unbind:  # mpirun binds a rank (<= 2 per host) to one core, and its children inherit it
+        try:
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        except (AttributeError, OSError):
+            pass
     if vocabs is not None:
         from .features import Vocab
 
@@ -122,7 +127,7 @@ class Workers:
             return fut
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init, initargs=(self._vocabs, 1))
+                                             initializer=_init, initargs=(self._vocabs, 1, True))
         try:
             return self._pool.submit(fn, *args)
         except BrokenProcessPool:
