@@ -23,6 +23,7 @@ from .grover_options import (
     make_optimizer,
     model_options,
     say,
+    workers_for,
 )
 from .options import config_options
 from .session import Built, run_model
@@ -41,7 +42,7 @@ __all__ = ["finetune", "pretrain"]
               help="Molecules held out (the corpus's first, at most 2,000) for the validation loss.")
 def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], task_parallel: bool,
              optimizer: str, smiles_col: Optional[str], corpus: Optional[str], data: tuple[str, ...],
-             max_molecules: int, workers: int, corpus_cache: Optional[str], mask_rate: float,
+             max_molecules: int, workers_spec: str, corpus_cache: Optional[str], mask_rate: float,
              val_fraction: float) -> None:
     """Self-supervised pretraining: contextual properties of masked atoms and bonds, and motifs.
 
@@ -61,7 +62,8 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
             raise DataError(f"--mask-rate must be between 0 and 1, got {mask_rate}")
         if not 0.0 < val_fraction < 0.5:
             raise DataError(f"--val-fraction must be between 0 and 0.5, got {val_fraction}")
-        source = corpus_source(corpus, data, column(smiles_col), max_molecules, workers)
+        workers = workers_for(workers_spec)
+        source = corpus_source(corpus, data, column(smiles_col), max_molecules)
         if w.Get_rank() == 0:
             pool = Workers(workers)
             try:
