@@ -3,7 +3,7 @@
     .venv/bin/python bench/grover_gain.py [--moses-steps 15000] [--rdkit-steps 3000] [--seeds 0,1,2]
         [--moses DIR] [--rdkit DIR] [--out runs/grover-gain]
 
-1. pretrains GROVER small (2 bundles, streamed, 1 worker per rank) on MOSES for --moses-steps
+1. pretrains GROVER small (2 bundles, streamed, --workers auto) on MOSES for --moses-steps
    steps of 32 and on RDKit's 15k shipped molecules for --rdkit-steps, unless --moses / --rdkit
    name finished `hvdtrain grover pretrain` runs;
 2. finetunes each on CHEMBL2321810 (pIC50 regression, RMSE) and on B3DB (blood-brain barrier,
@@ -32,7 +32,7 @@ SETS = [("CHEMBL2321810", ["--data", "chembl2321810"], "rmse", 300),
 
 def pretrain(out: str, corpus: str, steps: int) -> str:
     t0 = time.monotonic()
-    _run(_mpirun(2, "grover", "pretrain", "--corpus", corpus, "--steps", str(steps), "--workers", "1",
+    _run(_mpirun(2, "grover", "pretrain", "--corpus", corpus, "--steps", str(steps),
                  "--checkpoint-every", "1000", "--no-progress", "--out", out))
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
