@@ -204,3 +204,18 @@ def test_workers_prefetch_the_next_step_and_count_waits(tmp_path: Path) -> None:
 def test_workers_refuse_a_negative_count() -> None:
     with pytest.raises(DataError, match="--workers must be >= 0"):
         Workers(-1)
+
+
+def test_workers_option_reads_a_count_or_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hvdhybrid.cli.grover_options import workers_for
+
+    assert workers_for("3") == 3 and workers_for("0") == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "1")
+    assert workers_for("auto") == 1  # a core to spare
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "2")
+    assert workers_for("auto") == 0  # every core has a rank
+    with pytest.raises(DataError, match="--workers 'x': give a number of processes or auto"):
+        workers_for("x")
+    with pytest.raises(DataError, match="--workers must be >= 0, got -2"):
+        workers_for("-2")

@@ -106,6 +106,18 @@ def _open(path: str) -> IO[str]:
 
 
 def _file_records(path: str, column: str | int | None) -> Iterator[str]:
+    try:
+        yield from _records(path, column)
+    except (csv.Error, UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as e:
+        raise DataError(f"{path}: is not a text file of SMILES ({e}); pass a CSV or .smi file "
+                        "(.gz too)") from None
+
+
+def _records(path: str, column: str | int | None) -> Iterator[str]:
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as raw:
+        if b"\x00" in raw.read(65536):
+            raise DataError(f"{path}: is not a text file (it holds NUL bytes: binary data?); pass a CSV or "
+                            ".smi file of SMILES (.gz too)")
     base = path[:-3] if path.endswith(".gz") else path
     smi = base.lower().endswith(".smi")
     with _open(path) as f:
