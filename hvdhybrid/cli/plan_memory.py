@@ -64,7 +64,7 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
         lo, hi = replica_rows(per_pass, layout.num_bundles, 0, mbs, 0, layout.widths[pos], 0)
         with autocast():
             facts[s] = measure_stage(model, modules, s, built.train_set.batch(list(range(hi - lo))),
-                                     rc.mode_of(s), cfg.run.seed)
+                                     rc.mode_of(s), cfg.run.seed, rows=hi - lo)
         saved[s] = facts[s].activations
     ties = [(t.stages, int(model.stage_parameters(min(t.stages), modules[min(t.stages)])
                            [t.names[min(t.stages)]].numel())) for t in model.ties]

@@ -86,18 +86,20 @@ def _leaf(t: Any) -> Any:
 
 
 def measure_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
-                  mode: str, seed: int = 0) -> StageFacts:
+                  mode: str, seed: int = 0, rows: Optional[int] = None) -> StageFacts:
     """``stage``'s facts: its parameters, and the bytes its training forward of ``batch`` (one
     microbatch of the rows one of its replicas computes) keeps for the backward under ``mode``
     (``none``, ``full``, ``selective``). ``modules`` holds the stages built so far (upstream ones are
-    built as needed for the input)."""
+    built as needed for the input). ``rows``: how many rows ``batch`` holds (default: the length of
+    its input, or of its first input)."""
     g = model.graph
     for s in range(g.num_stages):
         if s not in modules:
             modules[s] = model.build(s)
         modules[s].train(True)
     x, y = batch
-    rows = len(x) if not isinstance(x, (tuple, list)) else len(x[0])
+    if rows is None:
+        rows = len(x) if not isinstance(x, (tuple, list)) else len(x[0])
     randomness.set_step(seed, 1)
     randomness.set_rows(list(range(rows)))
     memo: dict[int, tuple[Any, ...]] = {}
