@@ -84,11 +84,11 @@ def main() -> list[dict]:
         res.append({"name": f"grover-stream {name}", "ranks": ranks, **r})
         print(f"| {name} | {ranks} | {r['mol_s']:.1f} | {r['mol_s'] / one:.2f}x | {r['wait_share']:.1%} "
               f"| {r['rss_peak'] / 1e6:.0f} |", flush=True)
-    print("\nPeak RSS per rank against the corpus size (data 2, the same steps)\n")
+    print("\nPeak RSS per rank against the corpus size (data 2, 1 worker per rank, the same steps)\n")
     print("| corpus | rank peak RSS MB | worker peak RSS MB |\n|---|---|---|")
     sizes = {}
     for n in (100_000, 1_000_000):
-        r = pretrain(2, [], a.steps, a.config, "--max-molecules", str(n))
+        r = pretrain(2, [], a.steps, a.config, "--max-molecules", str(n), "--workers", "1")
         sizes[n] = r
         res.append({"name": f"grover-stream rss {n}", "ranks": 2, **r})
         print(f"| {n:,} molecules | {r['rss_peak'] / 1e6:.0f} | {r['worker_rss_peak'] / 1e6:.0f} |",
