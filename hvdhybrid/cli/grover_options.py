@@ -161,6 +161,8 @@ def corpus_source(corpus: Optional[str], data: tuple[str, ...], column: str | in
         raise DataError("--corpus and --data both name the corpus: give one")
     if data:
         for p in data:
-            resolve_corpus(p)  # exists
+            if not os.path.isfile(p):
+                raise DataError(f"--data {p}: no such file; pass a CSV or .smi file of SMILES (.gz too), "
+                                "or name a built-in corpus with --corpus moses|rdkit")
         return CorpusSource(data[0] if len(data) == 1 else ",".join(data), tuple(data), column)
     return resolve_corpus(corpus or _default_corpus(), column)

@@ -50,11 +50,11 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
     --workers processes per rank, each rank only its rows. Writes OUT/grover.pt
     (encoder, config, vocabularies) for `grover finetune --checkpoint OUT`.
     """
-    from ..models.grover.corpus import CorpusIndex, held_out, index_corpus
+    from ..models.grover.corpus import CorpusIndex, held_out, index_corpus, index_path
     from ..models.grover.workers import Workers
+    from ..training.device import local_rank
 
     w = world()
-    path: Optional[str] = None
     with agreed(w):
         cfg = grover_config(config_name, layers, CONFIGS["small"])
         widths = grover_widths(run.parallel, task_parallel, cfg)
@@ -64,14 +64,14 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
             raise DataError(f"--val-fraction must be between 0 and 0.5, got {val_fraction}")
         workers = workers_for(workers_spec)
         source = corpus_source(corpus, data, column(smiles_col), max_molecules)
-        if w.Get_rank() == 0:
+        if local_rank() == 0:  # one per host: the cache need not be on a shared file system
             pool = Workers(workers)
             try:
-                path = index_corpus(source, pool, corpus_cache, max_molecules, say=say)
+                index_corpus(source, pool, corpus_cache, max_molecules, say=say)
             finally:
                 pool.close()
-    index = CorpusIndex(w.bcast(path, root=0))
-    with agreed(w):
+    with agreed(w):  # after the others' index is there (the agreement above waited for them)
+        index = CorpusIndex(index_path(source, corpus_cache, max_molecules))
         val_smiles = held_out(index, min(2000, max(1, round(val_fraction * index.n))))
     n_train = index.n - len(val_smiles)
     name = config_name or "small"

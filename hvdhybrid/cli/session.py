@@ -123,8 +123,8 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
         placement = p.placement_for(layout, cfg.pipeline.schedule)
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(p.model_stages(layout), layout)
-        if built.helpers and not r.threads:  # the cores are shared with the rank's helper processes
-            threads = max(1, (os.cpu_count() or 1) // (local_size() * (1 + built.helpers)))
+        if built.helpers and not r.threads:  # the rank's helper processes take a core each
+            threads = max(1, ((os.cpu_count() or 1) - local_size() * built.helpers) // local_size())
             torch.set_num_threads(threads)
         resolved: dict[str, Any] = {"model_name": name, "slices": built.slices}
         if cfg.optim.epochs is not None:

@@ -191,8 +191,8 @@ class NamedState:
         for s in sorted(self.named_params):
             for n, p in self.named_params[s].items():
                 owner = owner_of(p)
-                if isinstance(owner, Tied) and owner.first != s:
-                    continue  # written once, by the tie's first stage
+                if (isinstance(owner, Tied) and owner.first != s) or id(p) not in offset:
+                    continue  # written once, by the tie's first stage; or frozen (no optimizer state)
                 off = offset[id(p)]
                 a, b = max(off, zero.lo), min(off + p.numel(), zero.hi)
                 if a < b:

@@ -182,7 +182,7 @@ class Trainer(EngineParts):
             try:
                 while self.step < cfg.optim.steps:
                     indices = sampler.next()
-                    self._prefetch(data, sampler)
+                    self._prefetch(data, indices, sampler)
                     loss = self.train_step(data, indices)
                     losses.append(loss)
                     now = time.perf_counter()
@@ -221,16 +221,21 @@ class Trainer(EngineParts):
                     metrics.close()
         return losses
 
-    def _prefetch(self, data: Dataset, sampler: Sampler) -> None:
-        """Hand a data set that featurises ahead (``prefetch``) this rank's rows of the next step."""
+    def _prefetch(self, data: Dataset, indices: list[int], sampler: Sampler) -> None:
+        """Hand a data set that featurises ahead (``prefetch``) this rank's rows of this step (those it
+        does not have yet go first) and of the next one."""
         prefetch = getattr(data, "prefetch", None)
         peek = getattr(sampler, "peek", None)
-        if prefetch is None or peek is None or self.step + 1 >= self.cfg.optim.steps:
+        if prefetch is None or peek is None:
             return
-        nxt, mbs = peek(), self.cfg.pipeline.microbatches
-        parts = [nxt[a * self.per_pass:(a + 1) * self.per_pass] for a in range(self.cfg.optim.accumulate)]
-        rows = [r for part in parts for mb in range(mbs) if (r := self.rows_fn(part, mbs)(mb))]
-        prefetch(self.cfg.run.seed, self.step + 2, rows)
+        mbs, acc = self.cfg.pipeline.microbatches, self.cfg.optim.accumulate
+
+        def rows(batch: list[int]) -> list[list[int]]:
+            parts = [batch[a * self.per_pass:(a + 1) * self.per_pass] for a in range(acc)]
+            return [r for part in parts for mb in range(mbs) if (r := self.rows_fn(part, mbs)(mb))]
+        prefetch(self.cfg.run.seed, self.step + 1, rows(indices))
+        if self.step + 1 < self.cfg.optim.steps:
+            prefetch(self.cfg.run.seed, self.step + 2, rows(peek()))
 
     # -- checkpoints and parameters (see :mod:`checkpointing`) ---------------------
     def _saved_at(self, step: int) -> bool:

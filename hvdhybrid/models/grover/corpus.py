@@ -38,7 +38,7 @@ from ...training.data import DataError
 from .workers import Workers, parse_chunk
 
 __all__ = ["CORPORA", "CorpusIndex", "CorpusSource", "SHARD", "default_cache", "held_out", "index_corpus",
-           "resolve_corpus"]
+           "index_path", "resolve_corpus"]
 
 CORPORA = ("moses", "rdkit")
 SHARD = 1024  # molecules per shard: the unit of seeking and of the shuffle's shard order
@@ -101,8 +101,8 @@ def resolve_corpus(spec: str, column: str | int | None = None) -> CorpusSource:
 
 def _open(path: str) -> IO[str]:
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace", newline="")
-    return open(path, encoding="utf-8", errors="replace", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", errors="replace", newline="")
+    return open(path, encoding="utf-8-sig", errors="replace", newline="")
 
 
 def _file_records(path: str, column: str | int | None) -> Iterator[str]:
@@ -152,9 +152,16 @@ class CorpusIndex:
 
     def __init__(self, path: str, cache_shards: int = 64) -> None:
         self.dir = path
-        with open(os.path.join(path, "meta.json")) as f:
-            self.meta: dict[str, Any] = json.load(f)
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                self.meta: dict[str, Any] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: no complete corpus index there ({e}); delete the directory and "
+                            "rerun, which makes it again") from None
         self.n: int = int(self.meta["molecules"])
+        if int(self.meta["shard"]) != SHARD:
+            raise DataError(f"{path}: an index of shards of {self.meta['shard']}, not {SHARD}; delete it "
+                            "and rerun (it is rebuilt)")
         self.offsets = np.load(os.path.join(path, "offsets.npy"))
         self._file = open(os.path.join(path, "clean.smi"), "rb")
         self._shards: OrderedDict[int, list[str]] = OrderedDict()
@@ -171,7 +178,7 @@ class CorpusIndex:
             return self._shards[k]
         self._file.seek(int(self.offsets[k]))
         size = int(self.offsets[k + 1] - self.offsets[k])
-        lines = self._file.read(size).decode().splitlines()
+        lines = [ln.decode() for ln in self._file.read(size).split(b"\n")[:-1]]  # "\n" only: see _fill
         self._shards[k] = lines
         if len(self._shards) > self._cache_shards:
             self._shards.popitem(last=False)
@@ -184,6 +191,12 @@ class CorpusIndex:
         self._file.close()
 
 
+def index_path(source: CorpusSource, cache: Optional[str] = None, limit: int = 0,
+               vocab_molecules: int = 20000) -> str:
+    """Where the index of ``source`` (its first ``limit`` records) is, or will be, kept."""
+    return os.path.join(cache or default_cache(), f"{source.key()}-n{limit}-v{vocab_molecules}")
+
+
 def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = None, limit: int = 0,
                  vocab_molecules: int = 20000, say: Callable[[str], None] = lambda m: None) -> str:
     """The directory of the corpus's index (the first ``limit`` records; 0: all), made on first use.
@@ -194,7 +207,7 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
     those parsing is an error; single bad records are counted as training meets them.
     """
     root = cache or default_cache()
-    path = os.path.join(root, f"{source.key()}-n{limit}-v{vocab_molecules}")
+    path = index_path(source, cache, limit, vocab_molecules)
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
     t0 = time.perf_counter()
@@ -207,14 +220,37 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
         raise DataError(f"{source.name}: the file is empty; pass a file with one SMILES per row")
     every = max(1, total // max(1, vocab_molecules))
     say(f"indexing {source.name}: {total:,} records, once (cached in {root})")
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".index-", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".index-", dir=root)
+    except OSError as e:
+        raise DataError(f"--corpus-cache {root}: cannot write there ({e.strerror}); pass a writable "
+                        "directory") from None
+    try:
+        bad, n_sample = _fill(tmp, source, total, every, workers)
+        os.rename(tmp, path)
+    except OSError as e:
+        if os.path.isfile(os.path.join(path, "meta.json")):  # another run wrote it first
+            return path
+        raise DataError(f"--corpus-cache {root}: writing the index failed ({e.strerror}); free some "
+                        "space or pass another directory") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; else half made
+    say(f"indexed {source.name}: {total:,} records in {time.perf_counter() - t0:.0f} s; vocabularies "
+        f"from {n_sample:,} of them ({bad:,} did not parse)")
+    return path
+
+
+def _fill(tmp: str, source: CorpusSource, total: int, every: int, workers: Workers) -> tuple[int, int]:
+    """Write the index into ``tmp``: the SMILES, the shard offsets, the vocabularies of every
+    ``every``-th record. Returns (sampled records that did not parse, records sampled)."""
     offsets, sample = [0], []
     pos = 0
     with open(os.path.join(tmp, "clean.smi"), "wb") as out:
         for r, smi in enumerate(source.records()):
             if r == total:
                 break
+            # one record per line, split on "\n" alone when read (CorpusIndex.shard)
             line = (smi.replace("\n", " ").replace("\r", " ") + "\n").encode()
             out.write(line)
             pos += len(line)
@@ -232,7 +268,6 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
         atoms.update(a)
         bonds.update(bo)
     if bad == len(sample):
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{source.name}: none of its SMILES could be parsed ({len(sample):,} tried); check "
                         "the file, or pick the SMILES column with --smiles-col")
     from .features import Vocab
@@ -242,13 +277,7 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
             "atom_vocab": Vocab(atoms.elements()).to_json(), "bond_vocab": Vocab(bonds.elements()).to_json()}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another run wrote it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    say(f"indexed {source.name}: {total:,} records in {time.perf_counter() - t0:.0f} s; vocabularies "
-        f"from {len(sample):,} of them ({bad:,} did not parse)")
-    return path
+    return bad, len(sample)
 
 
 def held_out(index: CorpusIndex, count: int) -> list[str]:

@@ -149,9 +149,10 @@ class StreamedPretrainSet:
             return
         for key in [k for k in self._pending if k[1] < step - 1]:  # never asked for: drop
             self._pending.pop(key).cancel()
+        cap = 2 * len(rows) + 2 * self.workers.capacity  # this step's and the next one's, at most
         for r in rows:
             key = (seed, step, tuple(r))
-            if key not in self._pending and len(self._pending) < 4 * self.workers.capacity:
+            if key not in self._pending and len(self._pending) < cap:
                 self._pending[key] = self._submit(seed, step, r)
 
     def batch(self, indices: Sequence[int]) -> tuple[Any, Any]:

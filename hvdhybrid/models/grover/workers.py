@@ -29,12 +29,18 @@ class WorkerError(DataError):
     """A featurising worker failed or died."""
 
 
-def _init(vocabs: Optional[tuple[str, str]], threads: int, unbind: bool = False) -> None:
-    import torch
+def _init(vocabs: Optional[tuple[str, str]], worker: bool = True) -> None:
+    """A worker process's start (or, ``worker=False``, the rank's own when it featurises itself)."""
+    if worker:
+        import signal
 
-    torch.set_num_threads(threads)
-    if unbind:  # mpirun binds a rank (<= 2 per host) to one core, and its children inherit it
-        try:
+        import torch
+
+        torch.set_num_threads(1)
+        # a stop (Ctrl-C, scancel) is the rank's to handle: it finishes the step and checkpoints
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:  # mpirun binds a rank (<= 2 per host) to one core, and its children inherit it
             os.sched_setaffinity(0, range(os.cpu_count() or 1))
         except (AttributeError, OSError):
             pass
@@ -110,7 +116,7 @@ class Workers:
         self.n, self.depth, self._vocabs = n, depth, vocabs
         self._pool: Optional[ProcessPoolExecutor] = None  # started on the first submit
         if not n and vocabs is not None:
-            _init(vocabs, max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            _init(vocabs, worker=False)
 
     @property
     def capacity(self) -> int:
@@ -127,7 +133,7 @@ class Workers:
             return fut
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init, initargs=(self._vocabs, 1, True))
+                                             initializer=_init, initargs=(self._vocabs,))
         try:
             return self._pool.submit(fn, *args)
         except BrokenProcessPool:
