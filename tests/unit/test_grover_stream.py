@@ -219,3 +219,24 @@ def test_workers_option_reads_a_count_or_auto(monkeypatch: pytest.MonkeyPatch) -
         workers_for("x")
     with pytest.raises(DataError, match="--workers must be >= 0, got -2"):
         workers_for("-2")
+
+
+def test_index_reads_a_bom_and_odd_separators_line_by_line(tmp_path: Path) -> None:
+    """A UTF-8 BOM before the header is dropped; a form feed inside a cell does not split a record."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffSMILES,note\nCCO,a\x0cb\nc1ccccc1,x\x1cy\nCC(=O)O,z\n".encode())
+    index = index_of(resolve_corpus(str(path), "SMILES"), tmp_path)
+    assert index.n == 3 and index.smiles([0, 1, 2]) == ["CCO", "c1ccccc1", "CC(=O)O"]
+    odd = tmp_path / "odd.csv"
+    odd.write_bytes(b"smiles\nCCO\nC\x0cC\nc1ccccc1\n")  # a SMILES cell with a form feed: one record
+    assert index_of(resolve_corpus(str(odd)), tmp_path).smiles([0, 1, 2]) == ["CCO", "C\x0cC", "c1ccccc1"]
+
+
+def test_a_cache_that_cannot_be_written_or_read_is_one_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.smi", "CCO\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match="cannot write there"):
+        index_corpus(resolve_corpus(path), Workers(0), cache=str(blocker / "cache"))
+    with pytest.raises(DataError, match="no complete corpus index there"):
+        CorpusIndex(str(tmp_path / "nothing"))
