@@ -114,8 +114,8 @@ def pretrain(run: Config, config_name: Optional[str], layers: Optional[int], tas
             if train_set.molecules:
                 rss = train_set.workers.peak_rss()
                 trainer.log.info(f"this rank featurised {train_set.molecules:,} molecules "
-                                 f"({train_set.skipped:,} did not parse: they stood in with no weight) and "
-                                 f"waited {train_set.wait_s:.1f} s for them"
+                                 f"({train_set.skipped:,} did not parse: they stood in with no weight), "
+                                 f"{train_set.progress()}, and waited {train_set.wait_s:.1f} s for them"
                                  + (f"; its workers' peak RSS {rss / 1e6:.1f} MB" if rss else ""))
             train_set.close()
             params = trainer.gather_parameters()

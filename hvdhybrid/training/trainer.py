@@ -201,6 +201,8 @@ class Trainer(EngineParts):
                         metrics.flush()
                     if is_root and not run.progress and run.log_every and self.step % run.log_every == 0:
                         wait = "" if waited is None else f", {waited:.0%} of the time waiting for data"
+                        more = getattr(data, "progress", None)  # the data set's own figures
+                        wait += f", {more()}" if more is not None else ""
                         eta = (now - t_start) / (self.step - first) * (cfg.optim.steps - self.step)
                         self.log.info(f"step {self.step}/{cfg.optim.steps} loss {loss:.4f} "
                                       f"{sps:.0f} samples/s{wait}, eta {_clock(eta)}")

@@ -22,7 +22,7 @@ from ...parallel import randomness
 from ...training.data import DataError, Sampler
 from ...training.memory import return_freed_memory
 from .corpus import SHARD, CorpusIndex
-from .workers import Workers, featurise_batch, result
+from .workers import Workers, result, timed_featurise
 
 __all__ = ["StreamOrder", "StreamSampler", "StreamedPretrainSet"]
 
@@ -130,6 +130,7 @@ class StreamedPretrainSet:
         self.wait_s = 0.0
         self.molecules = 0
         self.skipped = 0
+        self.featurise_s = 0.0  # CPU seconds spent featurising them (in the workers or here)
         self._calls = 0
 
     def __len__(self) -> int:
@@ -141,7 +142,7 @@ class StreamedPretrainSet:
     def _submit(self, seed: int, step: int, rows: Sequence[int]) -> Future[Any]:
         ids = list(rows)
         smiles = self.index.smiles([self.first + i for i in ids])
-        return self.workers.submit(featurise_batch, seed, step, ids, smiles, self.mask_rate)
+        return self.workers.submit(timed_featurise, seed, step, ids, smiles, self.mask_rate)
 
     def prefetch(self, seed: int, step: int, rows: Sequence[Sequence[int]]) -> None:
         """Start featurising the microbatches ``rows`` of ``step`` (on ranks that read data at all)."""
@@ -161,14 +162,19 @@ class StreamedPretrainSet:
         key = (seed, step, tuple(indices))
         fut = self._pending.pop(key, None)
         t0 = time.perf_counter()
-        out: tuple[Any, Any] = result(fut if fut is not None else self._submit(seed, step, indices))
+        out, spent = result(fut if fut is not None else self._submit(seed, step, indices))
         self.wait_s += time.perf_counter() - t0
+        self.featurise_s += spent
         self.molecules += len(indices)
         self.skipped += int((out[1].motif_w == 0).sum())
         self._calls += 1
         if self._calls % PURGE_EVERY == 0:
             return_freed_memory()
-        return out
+        return out  # type: ignore[no-any-return]
+
+    def progress(self) -> str:
+        """Featurising cost per molecule, for the progress line."""
+        return f"featurising {1e3 * self.featurise_s / max(1, self.molecules):.1f} ms/molecule"
 
     def close(self) -> None:
         for fut in self._pending.values():
