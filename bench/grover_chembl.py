@@ -49,6 +49,13 @@ def _run(cmd: list[str]) -> str:
     return p.stdout
 
 
+def fresh_out(path: str) -> None:
+    """Make the results directory; an existing one is refused (nothing is overwritten)."""
+    if os.path.exists(path):
+        raise SystemExit(f"{path} exists; pass another --out (nothing is overwritten)")
+    os.makedirs(path)
+
+
 def _mpirun(ranks: int, *args: str) -> list[str]:
     return ["mpirun", "-np", str(ranks), "--oversubscribe", "-x", "HVDHYBRID_PYTHON", "-x", "OMP_NUM_THREADS",
             HVDTRAIN, *args]
@@ -63,9 +70,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "grover-chembl"))
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    if os.path.exists(a.out):
-        raise SystemExit(f"{a.out} exists; pass another --out (nothing is overwritten)")
-    os.makedirs(a.out)
+    fresh_out(a.out)
     pre = a.pretrained
     if pre is None:
         pre = os.path.join(a.out, "pretrain")

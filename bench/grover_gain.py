@@ -23,7 +23,7 @@ import os
 import statistics
 import time
 
-from grover_chembl import HVDTRAIN, ROOT, _mpirun, _run
+from grover_chembl import HVDTRAIN, ROOT, _mpirun, _run, fresh_out
 
 # (data set, its finetune options, metric, finetuning steps)
 SETS = [("CHEMBL2321810", ["--data", "chembl2321810"], "rmse", 300),
@@ -52,9 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "grover-gain"))
     a = ap.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    if os.path.exists(a.out):
-        raise SystemExit(f"{a.out} exists; pass another --out (nothing is overwritten)")
-    os.makedirs(a.out)
+    fresh_out(a.out)
     rdkit = a.rdkit or pretrain(os.path.join(a.out, "pretrain-rdkit"), "rdkit", a.rdkit_steps)
     moses = a.moses or pretrain(os.path.join(a.out, "pretrain-moses"), "moses", a.moses_steps)
     starts = [("from scratch", []), ("pretrained on RDKit's 15k", ["--checkpoint", rdkit]),

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 
+from grover_chembl import _env as chembl_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PY = sys.executable
@@ -35,8 +37,7 @@ LAYOUTS = [
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
-                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_mpi_yield_when_idle="1")
+    return dict(chembl_env(), PYTHONPATH=ROOT)
 
 
 def pretrain(ranks: int, layout: list[str], steps: int, config: str, *extra: str) -> dict:

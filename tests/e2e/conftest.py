@@ -64,3 +64,23 @@ def params(out: str) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_planned(np_: int, args: list[str], out: str, activations: Optional[float] = 0.1) -> None:
+    """`hvdtrain plan -np N ARGS` predicted the run's memory.json: parameters, gradients and optimizer
+    state exactly, saved activations within ``activations`` of the measured (None: only that some are
+    predicted, for a model whose activations depend on which rows a batch holds)."""
+    import json
+
+    r = run([HVDTRAIN, "plan", "-np", str(np_), "--json", *args])
+    assert r.rc == 0, r.err[-3000:]
+    pred = {rank: pos for pos in json.loads(r.out[r.out.index("{"):])["positions"] for rank in pos["ranks"]}
+    for m in json.load(open(os.path.join(out, "memory.json"))):
+        p = pred[m["rank"]]
+        assert [p[k] for k in ("parameters", "gradients", "optimizer")] == \
+            [m[k] for k in ("parameters", "gradients", "optimizer")], (m, p)
+        if activations is None:
+            assert p["activations_peak"] > 0, (m, p)
+        else:
+            off = abs(p["activations_peak"] - m["activations_peak"])
+            assert off <= activations * m["activations_peak"], (m, p)

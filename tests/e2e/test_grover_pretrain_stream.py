@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from conftest import HVDTRAIN, max_diff, mpirun, params, run
+from conftest import assert_planned, max_diff, mpirun, params
 
 from hvdhybrid.models.grover.corpus import SHARD
 
@@ -47,15 +47,8 @@ def test_streamed_layouts_end_with_the_parameters_of_one_process(corpus: tuple[s
         assert max_diff(one["params"], got["params"]) <= 1e-5, layout  # type: ignore[arg-type]
     # `hvdtrain plan` predicts the last run's per-rank state bytes exactly (its activations depend on
     # which molecules a batch holds, so they are only checked to be there)
-    r = run([HVDTRAIN, "plan", "-np", "4", "--json", "grover", "pretrain", *SGD, "--corpus", corpus[0],
-             "--corpus-cache", corpus[1], "--task-parallel"])
-    assert r.rc == 0, r.err[-3000:]
-    pred = {rank: p for p in json.loads(r.out[r.out.index("{"):])["positions"] for rank in p["ranks"]}
-    for m in json.load(open(os.path.join(out, "memory.json"))):
-        p = pred[m["rank"]]
-        assert [p[k] for k in ("parameters", "gradients", "optimizer")] == \
-            [m[k] for k in ("parameters", "gradients", "optimizer")], (m, p)
-        assert p["activations_peak"] > 0
+    assert_planned(4, ["grover", "pretrain", *SGD, "--corpus", corpus[0], "--corpus-cache", corpus[1],
+                       "--task-parallel"], out, activations=None)
 
 
 def test_a_resume_mid_epoch_equals_the_run_that_went_on(corpus: tuple[str, str], tmp_path) -> None:

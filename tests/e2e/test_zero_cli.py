@@ -10,26 +10,13 @@ import os
 import shutil
 
 import pytest
-from conftest import HVDTRAIN, max_diff, mpirun, params, run
+from conftest import HVDTRAIN, assert_planned, max_diff, mpirun, params, run
 
 MLP = ["mlp", "--batch-size", "32", "--no-progress", "--seed", "5", "--no-fp16-compression",
        "--microbatches", "2", "--clip-grad", "0.5", "--accumulate", "2", "--save-params"]
 GPT2 = ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "16", "--no-progress",
         "--seed", "3", "--clip-grad", "0.5", "--accumulate", "2", "--save-params", "--steps", "3",
         "--no-fp16-compression"]
-
-
-def assert_planned(np_: int, args: list[str], out: str) -> None:
-    """`hvdtrain plan -np N ARGS` predicted the run's memory.json: parameters, gradients and optimizer
-    state exactly, saved activations within 10%."""
-    r = run([HVDTRAIN, "plan", "-np", str(np_), "--json", *args])
-    assert r.rc == 0, r.err[-3000:]
-    pred = {rank: pos for pos in json.loads(r.out[r.out.index("{"):])["positions"] for rank in pos["ranks"]}
-    for m in json.load(open(os.path.join(out, "memory.json"))):
-        p = pred[m["rank"]]
-        assert [p[k] for k in ("parameters", "gradients", "optimizer")] == \
-            [m[k] for k in ("parameters", "gradients", "optimizer")], (m, p)
-        assert abs(p["activations_peak"] - m["activations_peak"]) <= 0.1 * m["activations_peak"], (m, p)
 
 
 @pytest.fixture(scope="module")

@@ -211,15 +211,7 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
     if os.path.isfile(os.path.join(path, "meta.json")):
         return path
     t0 = time.perf_counter()
-    total = 0
-    for _ in source.records():
-        total += 1
-        if total == limit:
-            break
-    if total == 0:
-        raise DataError(f"{source.name}: the file is empty; pass a file with one SMILES per row")
-    every = max(1, total // max(1, vocab_molecules))
-    say(f"indexing {source.name}: {total:,} records, once (cached in {root})")
+    say(f"indexing {source.name}, once (cached in {root})")
     try:
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".index-", dir=root)
@@ -227,7 +219,7 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
         raise DataError(f"--corpus-cache {root}: cannot write there ({e.strerror}); pass a writable "
                         "directory") from None
     try:
-        bad, n_sample = _fill(tmp, source, total, every, workers)
+        total, bad, n_sample = _fill(tmp, source, limit, vocab_molecules, workers)
         os.rename(tmp, path)
     except OSError as e:
         if os.path.isfile(os.path.join(path, "meta.json")):  # another run wrote it first
@@ -241,24 +233,33 @@ def index_corpus(source: CorpusSource, workers: Workers, cache: Optional[str] = 
     return path
 
 
-def _fill(tmp: str, source: CorpusSource, total: int, every: int, workers: Workers) -> tuple[int, int]:
-    """Write the index into ``tmp``: the SMILES, the shard offsets, the vocabularies of every
-    ``every``-th record. Returns (sampled records that did not parse, records sampled)."""
-    offsets, sample = [0], []
-    pos = 0
+def _fill(tmp: str, source: CorpusSource, limit: int, vocab_molecules: int,
+          workers: Workers) -> tuple[int, int, int]:
+    """Write the index into ``tmp``: the SMILES of the first ``limit`` records (0: all) and the shard
+    offsets in one pass over the source, then the vocabularies of about ``vocab_molecules`` records
+    spread over them (read back from ``clean.smi``). Returns (records, sampled ones that did not
+    parse, records sampled)."""
+    offsets = [0]
+    pos = total = 0
     with open(os.path.join(tmp, "clean.smi"), "wb") as out:
-        for r, smi in enumerate(source.records()):
-            if r == total:
-                break
+        for smi in source.records():
             # one record per line, split on "\n" alone when read (CorpusIndex.shard)
             line = (smi.replace("\n", " ").replace("\r", " ") + "\n").encode()
             out.write(line)
             pos += len(line)
-            if (r + 1) % SHARD == 0 or r + 1 == total:
+            total += 1
+            if total % SHARD == 0:
                 offsets.append(pos)
-            if r % every == 0:
-                sample.append(smi)
+            if total == limit:
+                break
+    if total == 0:
+        raise DataError(f"{source.name}: the file is empty; pass a file with one SMILES per row")
+    if total % SHARD:
+        offsets.append(pos)
     np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    every = max(1, total // max(1, vocab_molecules))
+    with open(os.path.join(tmp, "clean.smi"), "rb") as f:
+        sample = [ln[:-1].decode() for r, ln in enumerate(f) if r % every == 0]
     chunks = ((i, sample[i:i + _CHUNK]) for i in range(0, len(sample), _CHUNK))
     bad = 0
     atoms: Counter[str] = Counter()
@@ -277,7 +278,7 @@ def _fill(tmp: str, source: CorpusSource, total: int, every: int, workers: Worke
             "atom_vocab": Vocab(atoms.elements()).to_json(), "bond_vocab": Vocab(bonds.elements()).to_json()}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f)
-    return bad, len(sample)
+    return total, bad, len(sample)
 
 
 def held_out(index: CorpusIndex, count: int) -> list[str]:

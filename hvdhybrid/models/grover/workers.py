@@ -23,6 +23,7 @@ __all__ = ["Workers", "parse_chunk", "featurise_batch", "peak_rss", "timed_featu
 
 T = TypeVar("T")
 _VOCABS: dict[str, Any] = {}
+_DIED = "a featurising worker died (out of memory?); rerun with fewer --workers or --workers 0"
 
 
 class WorkerError(DataError):
@@ -146,8 +147,7 @@ class Workers:
         try:
             return self._pool.submit(fn, *args)
         except BrokenProcessPool:
-            raise WorkerError("a featurising worker died (out of memory?); rerun with fewer --workers "
-                              "or --workers 0") from None
+            raise WorkerError(_DIED) from None
 
     def map(self, fn: Callable[..., T], chunks: Iterable[tuple[Any, ...]]) -> Iterator[T]:
         """``fn(*chunk)`` for every chunk, in order, with at most :attr:`capacity` in flight."""
@@ -176,5 +176,4 @@ def result(fut: Future[T]) -> T:
     try:
         return fut.result()
     except BrokenProcessPool:
-        raise WorkerError("a featurising worker died (out of memory?); rerun with fewer --workers "
-                          "or --workers 0") from None
+        raise WorkerError(_DIED) from None
