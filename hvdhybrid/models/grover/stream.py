@@ -22,6 +22,7 @@ from ...parallel import randomness
 from ...training.data import DataError, Sampler
 from ...training.memory import return_freed_memory
 from .corpus import SHARD, CorpusIndex
+from .features import Vocab
 from .workers import Workers, result, timed_featurise
 
 __all__ = ["StreamOrder", "StreamSampler", "StreamedPretrainSet"]
@@ -124,6 +125,8 @@ class StreamedPretrainSet:
                  window: int = 32, first: int = 0) -> None:
         self.index, self.n, self.mask_rate, self.workers, self.window = index, n, mask_rate, workers, window
         self.first = first  # molecule i of this set is the corpus's molecule first + i
+        # featurising in this process: the vocabularies go with each call (workers load their own)
+        self._vocabs = None if workers.n else tuple(Vocab.from_json(v) for v in index.vocabs)
         self._pending: dict[tuple[int, int, tuple[int, ...]], Future[Any]] = {}
         self._used = False
         #: seconds the trainer waited for featurising, molecules featurised, and those that did not parse
@@ -142,7 +145,7 @@ class StreamedPretrainSet:
     def _submit(self, seed: int, step: int, rows: Sequence[int]) -> Future[Any]:
         ids = list(rows)
         smiles = self.index.smiles([self.first + i for i in ids])
-        return self.workers.submit(timed_featurise, seed, step, ids, smiles, self.mask_rate)
+        return self.workers.submit(timed_featurise, seed, step, ids, smiles, self.mask_rate, self._vocabs)
 
     def prefetch(self, seed: int, step: int, rows: Sequence[Sequence[int]]) -> None:
         """Start featurising the microbatches ``rows`` of ``step`` (on ranks that read data at all)."""

@@ -30,21 +30,20 @@ class WorkerError(DataError):
     """A featurising worker failed or died."""
 
 
-def _init(vocabs: Optional[tuple[str, str]], worker: bool = True) -> None:
-    """A worker process's start (or, ``worker=False``, the rank's own when it featurises itself)."""
-    if worker:
-        import signal
+def _init(vocabs: Optional[tuple[str, str]]) -> None:
+    """A worker process's start: one thread, stops left to the rank, any core, the vocabularies."""
+    import signal
 
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
-        # a stop (Ctrl-C, scancel) is the rank's to handle: it finishes the step and checkpoints
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:  # mpirun binds a rank (<= 2 per host) to one core, and its children inherit it
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-        except (AttributeError, OSError):
-            pass
+    torch.set_num_threads(1)
+    # a stop (Ctrl-C, scancel) is the rank's to handle: it finishes the step and checkpoints
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # mpirun binds a rank (<= 2 per host) to one core, and its children inherit it
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except (AttributeError, OSError):
+        pass
     if vocabs is not None:
         from .features import Vocab
 
@@ -121,12 +120,11 @@ class Workers:
     """
 
     def __init__(self, n: int, vocabs: Optional[tuple[str, str]] = None, depth: int = 2) -> None:
+        """``vocabs``: (atom, bond) vocabularies as JSON, loaded once by each worker process."""
         if n < 0:
             raise DataError(f"--workers must be >= 0, got {n}")
         self.n, self.depth, self._vocabs = n, depth, vocabs
         self._pool: Optional[ProcessPoolExecutor] = None  # started on the first submit
-        if not n and vocabs is not None:
-            _init(vocabs, worker=False)
 
     @property
     def capacity(self) -> int:
