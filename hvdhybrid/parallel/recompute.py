@@ -7,7 +7,8 @@ Modes (``--recompute MODE[:S0,S1,..]``, per model stage):
                 (a sequential model's layers; GPT's, GPT-2's and BERT's embeddings, blocks and
                 head), each layer's input; its forward runs again in its backward, a layer at a
                 time (:func:`full`): what the recomputation holds at once is one layer's
-                activations, not the stage's
+                activations, not the stage's. The dropout masks are kept, 1 bit per element,
+                and replayed (:class:`~hvdhybrid.parallel.dropout.MaskTape`), not redrawn
     selective   the attention core of GPT, GPT-2 and BERT (scores, softmax, dropout, the product with
                 V) is recomputed; it holds the largest activations (heads x tokens x tokens per row)
 
@@ -15,8 +16,10 @@ Pure up to :func:`recomputed` (the config tree parses ``--recompute`` with :clas
 Keyed randomness makes the recomputed dropout masks the same ones: a mask is a
 function of (seed, step, rows, name) (:mod:`randomness`), and the rows are set
 per microbatch forward, so the recomputation restores the rows current at the
-forward it repeats. Built on torch's non-reentrant checkpoint, which also
-works when a backward runs split (zero-bubble schedules' B and W).
+forward it repeats (both modes keep the forward's masks and replay them, which is
+cheaper than drawing them again; the restored keys serve any other keyed draw).
+Built on torch's non-reentrant checkpoint, which also works when a backward runs
+split (zero-bubble schedules' B and W).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from ..errors import InputError
 
-__all__ = ["MODES", "RecomputeError", "Recompute", "attention", "full", "recomputed", "selective"]
+__all__ = ["MODES", "RecomputeError", "Recompute", "attention", "full", "recomputed", "selective", "taped"]
 
 MODES = ("none", "full", "selective")
 
@@ -117,14 +120,14 @@ def full(module: Any, *args: Any) -> Any:
     pieces = getattr(module, "pieces", None)
     chain = pieces() if callable(pieces) else None
     if not chain or len(args) != 1:
-        return recomputed(module, *args)
+        return taped(module, *args)
     x = args[0]
     for k, piece in enumerate(chain):
         given, seen = x, _versions(x)
         if isinstance(x, tuple):  # each tensor an input of its own: kept (and counted) as saved
-            x = recomputed(lambda *a, f=piece: f(tuple(a)), *x)
+            x = taped(lambda *a, f=piece: f(tuple(a)), *x)
         else:
-            x = recomputed(piece, x)
+            x = taped(piece, x)
         if _versions(given) != seen:
             raise RecomputeError(f"--recompute full: layer {k} of the stage changes its input in place, "
                                  "which its recomputation would see changed; make it out of place (e.g. "
@@ -173,17 +176,31 @@ class _Both:
 
 
 def attention(core: Callable[..., Any], *args: Any) -> Any:
-    """A model's attention core: recomputed under ``selective`` (its dropout masks kept, 1 byte per
+    """A model's attention core: recomputed under ``selective`` (its dropout masks kept, 1 bit per
     element, and counted as saved), else run as it is."""
     if not _SELECTIVE["on"]:
         return core(*args)
+    return taped(core, *args)
+
+
+def taped(fn: Callable[..., Any], *args: Any) -> Any:
+    """:func:`recomputed` with a :class:`~hvdhybrid.parallel.dropout.MaskTape`: the forward's dropout
+    masks are kept (packed) and replayed, not redrawn, and held by the output's autograd node, so the
+    saved-tensor hooks count them with the activations."""
     import torch
 
     from .dropout import MaskTape
 
     tape = MaskTape()
-    out = recomputed(core, *args, tape=tape)
-    return _keep_masks().apply(out, *tape.masks) if tape.masks and torch.is_grad_enabled() else out
+    out = recomputed(fn, *args, tape=tape)
+    if not tape.masks or not torch.is_grad_enabled():
+        return out
+    if not isinstance(out, tuple):
+        return _keep_masks().apply(out, *tape.masks) if out.requires_grad else out
+    at = next((i for i, t in enumerate(out) if torch.is_tensor(t) and t.requires_grad), None)
+    if at is None:
+        return out
+    return out[:at] + (_keep_masks().apply(out[at], *tape.masks),) + out[at + 1:]
 
 
 @functools.lru_cache(maxsize=None)

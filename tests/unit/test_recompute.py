@@ -157,9 +157,9 @@ def test_selective_keeps_the_forwards_masks_counts_them_and_does_not_redraw() ->
     finally:
         dropout.randomness.generator = real
     assert all(torch.equal(a, b) for a, b in zip(kept, again))
-    mask = 4 * 8 * 8  # bool
+    mask = 4 * 8 * 8 // 8  # packed: 1 bit per element
     assert sel_bytes == x.numel() * 4 + mask  # the core's input and its mask, nothing else
-    assert kept_bytes > sel_bytes + 2 * mask * 4  # softmax output and dropped probabilities at 4 bytes
+    assert kept_bytes > sel_bytes + 2 * mask * 32  # softmax output and dropped probabilities at 4 bytes
 
 
 def test_a_replay_that_draws_more_than_its_forward_is_an_error() -> None:
@@ -208,8 +208,8 @@ def _most_pending(log: list) -> int:
 
 def test_full_recomputes_a_chain_a_layer_at_a_time_keeping_each_layers_input() -> None:
     """``full`` over a :class:`Part`: the same gradients (dropout on) as no recomputation; it keeps each
-    layer's input (not the layers' activations), and its backward holds one layer's activations at a
-    time, where recomputing the chain as one region holds them all."""
+    layer's input and dropout mask, packed (not the layers' activations), and its backward holds one
+    layer's activations at a time, where recomputing the chain as one region holds them all."""
     from hvdhybrid.parallel import recompute
     from hvdhybrid.parallel.staged import Part
 
@@ -236,7 +236,7 @@ def test_full_recomputes_a_chain_a_layer_at_a_time_keeping_each_layers_input() -
     want, kept_none, _ = run(part)
     got, kept_full, held = run(lambda x: recompute.full(part, x))
     assert all(torch.equal(a, b) for a, b in zip(want, got))
-    assert kept_full == 6 * 32 * 64 * 4  # each layer's input
+    assert kept_full == 6 * 32 * 64 * 4 + 6 * 32 * 256 // 8  # each layer's input, and its mask (packed)
     assert kept_full < kept_none / 4
     _, kept_region, held_region = run(lambda x: recomputed(part, x))
     assert kept_region == 32 * 64 * 4
