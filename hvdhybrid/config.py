@@ -7,7 +7,8 @@ own fields in ``__post_init__`` with the value seen and the fix; checks that nee
 the layout are :func:`check_batch`. A value known only later (planned token
 slices, steps from epochs, the output directory) makes a new tree with
 :meth:`Config.resolved`, which checks again: nothing is patched after
-validation. ``config.json`` in every run is :meth:`Config.to_dict`.
+validation. ``config.json`` in every run is :meth:`Config.to_dict`. The module is over 350 lines:
+every knob of every command is declared here, once, which is the point of it.
 
     cfg = Config.from_flat(steps=100, batch_size=64, tensor=2)   # or TrainConfig(...)
     cfg.optim.steps, cfg.parallel.tensor                         # 100, 2
@@ -219,7 +220,7 @@ class OptimConfig:
         return self.batch_size // self.accumulate
 
 
-REDUCE_MODES = ("after", "overlap")
+REDUCE_MODES = ("after", "overlap", "microbatch")
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,9 @@ class CommConfig:
     reduce: str = knob("after", "When gradients are averaged across bundles: after the rank's schedule, "
                                 "or overlapped with its last backward, bucket by bucket as they become "
                                 "final (needs one row per stage group and no ties across ranks; not "
-                                "with --zero 2).", choices=REDUCE_MODES)
+                                "with --zero 2); microbatch: with --zero 2, each microbatch's gradients "
+                                "go to their owners as its backward ends (no whole gradients held; M "
+                                "times the traffic).", choices=REDUCE_MODES)
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -294,6 +297,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.comm.reduce == "microbatch" and self.optim.zero != 2:
+            raise ConfigError(f"--reduce microbatch sends each microbatch's gradients to their owners, which "
+                              f"--zero 2 has and --zero {self.optim.zero} has not; add --zero 2")
 
     @classmethod
     def from_flat(cls, **values: Any) -> Config:

@@ -212,11 +212,14 @@ def _train(w: Any, name: str, cfg: Config, layout: Layout, placement: Optional[P
                 also = " and averaged gradients" if o.zero == 2 else ""
                 log.info(f"--zero {o.zero}: optimizer state{also} sharded over each data group of "
                          f"{layout.num_bundles} ranks")
-            if cfg.comm.reduce == "overlap":
+            if cfg.comm.reduce != "after":
                 why = trainer.engine.reduce_fallback
-                log.info("--reduce overlap: gradients averaged across bundles during the last backward, "
-                         "bucket by bucket" if why is None else
-                         f"--reduce overlap: {why}; the reduce runs after the schedule")
+                micro = cfg.comm.reduce == "microbatch"
+                log.info(f"--reduce {cfg.comm.reduce}: " + (
+                    (f"{why}; gradients go to their owners once per step" if micro else
+                     f"{why}; the reduce runs after the schedule") if why else
+                    "each microbatch's gradients go to their owners as its backward ends" if micro else
+                    "gradients averaged across bundles during the last backward, bucket by bucket"))
             per_w = cfg.pipeline.weights_per_w()
             if per_w > 1 and not (cfg.pipeline.slices and len(cfg.pipeline.slices) > 1):
                 log.info(f"batched W: the weight gradients of up to {per_w} microbatches of a stage as one "

@@ -256,12 +256,14 @@ class Executor:
                 batches[mb] = batch_fn(mb)
             return batches[mb]
 
-        watch = self.grad_watch if train and last_pass else None
-        last_w = {} if watch is None else {  # each stage's last weight-gradient action
-            a.stage: i for i, a in enumerate(actions)
-            if a.kind == "W" or (a.kind == "B" and (a.stage, a.mb, a.slice) not in split_w)}
+        every = bool(getattr(self.grad_watch, "every", False))  # a round per weight-gradient action
+        watch = self.grad_watch if train and (last_pass or every) else None
+        w_acts = {} if watch is None else {i: a.stage for i, a in enumerate(actions)
+                                           if a.kind == "W" or (a.kind == "B" and
+                                                                (a.stage, a.mb, a.slice) not in split_w)}
+        last_w = set(w_acts) if every else {i for i in {s: i for i, s in w_acts.items()}.values()}
         for i, act in enumerate(actions):
-            final = last_w.get(act.stage) == i
+            final = i in last_w  # each stage's last weight-gradient action (every one, with ``every``)
             if final:
                 watch.final_begin(act.stage)  # type: ignore[union-attr]
             waits.set_action(act)

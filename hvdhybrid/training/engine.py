@@ -109,7 +109,8 @@ class Engine:
             if zero.level == 2 and self.sync.early_reduce:  # gradients go to their owners in the backward
                 uses: dict[int, Sequence[nn.Parameter]] = {s: list(m.parameters())
                                                           for s, m in self.modules.items()}
-                self.executor.grad_watch = zero.watch(uses)
+                every = cfg.comm.reduce == "microbatch" and len(self.modules) == 1
+                self.executor.grad_watch = zero.watch(uses, every=every)
             self.optimizer = self.sync.zero = zero
             self.executor.saved.exclude(self.sync.params)  # their storage is now the flat buffer
         else:  # a rank with nothing to train (a frozen stage) gets an optimizer with an empty group
@@ -117,7 +118,7 @@ class Engine:
             self.optimizer = optimizer_fn(self.sync.params if self.sync.params else empty)
         #: why --reduce overlap fell back to the reduce after the schedule (None: it did not)
         self.reduce_fallback = self.sync.overlap_blocker(cfg.optim.zero) if cfg.comm.reduce == "overlap" \
-            else None
+            else self.sync.microbatch_blocker(len(self.modules)) if cfg.comm.reduce == "microbatch" else None
         if cfg.comm.reduce == "overlap" and self.reduce_fallback is None:
             from .overlap import OverlapReduce
 

@@ -29,10 +29,16 @@ class FinalGrads:
         stages: this rank's stage -> the parameters it uses.
         on_final: told each index once per step.
         on_begin: told before the first ``on_final`` of a step.
+        on_end: ``every`` only: told after each weight-gradient action, which ends a round.
+        every: a round per weight-gradient action, not per step: the executor brackets every
+            such action of every pass (``--reduce microbatch``), and ``on_end`` must send what
+            is left and :meth:`reset`.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], stages: dict[int, Sequence[nn.Parameter]],
-                 on_final: Callable[[int], None], on_begin: Callable[[], Any] = lambda: None) -> None:
+                 on_final: Callable[[int], None], on_begin: Callable[[], Any] = lambda: None,
+                 on_end: Callable[[], None] = lambda: None, every: bool = False) -> None:
+        self.every, self.on_end = every, on_end
         index = {id(p): i for i, p in enumerate(params)}
         self.stages_of: dict[int, set[int]] = {}
         for s, ps in stages.items():
@@ -69,6 +75,8 @@ class FinalGrads:
             self.left[i] -= 1
             if self.left[i] == 0:
                 self._tell(i)
+        if self.every:
+            self.on_end()
 
     def _on_grad(self, i: int, p: nn.Parameter) -> None:
         if self.active and self.armed in self.stages_of.get(i, ()) and self.left[i] == 1:

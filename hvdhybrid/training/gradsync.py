@@ -105,6 +105,16 @@ class GradSync:
             return "--zero 2 sends gradients to their owners instead"
         return None
 
+    def microbatch_blocker(self, local_stages: int) -> Optional[str]:
+        """Why ``--reduce microbatch`` (with ``--zero 2``) cannot run here (None: it can)."""
+        if self.groups.data_set is None:
+            return "one bundle: nothing to send to other bundles"
+        if not self.early_reduce:
+            return "row replicas or ties across ranks sum gradients before they go to their owners"
+        if local_stages > 1:
+            return "several stages on a rank would each send every chunk"
+        return None
+
     @property
     def early_reduce(self) -> bool:
         """``--zero 2`` can send gradients to their owners during the backward: nothing must be summed

@@ -17,7 +17,11 @@ updated shares are all-gathered back into every member's buffer.
   the end of the buffer: the order a backward finishes parameters in), and, when
   the executor says which action is a stage's last weight-gradient action of
   the step (:meth:`ZeroOptimizer.watch`), during that backward, as each chunk's
-  parameters become final: the whole gradients never exist all at once.
+  parameters become final: the whole gradients never exist all at once. With
+  accumulation (microbatches, passes) the earlier microbatches' whole gradients
+  are held until then; ``--reduce microbatch`` instead sends every chunk at the
+  end of each weight-gradient action (owners add the sums up), so no whole
+  gradient outlives the action that made it, for M times the traffic.
 
 The gradient guard sees the same norm as unsharded: each element of a share
 counts with its parameter's weight (replicated copies down-weighted, ties once)
@@ -101,6 +105,7 @@ class ZeroOptimizer:
         self._chunks = self._cut(d)
         self._watch: Optional[FinalGrads] = None
         self._round: Optional[_Round] = None
+        self._share: Optional[torch.Tensor] = None  # this member's sums of the step's rounds
 
     # -- what the trainer uses of an optimizer ---------------------------------------------------
     @property
@@ -153,29 +158,40 @@ class ZeroOptimizer:
                 out.append((a, b, ps))
         return out
 
-    def watch(self, stages: dict[int, Sequence[nn.Parameter]]) -> FinalGrads:
+    def watch(self, stages: dict[int, Sequence[nn.Parameter]], every: bool = False) -> FinalGrads:
         """Level 2: reduce chunks during the backward, as their parameters become final
         (:class:`~hvdhybrid.training.final_grads.FinalGrads`; the executor's ``grad_watch``).
-        ``stages``: this rank's stage -> its parameters."""
+        ``stages``: this rank's stage -> its parameters. ``every`` (``--reduce microbatch``): a round
+        per weight-gradient action, every chunk sent at its end and added onto the share, so no
+        whole gradient outlives the action that made it (M times the traffic of one round)."""
         self._watch = FinalGrads(self.params, stages, on_final=lambda i: self._now().final(i),
-                                 on_begin=self._now)
+                                 on_begin=self._now, on_end=self._end_round, every=every)
         return self._watch
 
     def _now(self) -> _Round:
         if self._round is None:
-            self._round = _Round(self)
+            if self._share is None:
+                self._share = torch.zeros(self.n, dtype=torch.float32, device=self.flat.device)
+            self._round = _Round(self, self._share)
         return self._round
 
-    def reduce_rest(self) -> None:
-        """Level 2, at the sync: send every chunk not sent yet; this member's share of the average is
-        then :attr:`part`'s gradient, and no whole gradient is left."""
-        rnd = self._round or _Round(self)
+    def _end_round(self) -> None:
+        """Send every chunk the round has not sent (its sums added onto the share); the next weight-gradient
+        action starts another round."""
+        rnd = self._now()
         for i in range(len(self.params)):
             rnd.final(i)
         self._round = None
         if self._watch is not None:
             self._watch.reset()
-        self.part.grad = rnd.share
+
+    def reduce_rest(self) -> None:
+        """Level 2, at the sync: send every chunk not sent yet; this member's share of the average is
+        then :attr:`part`'s gradient, and no whole gradient is left."""
+        if self._round is not None or self._watch is None or not self._watch.every:
+            self._end_round()  # per round: what is left (at the sync, all of it without a watch)
+        share, self._share = self._share, None
+        self.part.grad = share if share is not None else torch.zeros(self.n, device=self.flat.device)
         for p in self.params:
             p.grad = None
 
@@ -224,9 +240,8 @@ class ZeroOptimizer:
 class _Round:
     """One step's level-2 reduction: chunks sent in their fixed order as their parameters become final."""
 
-    def __init__(self, zero: ZeroOptimizer) -> None:
-        self.zero = zero
-        self.share = torch.zeros(zero.n, dtype=torch.float32, device=zero.flat.device)
+    def __init__(self, zero: ZeroOptimizer, share: torch.Tensor) -> None:
+        self.zero, self.share = zero, share
         self.waiting = [len(ps) for _, _, ps in zero._chunks]  # parameters not final, per chunk
         self.chunks_of: dict[int, list[int]] = {}
         for c, (_, _, ps) in enumerate(zero._chunks):
@@ -266,7 +281,7 @@ class _Round:
         if got is not None:  # the average as Horovod's op=Average makes it: scaled in the wire's type
             avg = got.float().mul_(1.0 / z.comm.Get_size())
             dst = self.share[a - z.lo:b - z.lo]
-            dst.copy_((avg.half() if z.fp16 else avg).to(dst.device))
+            dst.add_((avg.half() if z.fp16 else avg).to(dst.device))  # onto 0, or an earlier round's
         for i in ps:
             self.unsent[i] -= 1
             if self.unsent[i] == 0:

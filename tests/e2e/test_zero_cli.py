@@ -27,16 +27,22 @@ def mlp_one(tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
-@pytest.mark.parametrize("zero, layout, bundles", [("2", ["--bundle-shape", "1,1"], 2), ("2", [], 4)],
-                         ids=["zero2-2x2", "zero2-4-bundles"])  # zero 1 at 2x2: the resume test
+@pytest.mark.parametrize("zero, layout, bundles", [
+    ("2", ["--bundle-shape", "1,1"], 2), ("2", [], 4), ("2", ["--reduce", "microbatch"], 4),
+    ("2", ["--bundle-shape", "1,1", "--reduce", "microbatch"], 2)],
+    ids=["zero2-2x2", "zero2-4-bundles", "zero2-4-bundles-per-microbatch", "zero2-2x2-per-microbatch"])
+# zero 1 at 2x2: the resume test
 def test_mlp_sharded_matches_one_process(mlp_one: str, tmp_path, zero: str, layout: list[str],
                                          bundles: int) -> None:
     out = str(tmp_path / "run")
     r = mpirun(4, *MLP, *layout, "--zero", zero, "--steps", "6", "--out", out)
     assert r.rc == 0, r.err[-3000:]
     assert f"sharded over each data group of {bundles} ranks" in r.err
+    if "microbatch" in layout:
+        assert "--reduce microbatch: each microbatch's gradients go to their owners" in r.err
     assert max_diff(params(out), params(mlp_one)) <= 1e-5
-    if not layout:  # one stage: each rank keeps a 1/bundles share of the momentum (plus padding)
+    if "--bundle-shape" not in layout:  # one stage: each rank keeps a 1/bundles share of the momentum
+        # (plus padding)
         whole = json.load(open(os.path.join(mlp_one, "memory.json")))[0]["optimizer"]
         mine = [m["optimizer"] for m in json.load(open(os.path.join(out, "memory.json")))]
         assert all(0 < m <= whole / bundles + 64 for m in mine), (whole, mine)
@@ -71,7 +77,8 @@ def gpt2_one(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.mark.parametrize("opt, zero, layout", [
     ("sgd", "2", ["--tensor", "2"]), ("adamw", "1", ["--tensor", "2"]),
-], ids=["sgd-zero2-tensor2", "adamw-zero1-tensor2"])
+    ("adamw", "2", ["--tensor", "2", "--reduce", "microbatch"]),
+], ids=["sgd-zero2-tensor2", "adamw-zero1-tensor2", "adamw-zero2-tensor2-per-microbatch"])
 def test_gpt2_sharded_matches_one_process(gpt2_one: dict[str, str], tmp_path, opt: str, zero: str,
                                           layout: list[str]) -> None:
     out = str(tmp_path / "run")
@@ -97,3 +104,14 @@ def test_zero_with_one_bundle_runs_whole_and_says_so(tmp_path) -> None:
     assert r.rc == 0, r.err[-3000:]
     assert "--zero 1 with one bundle: nothing to shard across bundles" in r.err
     shutil.rmtree(out)
+
+
+def test_reduce_microbatch_where_it_cannot_run_says_why_and_sends_once_per_step(mlp_one: str,
+                                                                                tmp_path) -> None:
+    out = str(tmp_path / "looped")
+    r = mpirun(4, *MLP, "--stages", "2", "--stages-per-rank", "2", "--zero", "2", "--reduce", "microbatch",
+               "--steps", "6", "--out", out)
+    assert r.rc == 0, r.err[-3000:]
+    assert "--reduce microbatch: several stages on a rank would each send every chunk; gradients go to " \
+           "their owners once per step" in r.err
+    assert max_diff(params(out), params(mlp_one)) <= 1e-5

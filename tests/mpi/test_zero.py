@@ -149,3 +149,65 @@ def test_level_2_sends_chunks_during_the_backward_and_frees_them(world: Any, fp1
         assert float(expect.abs().max()) > 0
     finally:
         groups.close()
+
+
+def test_level_2_every_action_sends_all_and_the_owners_add_the_rounds_up(
+        world: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--reduce microbatch``: a round per weight-gradient action. Two local stages sharing a weight,
+    two microbatches each, their backwards interleaved as 1F1B runs them: after every action no whole
+    gradient is left, and after the sync each member's share is the average of the sum of all four."""
+    from mpi4py import MPI
+
+    import hvdhybrid.training.zero as zmod
+
+    if world.Get_size() < 2:
+        pytest.skip("needs 2 bundles")
+    monkeypatch.setattr(zmod, "CHUNK", 5)
+    d, r = world.Get_size(), world.Get_rank()
+    groups = ProcessGroups.create(Layout(d, (1,)), world)
+
+    def build() -> tuple[nn.Linear, nn.Linear, nn.Parameter]:
+        torch.manual_seed(0)
+        return nn.Linear(4, 4), nn.Linear(4, 3), nn.Parameter(torch.tensor(0.5))
+
+    def run(a: nn.Linear, c: nn.Linear, tie: nn.Parameter, watch: Any) -> list[nn.Parameter]:
+        mine = [tie, *a.parameters(), *c.parameters()]
+        held = []
+        for mb in range(2):
+            x = torch.randn(6, 4, generator=torch.Generator().manual_seed(10 * r + mb))
+            h = torch.tanh(a(x)) * tie
+            leaf = h.detach().requires_grad_()
+            loss = (c(leaf) * tie).square().sum()
+            for stage in (1, 0):
+                if watch:
+                    watch.final_begin(stage)
+                if stage == 1:
+                    loss.backward()
+                else:
+                    h.backward(leaf.grad)
+                if watch:
+                    watch.final_end(stage)
+                    held.append(sum(p.grad is not None for p in mine))
+        assert not watch or held == [0, 0, 0, 0]
+        return mine
+
+    try:
+        a, c, tie = build()
+        ref = run(a, c, tie, None)
+        want = torch.cat([p.grad.reshape(-1) for p in ref])
+        world.Allreduce(MPI.IN_PLACE, want.numpy(), op=MPI.SUM)
+        want /= d
+        a, c, tie = build()
+        zero = ZeroOptimizer([tie, *a.parameters(), *c.parameters()], lambda ps: torch.optim.SGD(ps, lr=0.1),
+                             groups.data, 2)
+        watch = zero.watch({0: [tie, *a.parameters()], 1: [tie, *c.parameters()]}, every=True)
+        run(a, c, tie, watch)
+        zero.reduce_rest()
+        expect = torch.cat([want, torch.zeros(zero.n * d - want.numel())])[zero.lo:zero.lo + zero.n]
+        assert float((zero.part.grad - expect).abs().max()) <= 1e-6 * float(want.abs().max())
+        assert float(expect.abs().max()) > 0
+        zero.zero_grad()
+        zero.reduce_rest()  # a step whose actions sent nothing: a zero share, and nothing sent twice
+        assert float(zero.part.grad.abs().max()) == 0.0
+    finally:
+        groups.close()
