@@ -77,6 +77,12 @@ class ParallelConfig:
                                   "(auto: v for the zbv and vhalf schedules, else looped).",
                           metavar="auto|looped|contiguous|v|P0,P1,..")
     partition: str = knob("params", "How layers are cut into stages.", choices=PARTITIONS)
+    layout_choice: str = knob("manual", "auto: the planner weighs every layout of the world (tensor, "
+                                        "stages, schedule, microbatches, --zero, --recompute) on costs "
+                                        "measured here and trains the fastest (hvdtrain plan --auto).",
+                              choices=("manual", "auto"), flag="--layout")
+    max_memory: Optional[str] = knob(None, "With --layout auto: the most memory a rank may use (e.g. 2GB).",
+                                     metavar="BYTES")
 
     def __post_init__(self) -> None:
         if self.stages is not None and self.bundle_shape is not None:

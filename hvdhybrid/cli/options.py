@@ -29,9 +29,9 @@ def field_option(name: str, default: Any = dataclasses.MISSING) -> Callable[[Any
     value = f.default if default is dataclasses.MISSING else default
     kind = _TYPES[str(f.type)]
     kw: dict[str, Any] = {"default": value, "help": meta["help"], "show_default": value is not None}
-    if meta["flag"]:
+    if meta["flag"] and kind is bool:  # --x/--no-x
         return click.option(meta["flag"], name, **kw)
-    flag = "--" + name.replace("_", "-")
+    flag = meta["flag"] or "--" + name.replace("_", "-")
     if kind is bool:
         return click.option(flag, name, is_flag=True, default=value, help=meta["help"])
     if meta["choices"]:

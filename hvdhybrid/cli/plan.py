@@ -36,10 +36,17 @@ __all__ = ["plan", "render_plan"]
               "that fits (--tensor, --stages lowered), instead of its memory.")
 @click.option("--keep-layout", is_flag=True,
               help="With --fit: refuse instead of changing the layout options.")
+@click.option("--auto", is_flag=True, help="With a model command: weigh every layout of -np ranks "
+              "(tensor, stages, stages per rank, schedule, microbatches, --zero, --recompute) on costs "
+              "measured here and print the fastest that fit --max-memory.")
+@click.option("--max-memory", default=None, metavar="BYTES",
+              help="With --auto: the most memory a rank may use (e.g. 2GB, 1500MB).")
+@click.option("--top", type=int, default=5, show_default=True, help="With --auto: layouts to print.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
          activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool, fit: bool,
-         keep_layout: bool, command: tuple[str, ...]) -> None:
+         keep_layout: bool, auto: bool, max_memory: Optional[str], top: int,
+         command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
     With --hostfile, each rank's host (as mpirun --map-by places it) and, given
@@ -65,6 +72,13 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
             click.echo(draw_trace(trace_file))
         except ValueError as e:
             raise UserError(str(e)) from None
+        return
+    if auto or max_memory is not None:
+        if not command:
+            raise UserError("--auto plans a model command: hvdtrain plan -np 4 --auto mlp --batch-size 64")
+        if max_memory is not None and not auto:
+            raise UserError("--max-memory is a limit for --auto; add --auto")
+        _plan_auto(np_, list(command), as_json, max_memory, hostfile, top)
         return
     if command:
         _plan_memory(np_, list(command), as_json, fit, keep_layout)
@@ -141,6 +155,25 @@ def _plan_memory(np_: int, command: list[str], as_json: bool, fit: bool = False,
     except USER_ERRORS as e:
         raise UserError(str(e)) from None
     click.echo(json.dumps(pred, indent=1) if as_json else render_memory(pred))
+
+
+def _plan_auto(np_: int, command: list[str], as_json: bool, max_memory: Optional[str],
+               hostfile: Optional[str], top: int) -> None:
+    import json
+
+    from ..planner.auto import plan_auto
+    from ..planner.render import render
+
+    try:
+        got = plan_auto(command, np_, click.get_current_context().find_root().command, max_memory, hostfile,
+                        say=lambda m: click.echo(f"[plan] {m}", err=True))
+    except USER_ERRORS as e:
+        raise UserError(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({**got, "ranked": [{k: v for k, v in r.items() if k != "choice"}
+                                                 for r in got["ranked"][:top]]}, indent=1))
+    else:
+        click.echo(render(got, top))
 
 
 def render_plan(layout: Layout, hosts: Optional[list[str]] = None,

@@ -101,6 +101,13 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     p, r = cfg.parallel, cfg.run
     # ---- setup phase: everything that can fail on user input, before any group is made
     out = r.out
+    auto_plan: Optional[dict[str, Any]] = None
+    if p.layout_choice == "auto":  # rank 0 weighs every layout; all take its choice
+        from ..planner.auto import choose_layout
+
+        with agreed(w):
+            cfg, auto_plan = choose_layout(name, cfg, w, default_widths, widths, build, tensor_parallel)
+        p = cfg.parallel
     with agreed(w):
         if p.tensor > 1 and not tensor_parallel:
             raise ConfigError(f"hvdtrain {name} cannot split its tensors (--tensor {p.tensor}); use "
@@ -147,6 +154,9 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     cfg = cfg.resolved(out=out)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
+        if auto_plan is not None:  # what the planner predicted, to compare against the run (plan --check)
+            with open(os.path.join(out, "plan.json"), "w") as f:
+                json.dump(auto_plan, f, indent=1)
         if os.environ.get(LAYOUT_FILE_ENV):
             _write_layout(os.environ[LAYOUT_FILE_ENV], layout)
     w.Barrier()

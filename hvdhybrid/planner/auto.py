@@ -1,0 +1,95 @@
+"""The planner's entry points: :func:`plan_auto` for a model command (what ``hvdtrain plan --auto``
+and ``--layout auto`` call), from the command line's words."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from ..layout.hostfile import read_hostfile
+
+__all__ = ["plan_auto"]
+
+
+def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] = None,
+              hostfile: Optional[str] = None, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Every layout of ``np_`` ranks for model command ``command`` (as after ``hvdtrain``), ranked by
+    predicted step time, those over ``max_memory`` (bytes per rank, e.g. ``"2GB"``) left out.
+    ``hostfile``: the ranks' hosts (their cores and the link between them are measured).
+
+    Raises:
+        ConfigError (PlanError, LinkError): the command, the limit or the hostfile is wrong, nothing
+            fits, or a cost cannot be measured here (one line, with what would fit).
+    """
+    from ..cli.plan_memory import run_as_planner
+    from ..training.memory import peak_rss
+    from .links import LinkError, measure
+    from .render import parse_bytes
+    from .search import cores_here, search
+
+    limit = parse_bytes(max_memory) if max_memory is not None else None
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if len(hosts) < 1:
+            raise LinkError(f"--hostfile {hostfile}: no usable host in it; give one host per line "
+                            "(name slots=N)")
+        slots = max(h.slots for h in hosts)
+        per_host = min(np_, slots)
+    else:
+        per_host = np_
+    say("measuring the link between two ranks")
+    link = measure(hostfile if hostfile is not None and len(read_hostfile(hostfile)) > 1 else None)
+    got: dict[str, Any] = {}
+
+    def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
+                tensor_parallel: bool) -> None:
+        got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
+                          cores=cores_here(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
+                          say=say))
+
+    run_as_planner(command, cli, planner)
+    return got
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(f"[rank 0] {message}", file=sys.stderr, flush=True)
+
+
+def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
+                  tensor_parallel: bool, say: Callable[[str], None] = _say) -> tuple[Any, dict[str, Any]]:
+    """``--layout auto`` in a run: rank 0 weighs every layout of the world (the others wait), every rank
+    takes its choice; returns the config with it set (``--layout manual`` from then on) and the plan
+    (what ``plan.json`` in the run's directory keeps). Collective over ``comm``."""
+    import dataclasses
+
+    from ..training.device import local_size
+    from ..training.memory import peak_rss
+    from .links import measure
+    from .render import parse_bytes
+    from .search import cores_here, search
+
+    got: dict[str, Any] = {}
+    local_ranks = local_size()
+    if comm.Get_rank() == 0:
+        p = cfg.parallel
+        limit = parse_bytes(p.max_memory) if p.max_memory is not None else None
+        base = cfg.resolved(layout_choice="manual")
+        say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
+        got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
+                     link=measure(), cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
+                     rest=peak_rss(), say=say)
+        best = got["ranked"][0]
+        got = {**{k: v for k, v in got.items() if k != "ranked"},
+               "chosen": {**{k: v for k, v in best.items() if k != "choice"},
+                          "settings": dataclasses.asdict(best["choice"])},
+               "next": [{k: v for k, v in r.items() if k not in ("choice", "positions")}
+                        for r in got["ranked"][1:5]]}
+        say(f"--layout auto chose {' '.join(got['chosen']['options'])}: predicted "
+            f"{got['chosen']['step_s']:.4f} s/step, {got['chosen']['memory'] / 2**20:.0f} MB per rank")
+    got = comm.bcast(got, root=0)
+    s = got["chosen"]["settings"]
+    cfg = cfg.resolved(layout_choice="manual", tensor=s["tensor"], stages=s["stages"], bundle_shape=None,
+                       stages_per_rank=s["stages_per_rank"], placement="auto", schedule=s["schedule"],
+                       microbatches=s["microbatches"], zero=s["zero"], recompute=s["recompute"])
+    return cfg, got

@@ -1,0 +1,126 @@
+"""Measured costs for the planner, in this one process: each stage's forward and backward time at the
+rows a layout gives it, the bytes it sends on, and what its tensor collectives carry.
+
+Each stage is built as its rank would build it (a model that splits its tensors
+gets a stand-in communicator of the layout's tensor size, which counts the
+bytes each collective would carry and leaves the values as they are: times do
+not depend on them), runs a training forward and backward of one microbatch
+of its rows under the layout's recomputation mode with the threads a rank will
+have, a warm-up then the median of ``reps``. Collective and point-to-point
+times come from :mod:`.links`, not from here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..parallel import randomness, recompute
+from ..training.memory_probe import StandInComm, _leaf, _one, _outputs
+
+__all__ = ["CountingComm", "StageTime", "optimizer_time", "time_stage"]
+
+
+class CountingComm(StandInComm):
+    """:class:`StandInComm` that counts the all-reduces and their bytes (one rank's side)."""
+
+    def __init__(self, size: int, rank: int = 0) -> None:
+        super().__init__(size, rank)
+        self.calls = 0
+        self.bytes = 0
+
+    def Allreduce(self, send: Any, recv: Any = None, *args: Any, **kwargs: Any) -> None:  # noqa: N802
+        buf = recv if hasattr(recv, "nbytes") else send  # (MPI.IN_PLACE, buffer) or (buffer, ...)
+        if hasattr(buf, "nbytes"):
+            self.calls += 1
+            self.bytes += int(buf.nbytes)
+        return None
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """One stage, one microbatch of its rows, on one rank (seconds and bytes)."""
+
+    forward: float
+    backward: float
+    out_bytes: int  # what it sends downstream per microbatch (0 at the sink)
+    tensor_calls: int = 0  # all-reduces over the tensor group per microbatch (forward and backward)
+    tensor_bytes: int = 0
+
+
+def _bytes(out: Any) -> int:
+    if torch.is_tensor(out):
+        return int(out.numel() * out.element_size())
+    if isinstance(out, (tuple, list)):
+        return sum(_bytes(o) for o in out)
+    return 0
+
+
+def _grad_target(out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [(o, torch.ones_like(o)) for o in outs if torch.is_tensor(o) and o.requires_grad]
+
+
+def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
+               mode: str, rows: int, comm: Optional[CountingComm] = None, reps: int = 3,
+               seed: int = 0) -> StageTime:
+    """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``; ``comm``:
+    the stand-in tensor communicator the stage was built with (its counts are read and reset)."""
+    g = model.graph
+    for s in range(g.num_stages):
+        if s not in modules:
+            modules[s] = model.build(s)
+        modules[s].train(True)
+    x, y = batch
+    randomness.set_step(seed, 1)
+    randomness.set_rows(list(range(rows)))
+    memo: dict[int, tuple[Any, ...]] = {}
+    args = ([x] if stage in g.batch_stages else []) + [
+        _leaf(_one(_outputs(model, modules, up, x, memo))) for up in g.upstream(stage)]
+    module = modules[stage]
+    fwd, bwd, sent, calls, nbytes = [], [], 0, 0, 0
+    for rep in range(reps + 1):
+        if comm is not None:
+            comm.calls = comm.bytes = 0
+        t0 = time.perf_counter()
+        with recompute.selective(mode == "selective"):
+            out = recompute.full(module, *args) if mode == "full" else module(*args)
+        if stage == g.sink:
+            loss = model.loss_fn(out, y)
+            t1 = time.perf_counter()
+            loss.backward()
+        else:
+            sent = _bytes(out)
+            t1 = time.perf_counter()
+            pairs = _grad_target(out)
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [gr for _, gr in pairs])
+        t2 = time.perf_counter()
+        if rep:  # the first is a warm-up
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+        if comm is not None:
+            calls, nbytes = comm.calls, comm.bytes
+        module.zero_grad(set_to_none=True)
+        del out
+    randomness.set_rows(None)
+    return StageTime(statistics.median(fwd), statistics.median(bwd), 0 if stage == g.sink else sent,
+                     calls, nbytes)
+
+
+def optimizer_time(optimizer_fn: Any, elements: int = 1 << 20, reps: int = 3) -> float:
+    """Seconds per parameter element of one optimizer step (on ``elements`` of them)."""
+    p = torch.nn.Parameter(torch.zeros(elements))
+    opt = optimizer_fn([p])
+    p.grad = torch.full((elements,), 1e-3)
+    opt.step()
+    got = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        opt.step()
+        got.append(time.perf_counter() - t0)
+    return statistics.median(got) / elements

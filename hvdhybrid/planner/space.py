@@ -1,0 +1,76 @@
+"""The layouts the planner weighs: every choice of the knobs that fits a world (pure arithmetic).
+
+A :class:`Choice` is what ``--layout auto`` sets: tensor size, stage groups,
+model stages per group (placement ``auto``: looped, or a V for zbv/vhalf),
+schedule, microbatches, ``--zero`` and ``--recompute``. Bundles are what is
+left of the world. :func:`choices` lists every one that the world divides,
+that the rows of one pass split evenly over (bundles x microbatches), and
+whose stage count the model has layers for; the search proves each with the
+schedule simulator and times it (:mod:`.search`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+__all__ = ["Choice", "choices", "divisors"]
+
+#: schedules over one stage per stage group, and (stages per rank 2) the looped and V ones
+FLAT = ("gpipe", "1f1b", "zb1")
+VIRTUAL = ("interleaved", "zbv", "vhalf")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One layout and its knobs; :meth:`options` spells it as command-line options."""
+
+    tensor: int
+    stages: int
+    bundles: int
+    stages_per_rank: int
+    schedule: str
+    microbatches: int
+    zero: int
+    recompute: str
+
+    def options(self) -> list[str]:
+        out = ["--tensor", str(self.tensor), "--stages", str(self.stages), "--schedule", self.schedule,
+               "--microbatches", str(self.microbatches), "--zero", str(self.zero),
+               "--recompute", self.recompute]
+        if self.stages_per_rank > 1:
+            out += ["--stages-per-rank", str(self.stages_per_rank)]
+        return out
+
+    def describe(self) -> str:
+        spr = f" ({self.stages_per_rank} per rank)" if self.stages_per_rank > 1 else ""
+        return (f"tensor {self.tensor} x {self.stages} stage(s){spr} x {self.bundles} bundle(s), "
+                f"{self.schedule}, {self.microbatches} microbatch(es), zero {self.zero}, "
+                f"recompute {self.recompute}")
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def choices(world: int, rows: int, layers: int, tensor_ok: bool, attention: bool, max_microbatches: int = 8,
+            max_tensor: int = 0) -> Iterator[Choice]:
+    """Every choice for ``world`` ranks and ``rows`` rows per pass of a model of ``layers`` layers (at
+    most that many model stages); ``tensor_ok``: it splits its tensors (at most ``max_tensor`` ranks, 0:
+    any); ``attention``: ``--recompute selective`` applies."""
+    modes = ("none", "full", "selective") if attention else ("none", "full")
+    for t in divisors(world) if tensor_ok else [1]:
+        if max_tensor and t > max_tensor:
+            continue
+        for s in divisors(world // t):
+            b = world // (t * s)
+            for spr in (1, 2) if s > 1 else (1,):
+                if s * spr > layers:
+                    continue
+                for sched in (FLAT if spr == 1 else VIRTUAL) if s > 1 else ("1f1b",):
+                    for m in divisors(rows // b) if rows % b == 0 else []:
+                        if m > max_microbatches:
+                            continue
+                        for z in (0, 1, 2) if b > 1 else (0,):
+                            for rc in modes:
+                                yield Choice(t, s, b, spr, sched, m, z, rc)
