@@ -67,6 +67,16 @@ def plan_memory(command: list[str], np_: int) -> dict[str, Any]:
     return predict_memory(command, np_, cli)
 
 
+def plan_auto(command: list[str], np_: int, max_memory: Optional[str] = None,
+              hostfile: Optional[str] = None) -> dict[str, Any]:
+    """Python API of ``hvdtrain plan -np N --auto [--max-memory B] MODEL ...``: every layout of ``np_``
+    ranks for the model command, ranked by predicted step time (``result["ranked"][0]["options"]``: the
+    winner as command-line options; see :func:`hvdhybrid.planner.search.search`)."""
+    from ..planner.auto import plan_auto as _plan_auto
+
+    return _plan_auto(command, np_, cli, max_memory, hostfile)
+
+
 def fit_layout(command: list[str], slots: int, keep_layout: bool = False) -> dict[str, Any]:
     """Python API of ``hvdtrain plan -np SLOTS --fit [--keep-layout] MODEL ...``: the largest world of at
     most ``slots`` ranks that the model command's own layout options fit, else the smallest change to them

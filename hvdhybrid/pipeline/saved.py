@@ -64,7 +64,10 @@ class SavedBytes:
             self.peak = max(self.peak, self.live)
         else:
             entry[1] += 1
-        return _Held(t, ptr, self)
+        # detached: a saved output held as itself would hold its own grad_fn, whose saved variable holds
+        # it (a cycle through C++ that Python's collector cannot see): with a graph kept for a split W
+        # (retain_graph), its activations were never freed (and never uncounted)
+        return _Held(t.detach(), ptr, self)
 
     @staticmethod
     def _unpack(held: Any) -> torch.Tensor:

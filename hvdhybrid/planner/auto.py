@@ -36,15 +36,16 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
         per_host = min(np_, slots)
     else:
         per_host = np_
-    say("measuring the link between two ranks")
-    link = measure(hostfile if hostfile is not None and len(read_hostfile(hostfile)) > 1 else None)
+    say(f"measuring the links of {np_} ranks")
+    link, allreduce = measure(hostfile if hostfile is not None and len(read_hostfile(hostfile)) > 1 else None,
+                              np_=np_)
     got: dict[str, Any] = {}
 
     def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
                 tensor_parallel: bool) -> None:
         got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
                           cores=cores_here(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
-                          say=say))
+                          say=say, allreduce=allreduce))
 
     run_as_planner(command, cli, planner)
     return got
@@ -65,20 +66,23 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
 
     from ..training.device import local_size
     from ..training.memory import peak_rss
-    from .links import measure
+    from .links import links, probe
     from .render import parse_bytes
     from .search import cores_here, search
 
     got: dict[str, Any] = {}
     local_ranks = local_size()
+    figures = probe(comm) if comm.Get_size() > 1 else {"latency": 1e-6, "bandwidth": 1e10}
     if comm.Get_rank() == 0:
         p = cfg.parallel
         limit = parse_bytes(p.max_memory) if p.max_memory is not None else None
         base = cfg.resolved(layout_choice="manual")
         say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
+        assert figures is not None
+        link, allreduce = links(figures)  # measured between this job's own ranks
         got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
-                     link=measure(), cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
-                     rest=peak_rss(), say=say)
+                     link=link, cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
+                     rest=peak_rss(), say=say, allreduce=allreduce)
         best = got["ranked"][0]
         got = {**{k: v for k, v in got.items() if k != "ranked"},
                "chosen": {**{k: v for k, v in best.items() if k != "choice"},

@@ -1,10 +1,11 @@
 """Point-to-point latency and bandwidth between two ranks, measured with mpirun (what the planner's
 transfer and collective times stand on).
 
-``python -m hvdhybrid.planner.links`` under ``mpirun -np 2``: rank 0 and 1 ping-pong 8 bytes and 4 MB
-(mpi4py buffers, a warm-up then the median of 9 round trips) and rank 0 prints ``{"latency": s,
-"bandwidth": bytes/s}``. :func:`measure` runs it (inside one host, or with a hostfile one rank per
-host, across the link between them) and keeps the answer in ``~/.cache/hvdhybrid/links``.
+``python -m hvdhybrid.planner.links`` under ``mpirun -np N``: rank 0 and 1 ping-pong 8 bytes and 4 MB
+(mpi4py buffers, a warm-up then the median of 9 round trips), and all N ranks all-reduce 64 bytes
+and 16 MB; rank 0 prints ``{"latency": s, "bandwidth": bytes/s, "ar_latency", "ar_bandwidth"}`` (the
+all-reduce fitted to a ring's per-step link). :func:`measure` runs it with the ranks placed as a run
+places them (with a hostfile, across its hosts) and keeps the answer in ``~/.cache/hvdhybrid/links``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import InputError
 
-__all__ = ["Link", "LinkError", "measure"]
+__all__ = ["Link", "LinkError", "links", "measure", "probe"]
 
 SIZES = (8, 4 << 20)
+AR_SIZES = (64, 16 << 20)
 
 
 class LinkError(InputError):
@@ -49,13 +51,14 @@ class Link:
         return (ranks - 1) * self.time(n / ranks) if ranks > 1 and n > 0 else 0.0
 
 
-def _main() -> None:
+def probe(comm: Any) -> Optional[dict[str, float]]:
+    """Collective over ``comm`` (at least 2 ranks): ranks 0 and 1 ping-pong, all ranks all-reduce; the
+    figures on rank 0 (None elsewhere), as :func:`links` takes them."""
     import time
 
     import numpy as np
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD
     r = comm.Get_rank()
     out = {}
     for n in SIZES:
@@ -73,26 +76,55 @@ def _main() -> None:
             if rep:
                 times.append((time.perf_counter() - t0) / 2)
         out[n] = sorted(times)[len(times) // 2]
+    ar = {}
+    size = comm.Get_size()
+    for n in AR_SIZES:  # all ranks: MPI's all-reduce, as the average across bundles runs it
+        buf = np.zeros(n // 4, dtype=np.float32)
+        times = []
+        for rep in range(6):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if rep:
+                times.append(time.perf_counter() - t0)
+        ar[n] = comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
     if r == 0:
         small, big = out[SIZES[0]], out[SIZES[1]]
-        print(json.dumps({"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9)}))
+        got = {"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9)}
+        if size > 1:  # fitted to a ring: 2 (r-1) steps of n / r bytes
+            steps = 2 * (size - 1)
+            span = max(ar[AR_SIZES[1]] - ar[AR_SIZES[0]], 1e-9)
+            got.update(ar_latency=ar[AR_SIZES[0]] / steps,
+                       ar_bandwidth=steps * (AR_SIZES[1] - AR_SIZES[0]) / size / span)
+        return got
+    return None
 
 
-def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout: float = 120.0) -> Link:
-    """The link inside this host (``hostfile`` None) or between the hostfile's first two hosts.
+def _main() -> None:
+    from mpi4py import MPI
+
+    got = probe(MPI.COMM_WORLD)
+    if got is not None:
+        print(json.dumps(got))
+
+
+def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout: float = 120.0,
+            np_: int = 2) -> tuple[Link, Link]:
+    """The point-to-point link inside this host (``hostfile`` None) or between the hostfile's first two
+    hosts, and the all-reduce of ``np_`` ranks placed as a run places them, as a ring's per-step link.
 
     Raises:
         LinkError: mpirun failed or printed no answer (one line, with its last words).
     """
     cache = cache or os.path.join(os.path.expanduser("~"), ".cache", "hvdhybrid", "links")
     key = "local" if hostfile is None else hashlib.sha1(open(hostfile, "rb").read()).hexdigest()[:12]
-    path = os.path.join(cache, f"{os.uname().nodename}-{key}.json")
+    np_ = max(2, np_)
+    path = os.path.join(cache, f"{os.uname().nodename}-{key}-np{np_}.json")
     if os.path.exists(path):
-        got = json.load(open(path))
-        return Link(got["latency"], got["bandwidth"])
-    cmd = ["mpirun", "-np", "2", "--oversubscribe"]
+        return links(json.load(open(path)))
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe"]
     if hostfile is not None:
-        cmd += ["--hostfile", hostfile, "--map-by", "node"]
+        cmd += ["--hostfile", hostfile]
     cmd += ["-x", "PYTHONPATH", sys.executable, "-m", "hvdhybrid.planner.links"]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -107,7 +139,13 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
     with open(path + ".tmp", "w") as f:
         json.dump(got, f)
     os.replace(path + ".tmp", path)
-    return Link(got["latency"], got["bandwidth"])
+    return links(got)
+
+
+def links(got: dict[str, float]) -> tuple[Link, Link]:
+    """The point-to-point link and the all-reduce's ring step, from :func:`probe`'s figures."""
+    p2p = Link(got["latency"], got["bandwidth"])
+    return p2p, Link(got.get("ar_latency", p2p.latency), got.get("ar_bandwidth", p2p.bandwidth))
 
 
 if __name__ == "__main__":

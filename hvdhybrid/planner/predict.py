@@ -2,8 +2,11 @@
 average across bundles and the optimizer step (pure arithmetic; no MPI, no torch).
 
 - ``F`` of a stage costs its measured forward, ``B`` its backward (half of it where the schedule
-  splits ``W`` off; ``W`` the other half per microbatch it covers), each scaled by how oversubscribed
-  the host is (ranks per core), plus the stage's tensor all-reduces on the link.
+  splits ``W`` off; ``W`` the other half per microbatch it covers), plus the stage's tensor
+  all-reduces on the link.
+- A host's cores are shared by its busy ranks (waiting ranks yield): the schedule takes the longer of
+  its simulated critical path and the host's work divided by its cores. With 4 ranks on 2 cores, 4
+  bundles of one stage run at half speed, while a pipeline's ranks that wait for each other do not.
 - A dependency that crosses stage groups costs the point-to-point time of the largest message a stage
   sends (the simulator takes one transfer time).
 - After the schedule: the gradients' average across bundles as a ring all-reduce (fp16 halves the
@@ -14,7 +17,7 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..layout.placement import Placement
 from ..parallel.graph import StageGraph
@@ -43,10 +46,13 @@ class Prediction:
 
 def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Plan,
               times: dict[int, StageTime], link: Link, elements: Sequence[int], opt_per_element: float,
-              oversubscribed: float = 1.0, fp16: bool = True) -> Prediction:
+              per_host: int = 1, cores: int = 1, fp16: bool = True,
+              allreduce: Optional[Link] = None) -> Prediction:
     """The predicted step of ``choice``: ``plan`` (position -> actions) over ``graph`` placed by
-    ``placement``; ``times``: model stage -> its measured :class:`StageTime` at the choice's rows;
-    ``elements``: parameter elements per position; ``oversubscribed``: ranks per core on a host (>= 1)."""
+    ``placement``; ``times``: model stage -> its measured :class:`StageTime` at the choice's rows (one
+    thread per rank where ranks outnumber cores); ``elements``: parameter elements per position;
+    ``per_host`` ranks share a host's ``cores``; ``allreduce``: the link the average across bundles
+    sees (default ``link``)."""
     split = {(a.stage, m) for acts in plan.values() for a in acts if a.kind == "W" for m in a.mbs}
 
     def tensor(st: StageTime) -> float:
@@ -58,25 +64,31 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     def cost(a: Action) -> float:
         st = times[a.stage]
         if a.kind == "F":
-            return st.forward * oversubscribed + tensor(st)
+            return st.forward + tensor(st)
         if a.kind == "B":
-            whole = st.backward * oversubscribed + tensor(st)
+            whole = st.backward + tensor(st)
             return whole / 2 if (a.stage, a.mb) in split else whole
         if a.kind == "W":
-            return st.backward * oversubscribed / 2 * a.n
+            return st.backward / 2 * a.n
         return 0.0
 
     hop = link.time(max((t.out_bytes for t in times.values()), default=0))
     sim = simulate(graph, placement, plan, choice.microbatches, costs=cost, comm=hop)
+    # The host's cores are shared by its busy ranks only (a waiting rank yields its core): the schedule
+    # takes its critical path, or the host's work spread over its cores, whichever is longer.
+    work = sum(cost(a) for acts in plan.values() for a in acts)  # one rank of each stage group
+    ranks = choice.tensor * choice.stages * choice.bundles
+    makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores)
     most = max(elements, default=0)
     b = choice.bundles
+    ar = allreduce or link
     wire = (2 if fp16 else 4) * most
     if b <= 1:
         reduce = 0.0
     elif choice.zero == 2:
-        reduce = link.allgather(wire, b) + link.allgather(4 * most, b)
+        reduce = ar.allgather(wire, b) + ar.allgather(4 * most, b)
     else:
-        reduce = link.allreduce(wire, b) + (link.allgather(4 * most, b) if choice.zero == 1 else 0.0)
+        reduce = ar.allreduce(wire, b) + (ar.allgather(4 * most, b) if choice.zero == 1 else 0.0)
     share = most / b if choice.zero and b > 1 else most
-    opt = share * opt_per_element * oversubscribed
-    return Prediction(sim.makespan + reduce + opt, sim.makespan, reduce, opt)
+    opt = share * opt_per_element * max(1.0, per_host / cores)  # every rank steps at once
+    return Prediction(makespan + reduce + opt, makespan, reduce, opt)

@@ -40,7 +40,7 @@ class _Model:
 def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
            widths: Optional[tuple[int, ...]], build: Callable[[int, Any], Any], tensor_parallel: bool,
            link: Link, cores: int, ranks_per_host: int, max_memory: Optional[int] = None, rest: int = 0,
-           say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+           say: Callable[[str], None] = lambda s: None, allreduce: Optional[Link] = None) -> dict[str, Any]:
     """The ranked layouts for ``np_`` ranks of model command ``name`` (what :func:`session.run_model`
     handed the planner). ``rest``: bytes a rank holds beyond what the accounting counts (the
     interpreter and libraries), added to each prediction; ``max_memory``: the per-rank limit.
@@ -66,7 +66,6 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     opt_facts: Any = None
     per_element = 0.0
     threads = max(1, cores // max(1, ranks_per_host))
-    over = max(1.0, ranks_per_host / max(1, cores))
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     attention = None
@@ -123,8 +122,8 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
             t = {s: times[(n, c.tensor, s, rows, mode.mode_of(s))] for s in range(n)}
             elements = [sum(f[s].params for s in placement.stages_on(pos))
                         for pos in range(layout.num_stages)]
-            pred = step_time(c, m.model.graph, placement, plans, t, link, elements, per_element, over,
-                             cfg.comm.fp16_compression)
+            pred = step_time(c, m.model.graph, placement, plans, t, link, elements, per_element,
+                             ranks_per_host, cores, cfg.comm.fp16_compression, allreduce)
             results.append({"choice": c, "options": c.options(), "describe": c.describe(),
                             **pred.as_dict(), "memory": memory, "positions": figs,
                             "fits": max_memory is None or memory <= max_memory})

@@ -1,0 +1,106 @@
+"""The planner's pure parts: the layouts it weighs, the time model over measured costs, sizes, output."""
+
+from __future__ import annotations
+
+import pytest
+
+from hvdhybrid.config import ConfigError
+from hvdhybrid.layout.placement import Placement
+from hvdhybrid.parallel.graph import StageGraph
+from hvdhybrid.pipeline import schedules
+from hvdhybrid.pipeline.simulator import simulate
+from hvdhybrid.planner.links import Link
+from hvdhybrid.planner.predict import step_time
+from hvdhybrid.planner.probe import StageTime
+from hvdhybrid.planner.render import parse_bytes, render
+from hvdhybrid.planner.space import Choice, choices
+
+
+def test_choices_cover_the_world_and_split_the_rows() -> None:
+    got = list(choices(4, 8, layers=8, tensor_ok=True, attention=False))
+    assert got and len(set(got)) == len(got)
+    for c in got:
+        assert c.tensor * c.stages * c.bundles == 4
+        assert 8 % (c.bundles * c.microbatches) == 0
+        assert c.zero == 0 or c.bundles > 1
+        assert c.recompute in ("none", "full")
+        assert c.stages_per_rank == 1 or c.schedule in ("interleaved", "zbv", "vhalf")
+    assert Choice(1, 1, 4, 1, "1f1b", 1, 0, "none") in got
+    assert Choice(2, 2, 1, 2, "zbv", 4, 0, "full") in got
+    assert not any(c.tensor > 1 for c in choices(4, 8, layers=8, tensor_ok=False, attention=True))
+    assert any(c.recompute == "selective" for c in choices(2, 4, layers=2, tensor_ok=False, attention=True))
+    assert not any(c.stages * c.stages_per_rank > 2 for c in choices(4, 8, layers=2, tensor_ok=False,
+                                                                     attention=False))
+
+
+def _times(f: float, b: float, out: int = 0) -> dict[int, StageTime]:
+    return {0: StageTime(f, b, out), 1: StageTime(f, b, 0)}
+
+
+def test_step_time_is_the_simulated_schedule_then_the_average_then_the_optimizer() -> None:
+    g, pl = StageGraph.chain(2), Placement.identity(2)
+    plan = schedules.build("1f1b", g, 4, pl)
+    link = Link(0.0, 1e9)
+    one = Choice(1, 2, 1, 1, "1f1b", 4, 0, "none")
+    got = step_time(one, g, pl, plan, _times(1.0, 2.0), link, [10, 10], 0.0)
+    assert got.pipeline == simulate(g, pl, plan, 4, costs=lambda a: {"F": 1.0, "B": 2.0}[a.kind]).makespan
+    assert got.reduce == 0.0 and got.step == got.pipeline
+    # 2 bundles: a ring all-reduce of fp16 gradients; --zero 1 adds the all-gather of the parameters
+    two = Choice(1, 2, 2, 1, "1f1b", 4, 0, "none")
+    g2 = step_time(two, g, pl, plan, _times(1.0, 2.0), link, [1000, 500], 1.0)
+    assert g2.reduce == pytest.approx(2 * 1 * (2 * 1000 / 2) / 1e9)
+    assert g2.optimizer == pytest.approx(1000.0)
+    z1 = step_time(Choice(1, 2, 2, 1, "1f1b", 4, 1, "none"), g, pl, plan, _times(1.0, 2.0), link, [1000, 500],
+                   1.0)
+    assert z1.optimizer == pytest.approx(500.0) and z1.reduce > g2.reduce
+    # what crosses stage groups costs the link's time per message; oversubscription scales the compute
+    slow = step_time(one, g, pl, plan, _times(1.0, 2.0, out=10**9), link, [10, 10], 0.0)
+    assert slow.pipeline > got.pipeline
+    assert step_time(one, g, pl, plan, _times(1.0, 2.0), link, [10, 10], 0.0, oversubscribed=2.0).pipeline \
+        == pytest.approx(2 * got.pipeline)
+
+
+def test_a_split_w_costs_half_the_backward_and_tensor_collectives_count() -> None:
+    g, pl = StageGraph.chain(2), Placement.identity(2)
+    link = Link(1e-3, 1e9)
+    c = Choice(1, 2, 1, 1, "zb1", 4, 0, "none")
+    zb = step_time(c, g, pl, schedules.build("zb1", g, 4, pl), _times(1.0, 2.0), link, [1, 1], 0.0)
+    assert zb.pipeline <= step_time(Choice(1, 2, 1, 1, "1f1b", 4, 0, "none"), g, pl,
+                                    schedules.build("1f1b", g, 4, pl), _times(1.0, 2.0), link, [1, 1],
+                                    0.0).pipeline
+    t2 = Choice(2, 2, 1, 1, "1f1b", 4, 0, "none")
+    plan = schedules.build("1f1b", g, 4, pl)
+    plain = step_time(t2, g, pl, plan, _times(1.0, 2.0), link, [1, 1], 0.0)
+    talky = {s: StageTime(1.0, 2.0, 0, tensor_calls=4, tensor_bytes=4000) for s in (0, 1)}
+    assert step_time(t2, g, pl, plan, talky, link, [1, 1], 0.0).pipeline > plain.pipeline
+
+
+def test_link_collectives() -> None:
+    link = Link(1.0, 10.0)
+    assert link.time(0) == 0.0 and link.time(10) == 2.0
+    assert link.allreduce(40, 4) == pytest.approx(6 * (1 + 1))
+    assert link.allgather(40, 4) == pytest.approx(3 * 2)
+    assert link.allreduce(40, 1) == 0.0
+
+
+def test_sizes() -> None:
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1500MB") == 1500 * 10**6
+    assert parse_bytes("3GiB") == 3 * 2**30
+    assert parse_bytes("4096") == 4096
+    for bad in ("lots", "2 parsecs", "-1GB", ""):
+        with pytest.raises(ConfigError, match="is not a size"):
+            parse_bytes(bad)
+
+
+def test_render_names_the_choice_and_why() -> None:
+    def row(c: Choice, t: float) -> dict:
+        return {"choice": c, "options": c.options(), "describe": c.describe(), "step_s": t, "pipeline_s": t,
+                "reduce_s": 0.0, "optimizer_s": 0.0, "memory": 2**20 * 100}
+    best, dp = Choice(1, 2, 2, 1, "zb1", 4, 1, "none"), Choice(1, 1, 4, 1, "1f1b", 1, 0, "none")
+    got = {"model": "mlp", "np": 4, "layouts": 10, "too_big": 2, "cores": 2, "ranks_per_host": 4,
+           "link": {"latency": 1e-6, "bandwidth": 2e10}, "ranked": [row(best, 0.1), row(dp, 0.2)]}
+    text = render(got)
+    assert "chosen: --tensor 1 --stages 2 --schedule zb1 --microbatches 4 --zero 1" in text
+    assert "plain data parallel would take 0.2000 s/step (2.00x)" in text
+    assert "10 layouts of 4 ranks" in text and "(2 over --max-memory)" in text
