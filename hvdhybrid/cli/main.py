@@ -72,7 +72,7 @@ def plan_auto(command: list[str], np_: int, max_memory: Optional[str] = None,
     """Python API of ``hvdtrain plan -np N --auto [--max-memory B] MODEL ...``: every layout of ``np_``
     ranks for the model command, ranked by predicted step time (``result["ranked"][0]["options"]``: the
     winner as command-line options; see :func:`hvdhybrid.planner.search.search`)."""
-    from ..planner.auto import plan_auto as _plan_auto
+    from .plan_auto import plan_auto as _plan_auto
 
     return _plan_auto(command, np_, cli, max_memory, hostfile)
 

@@ -161,8 +161,8 @@ def _plan_auto(np_: int, command: list[str], as_json: bool, max_memory: Optional
                hostfile: Optional[str], top: int) -> None:
     import json
 
-    from ..planner.auto import plan_auto
     from ..planner.render import render
+    from .plan_auto import plan_auto
 
     try:
         got = plan_auto(command, np_, click.get_current_context().find_root().command, max_memory, hostfile,

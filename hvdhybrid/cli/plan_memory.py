@@ -63,6 +63,8 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
         with autocast():
             facts[s] = measure_stage(model, modules, s, built.train_set.batch(list(range(hi - lo))),
                                      rc.mode_of(s), cfg.run.seed, rows=hi - lo)
+    from ..training.memory_plan import position_figures, tie_sizes
+
     ties = tie_sizes(model, modules)
     modules.clear()
     rows = position_figures(layout, placement, plans, facts, ties, optimizer_facts(built.optimizer_fn),
@@ -70,30 +72,6 @@ def predict(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     return {"model": name, "layout": layout.describe(), "zero": cfg.optim.zero,
             "recompute": cfg.pipeline.recompute, "schedule": cfg.pipeline.schedule, "microbatches": mbs,
             "positions": rows}
-
-
-def tie_sizes(model: Any, modules: dict[int, Any]) -> list[tuple[tuple[int, ...], int]]:
-    """Each tie of ``model``: its stages, and its parameter's elements (read from the built modules)."""
-    return [(tuple(t.stages), int(model.stage_parameters(min(t.stages), modules[min(t.stages)])
-                                  [t.names[min(t.stages)]].numel())) for t in model.ties]
-
-
-def position_figures(layout: Any, placement: Placement, plans: Any, facts: dict[int, Any],
-                     ties: list[tuple[tuple[int, ...], int]], opt: Any, zero: int) -> list[dict[str, Any]]:
-    """Per stage group position: its ranks, its model stages and :func:`predict_rank`'s figures."""
-    from ..training.memory_plan import predict_rank
-
-    saved = {s: f.activations for s, f in facts.items()}
-    rows = []
-    for pos in range(layout.num_stages):
-        stages = placement.stages_on(pos)
-        # a tie whose stages are all on this rank is one tensor there (counted once per extra stage)
-        local = [(ts, size) for ts, size in ties if all(s in stages for s in ts)]
-        fig = predict_rank([facts[s] for s in stages], sum(size * (len(ts) - 1) for ts, size in local), opt,
-                           zero, layout.num_bundles, plans[pos], saved, sum(len(ts) - 1 for ts, _ in local))
-        ranks = [r for r in range(layout.world_size) if layout.coord(r).stage == pos]
-        rows.append({"ranks": ranks, "stages": list(stages), **fig})
-    return rows
 
 
 def predict_memory(command: list[str], np_: int, cli: Any) -> dict[str, Any]:

@@ -9,5 +9,5 @@
               bundles, the optimizer (pure)
     search    every choice weighed: memory (training.memory_plan) and time, ranked
     render    what plan --auto prints
-    auto      plan_auto: from a model command's words
+    auto      choose_layout: --layout auto in a run (hvdtrain plan --auto: cli/plan_auto)
 """

@@ -1,54 +1,11 @@
-"""The planner's entry points: :func:`plan_auto` for a model command (what ``hvdtrain plan --auto``
-and ``--layout auto`` call), from the command line's words."""
+"""``--layout auto`` in a run: :func:`choose_layout` (``hvdtrain plan --auto`` is
+:func:`hvdhybrid.cli.plan_auto.plan_auto`)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from ..layout.hostfile import read_hostfile
-
-__all__ = ["plan_auto"]
-
-
-def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] = None,
-              hostfile: Optional[str] = None, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Every layout of ``np_`` ranks for model command ``command`` (as after ``hvdtrain``), ranked by
-    predicted step time, those over ``max_memory`` (bytes per rank, e.g. ``"2GB"``) left out.
-    ``hostfile``: the ranks' hosts (their cores and the link between them are measured).
-
-    Raises:
-        ConfigError (PlanError, LinkError): the command, the limit or the hostfile is wrong, nothing
-            fits, or a cost cannot be measured here (one line, with what would fit).
-    """
-    from ..cli.plan_memory import run_as_planner
-    from ..training.memory import peak_rss
-    from .links import LinkError, measure
-    from .render import parse_bytes
-    from .search import cores_here, search
-
-    limit = parse_bytes(max_memory) if max_memory is not None else None
-    if hostfile is not None:
-        hosts = read_hostfile(hostfile)
-        if len(hosts) < 1:
-            raise LinkError(f"--hostfile {hostfile}: no usable host in it; give one host per line "
-                            "(name slots=N)")
-        slots = max(h.slots for h in hosts)
-        per_host = min(np_, slots)
-    else:
-        per_host = np_
-    say(f"measuring the links of {np_} ranks")
-    link, allreduce = measure(hostfile if hostfile is not None and len(read_hostfile(hostfile)) > 1 else None,
-                              np_=np_)
-    got: dict[str, Any] = {}
-
-    def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
-                tensor_parallel: bool) -> None:
-        got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
-                          cores=cores_here(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
-                          say=say, allreduce=allreduce))
-
-    run_as_planner(command, cli, planner)
-    return got
+__all__ = ["choose_layout"]
 
 
 def _say(message: str) -> None:

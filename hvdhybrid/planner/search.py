@@ -53,6 +53,7 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
 
     from ..parallel.recompute import Recompute
     from ..pipeline import schedules as sched
+    from ..training.memory_plan import position_figures, tie_sizes
     from ..training.memory_probe import measure_stage, optimizer_facts
     from .predict import step_time
 
@@ -112,8 +113,6 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
             if opt_facts is None:
                 opt_facts = optimizer_facts(m.built.optimizer_fn)
                 per_element = optimizer_time(m.built.optimizer_fn)
-            from ..cli.plan_memory import position_figures, tie_sizes
-
             f = {s: facts[(n, c.tensor, s, rows, mode.mode_of(s))] for s in range(n)}
             figs = position_figures(layout, placement, plans, f, tie_sizes(m.model, m.modules), opt_facts,
                                     c.zero)

@@ -22,9 +22,10 @@ releases them).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
-__all__ = ["OptimizerFacts", "StageFacts", "activations_peak", "predict_rank"]
+__all__ = ["OptimizerFacts", "StageFacts", "activations_peak", "position_figures", "predict_rank",
+           "tie_sizes"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,25 @@ def predict_rank(stages: Sequence[StageFacts], shared: int, opt: OptimizerFacts,
         optimizer = opt.per_element * elements + opt.per_tensor * tensors
     return {"parameters": params, "gradients": grads, "optimizer": optimizer,
             "activations_peak": activations_peak(plan, saved)}
+
+
+def tie_sizes(model: Any, modules: dict[int, Any]) -> list[tuple[tuple[int, ...], int]]:
+    """Each tie of ``model``: its stages, and its parameter's elements (read from the built modules)."""
+    return [(tuple(t.stages), int(model.stage_parameters(min(t.stages), modules[min(t.stages)])
+                                  [t.names[min(t.stages)]].numel())) for t in model.ties]
+
+
+def position_figures(layout: Any, placement: Any, plans: Any, facts: dict[int, Any],
+                     ties: list[tuple[tuple[int, ...], int]], opt: Any, zero: int) -> list[dict[str, Any]]:
+    """Per stage group position: its ranks, its model stages and :func:`predict_rank`'s figures."""
+    saved = {s: f.activations for s, f in facts.items()}
+    rows = []
+    for pos in range(layout.num_stages):
+        stages = placement.stages_on(pos)
+        # a tie whose stages are all on this rank is one tensor there (counted once per extra stage)
+        local = [(ts, size) for ts, size in ties if all(s in stages for s in ts)]
+        fig = predict_rank([facts[s] for s in stages], sum(size * (len(ts) - 1) for ts, size in local), opt,
+                           zero, layout.num_bundles, plans[pos], saved, sum(len(ts) - 1 for ts, _ in local))
+        ranks = [r for r in range(layout.world_size) if layout.coord(r).stage == pos]
+        rows.append({"ranks": ranks, "stages": list(stages), **fig})
+    return rows

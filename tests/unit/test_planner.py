@@ -56,8 +56,17 @@ def test_step_time_is_the_simulated_schedule_then_the_average_then_the_optimizer
     # what crosses stage groups costs the link's time per message; oversubscription scales the compute
     slow = step_time(one, g, pl, plan, _times(1.0, 2.0, out=10**9), link, [10, 10], 0.0)
     assert slow.pipeline > got.pipeline
-    assert step_time(one, g, pl, plan, _times(1.0, 2.0), link, [10, 10], 0.0, oversubscribed=2.0).pipeline \
-        == pytest.approx(2 * got.pipeline)
+    # a host's cores are shared by its busy ranks: 4 bundles of one stage on 2 cores take twice their
+    # compute; 2 stages x 2 bundles on 2 cores take their critical path or their work over the cores
+    dp = Choice(1, 1, 4, 1, "1f1b", 1, 0, "none")
+    g1, p1 = StageGraph.chain(1), Placement.identity(1)
+    flat = schedules.build("1f1b", g1, 1, p1)
+    alone = step_time(dp, g1, p1, flat, {0: StageTime(1.0, 2.0, 0)}, link, [0], 0.0, per_host=2, cores=2)
+    shared = step_time(dp, g1, p1, flat, {0: StageTime(1.0, 2.0, 0)}, link, [0], 0.0, per_host=4, cores=2)
+    assert (alone.pipeline, shared.pipeline) == (pytest.approx(3.0), pytest.approx(6.0))
+    piped = step_time(two, g, pl, plan, _times(1.0, 2.0), link, [0, 0], 0.0, per_host=4, cores=2)
+    bundle_work = 2 * 4 * (1.0 + 2.0)  # 2 stage groups x 4 microbatches x (F + B)
+    assert piped.pipeline == pytest.approx(max(got.pipeline, 2 * bundle_work / 2))  # 2 bundles, 2 cores
 
 
 def test_a_split_w_costs_half_the_backward_and_tensor_collectives_count() -> None:
