@@ -94,7 +94,7 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
         return
     import torch
 
-    from ..training.device import local_size, pick_device
+    from ..training.device import pick_device, rank_threads
 
     w = world()
     rank = w.Get_rank()
@@ -119,7 +119,7 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
             raise DataError(f"--trace {r.trace}: its directory does not exist; create it or pass "
                             "another path")
         device = pick_device(r.device)
-        threads = r.threads or max(1, (os.cpu_count() or 1) // local_size())
+        threads = r.threads or rank_threads()
         torch.set_num_threads(threads)
         torch.manual_seed(r.seed)
         if out is None:
@@ -131,7 +131,7 @@ def run_model(name: str, cfg: Config, default_widths: tuple[int, ...],
     with agreed(w):  # every rank describes the same model; failures here happen on all ranks alike
         built: Built = build(p.model_stages(layout), layout)
         if built.helpers and not r.threads:  # the rank's helper processes take a core each
-            threads = max(1, ((os.cpu_count() or 1) - local_size() * built.helpers) // local_size())
+            threads = rank_threads(built.helpers)
             torch.set_num_threads(threads)
         resolved: dict[str, Any] = {"model_name": name, "slices": built.slices}
         if cfg.optim.epochs is not None:

@@ -112,8 +112,12 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
                      calls, nbytes)
 
 
-def optimizer_time(optimizer_fn: Any, elements: int = 1 << 20, reps: int = 3) -> float:
-    """Seconds per parameter element of one optimizer step (on ``elements`` of them)."""
+def optimizer_time(optimizer_fn: Any, elements: int = 1 << 23, reps: int = 3) -> float:
+    """Seconds per parameter element of a step's tail: the gradient's squared norm (the guard, float64
+    a chunk at a time, as :mod:`hvdhybrid.training.gradsync` does) and one optimizer step, on
+    ``elements`` of them (8 M: 32 MB per tensor, past the caches, as a model's parameters are)."""
+    from ..training.gradsync import _square_sum
+
     p = torch.nn.Parameter(torch.zeros(elements))
     opt = optimizer_fn([p])
     p.grad = torch.full((elements,), 1e-3)
@@ -121,6 +125,7 @@ def optimizer_time(optimizer_fn: Any, elements: int = 1 << 20, reps: int = 3) ->
     got = []
     for _ in range(reps):
         t0 = time.perf_counter()
+        _square_sum(p.grad)
         opt.step()
         got.append(time.perf_counter() - t0)
     return statistics.median(got) / elements
