@@ -228,8 +228,8 @@ class GPTStage(UnitChain):
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-            causal = (torch.arange(ctx, device=x.device)[None, :]
-                      <= torch.arange(start, start + n, device=x.device)[:, None])
+            causal = (torch.arange(ctx, device=q.device)[None, :]  # q's, not x's: a closure over x would
+                      <= torch.arange(start, start + n, device=q.device)[:, None])  # keep the graph alive
             probs = torch.softmax(scores.masked_fill(~causal, torch.finfo(scores.dtype).min), dim=-1)
             if self.training and self.cfg.dropout > 0:
                 probs = keyed_window_drop(

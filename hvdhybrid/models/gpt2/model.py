@@ -173,7 +173,10 @@ class GPT2Stage(UnitChain):
 
         def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(hd)
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            # q's device, not x's: recomputation keeps this function with the graph, and a closure over
+            # x (reassigned below to the block's output) made a cycle through the graph that a kept graph
+            # (split W) never freed: every zb1 step leaked its activations under --recompute selective
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
             probs = torch.softmax(scores, dim=-1)
             if self.training and self.p > 0:
