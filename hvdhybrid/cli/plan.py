@@ -42,10 +42,13 @@ __all__ = ["plan", "render_plan"]
 @click.option("--max-memory", default=None, metavar="BYTES",
               help="With --auto: the most memory a rank may use (e.g. 2GB, 1500MB).")
 @click.option("--top", type=int, default=5, show_default=True, help="With --auto: layouts to print.")
+@click.option("--check", "check_run", type=click.Path(), default=None, metavar="RUN",
+              help="A run made with --layout auto: its plan.json against what it measured (with --trace "
+                   "FILE, per action kind).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: Optional[float],
          activation_mb: float, slices: int, trace_file: Optional[str], as_json: bool, fit: bool,
-         keep_layout: bool, auto: bool, max_memory: Optional[str], top: int,
+         keep_layout: bool, auto: bool, max_memory: Optional[str], top: int, check_run: Optional[str],
          command: tuple[str, ...]) -> None:
     """Print the rank layout as a table, without training.
 
@@ -65,6 +68,17 @@ def plan(cfg: Config, np_: int, hostfile: Optional[str], map_by: str, param_mb: 
     (hvdtrain plan -np 2 --stages 2 --stages-per-rank 2 --schedule zbv -m 4).
     With --trace FILE, the last step a run really ran, rank by rank.
     """
+    if check_run is not None:
+        import json
+
+        from ..planner.check import check, render_check
+
+        try:
+            got = check(check_run, trace_file)
+        except USER_ERRORS as e:
+            raise UserError(str(e)) from None
+        click.echo(json.dumps(got, indent=1) if as_json else render_check(got))
+        return
     if trace_file is not None:
         from ..pipeline.timeline import draw_trace
 

@@ -2,7 +2,8 @@
 average across bundles and the optimizer step (pure arithmetic; no MPI, no torch).
 
 - ``F`` of a stage costs its measured forward, ``B`` its backward (half of it where the schedule
-  splits ``W`` off; ``W`` the other half per microbatch it covers), plus the stage's tensor
+  splits ``W`` off; ``W`` the other half per microbatch it covers, plus one more forward under
+  ``--recompute full``, whose B and W each recompute the layer), plus the stage's tensor
   all-reduces on the link.
 - A host's cores are shared by its busy ranks (waiting ranks yield): the schedule takes the longer of
   its simulated critical path and the host's work divided by its cores. With 4 ranks on 2 cores, 4
@@ -68,8 +69,8 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
         if a.kind == "B":
             whole = st.backward + tensor(st)
             return whole / 2 if (a.stage, a.mb) in split else whole
-        if a.kind == "W":
-            return st.backward / 2 * a.n
+        if a.kind == "W":  # under full recomputation B and W each run the layer's forward again
+            return (st.backward / 2 + (st.forward if choice.recompute == "full" else 0.0)) * a.n
         return 0.0
 
     hop = link.time(max((t.out_bytes for t in times.values()), default=0))

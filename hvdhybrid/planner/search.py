@@ -123,8 +123,11 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
                         for pos in range(layout.num_stages)]
             pred = step_time(c, m.model.graph, placement, plans, t, link, elements, per_element,
                              ranks_per_host, cores, cfg.comm.fp16_compression, allreduce)
+            split = c.schedule in ("zb1", "zbv", "vhalf")
             results.append({"choice": c, "options": c.options(), "describe": c.describe(),
                             **pred.as_dict(), "memory": memory, "positions": figs,
+                            "costs": {"stages": {str(s): dataclasses.asdict(t[s]) for s in t},
+                                      "split_w": split, "link": dataclasses.asdict(link)},
                             "fits": max_memory is None or memory <= max_memory})
     finally:
         torch.set_num_threads(old_threads)

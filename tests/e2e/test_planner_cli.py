@@ -70,8 +70,8 @@ def test_layout_auto_trains_the_planners_pick_as_one_process(tmp_path, model: li
     one = str(tmp_path / "one")
     r = run([HVDTRAIN, *model, "--out", one])
     assert r.rc == 0, r.err[-3000:]
-    out = str(tmp_path / "auto")
-    r = mpirun(4, *model, "--layout", "auto", "--out", out)
+    out, trace = str(tmp_path / "auto"), str(tmp_path / "trace.json")
+    r = mpirun(4, *model, "--layout", "auto", "--out", out, "--trace", trace)
     assert r.rc == 0, r.err[-3000:]
     assert "--layout auto chose --tensor" in r.err
     plan = json.load(open(os.path.join(out, "plan.json")))
@@ -80,3 +80,14 @@ def test_layout_auto_trains_the_planners_pick_as_one_process(tmp_path, model: li
     assert (cfg["parallel"]["tensor"], cfg["parallel"]["stages"], cfg["pipeline"]["schedule"],
             cfg["optim"]["zero"]) == (s["tensor"], s["stages"], s["schedule"], s["zero"])
     assert max_diff(params(out), params(one)) <= 1e-5
+    # the prediction against the run: the step, and each action kind from the trace
+    r = run([HVDTRAIN, "plan", "-np", "1", "--check", out, "--trace", trace, "--json"])
+    assert r.rc == 0, r.err[-3000:]
+    got = json.loads(r.out)
+    assert got["measured_step_s"] > 0 and got["predicted_step_s"] > 0
+    assert got["kinds"]["F"]["count"] > 0 and got["kinds"]["F"]["measured_s"] > 0
+    assert got["kinds"]["F"]["predicted_s"] > 0 and "optimizer" in got["kinds"]
+    text = run([HVDTRAIN, "plan", "-np", "1", "--check", out, "--trace", trace])
+    assert text.rc == 0 and "step: predicted" in text.out and "predicted parts" in text.out
+    bad = run([HVDTRAIN, "plan", "-np", "1", "--check", one])
+    assert bad.rc == 2 and "no plan.json there" in bad.err and "Traceback" not in bad.err
