@@ -581,10 +581,28 @@ def grover_stream() -> list[dict]:
     return gs.main()
 
 
+def planner() -> list[dict]:
+    """The planner against measured runs on this host's 4 ranks: the bench MLP and GPT-2 mini
+    (bench/planner_accuracy.py; the rows in docs/results/planner/)."""
+    res = []
+    for name, sample, steps, cmd in (
+            ("mlp", 16, 10, ["mlp", "--hidden", "1024", "--depth", "8", "--batch-size", "256"]),
+            ("gpt2-mini", 12, 8, ["gpt2", "--size", "mini", "--seq-len", "128", "--batch-size", "8",
+                                  "--limit", "256", "--sample-tokens", "0"])):
+        out = os.path.join(ROOT, "docs", "results", "planner", f"{name}-np4.json")
+        subprocess.run([PY, os.path.join(HERE, "planner_accuracy.py"), "-np", "4", "--sample", str(sample),
+                        "--steps", str(steps), "--json", out, "--", *cmd, "--no-fp16-compression"],
+                       cwd=ROOT, env=_env(), timeout=3600, check=True)
+        got = json.load(open(out))
+        res.append({"name": f"planner-{name}", "spearman": got["spearman"],
+                    "memory_error": got["memory_error"]})
+    return res
+
+
 PARTS: dict[str, Callable[[], list[dict]]] = {
     "pipeline": pipeline, "grover": grover, "grover-stream": grover_stream, "memory": memory, "bert": bert,
     "gpt2": gpt2, "gpt": gpt,
-    "multihost": multihost, "resnet": resnet, "zero": zero, "checkpoint": checkpoint,
+    "multihost": multihost, "resnet": resnet, "zero": zero, "checkpoint": checkpoint, "planner": planner,
 }
 
 

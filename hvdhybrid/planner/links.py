@@ -23,6 +23,7 @@ from ..errors import InputError
 __all__ = ["Link", "LinkError", "links", "measure", "probe"]
 
 SIZES = (8, 4 << 20)
+BUSY_S = 0.3
 AR_SIZES = (64, 16 << 20)
 
 
@@ -76,8 +77,29 @@ def probe(comm: Any) -> Optional[dict[str, float]]:
             if rep:
                 times.append((time.perf_counter() - t0) / 2)
         out[n] = sorted(times)[len(times) // 2]
-    ar = {}
     size = comm.Get_size()
+    busy = 0.0
+    if size > 2:  # the latency while the other ranks compute, as they do in a run (on a host with fewer
+        comm.Barrier()  # cores than ranks, a waiting rank is woken only when a core comes free)
+        t0, trips, flag = time.perf_counter(), 0, np.zeros(1, dtype=np.uint8)
+        if r == 0:  # rank 0 decides when to stop: 0 is a ping, 1 the end
+            while time.perf_counter() - t0 < BUSY_S:
+                comm.Send(flag, dest=1)
+                comm.Recv(flag, source=1)
+                trips += 1
+            busy = (time.perf_counter() - t0) / max(1, 2 * trips)
+            comm.Send(np.ones(1, dtype=np.uint8), dest=1)
+        elif r == 1:
+            while True:
+                comm.Recv(flag, source=0)
+                if flag[0]:
+                    break
+                comm.Send(flag, dest=0)
+        else:
+            x = np.ones(1 << 16)
+            while time.perf_counter() - t0 < BUSY_S * 1.2:
+                x = x * 1.0000001
+    ar = {}
     for n in AR_SIZES:  # all ranks: MPI's all-reduce, as the average across bundles runs it
         buf = np.zeros(n // 4, dtype=np.float32)
         times = []
@@ -90,7 +112,8 @@ def probe(comm: Any) -> Optional[dict[str, float]]:
         ar[n] = comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
     if r == 0:
         small, big = out[SIZES[0]], out[SIZES[1]]
-        got = {"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9)}
+        got = {"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9),
+               "busy_latency": busy}
         if size > 1:  # fitted to a ring: 2 (r-1) steps of n / r bytes
             steps = 2 * (size - 1)
             span = max(ar[AR_SIZES[1]] - ar[AR_SIZES[0]], 1e-9)
@@ -144,7 +167,7 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
 
 def links(got: dict[str, float]) -> tuple[Link, Link]:
     """The point-to-point link and the all-reduce's ring step, from :func:`probe`'s figures."""
-    p2p = Link(got["latency"], got["bandwidth"])
+    p2p = Link(max(got["latency"], got.get("busy_latency", 0.0)), got["bandwidth"])
     return p2p, Link(got.get("ar_latency", p2p.latency), got.get("ar_bandwidth", p2p.bandwidth))
 
 

@@ -91,3 +91,25 @@ def test_layout_auto_trains_the_planners_pick_as_one_process(tmp_path, model: li
     assert text.rc == 0 and "step: predicted" in text.out and "predicted parts" in text.out
     bad = run([HVDTRAIN, "plan", "-np", "1", "--check", one])
     assert bad.rc == 2 and "no plan.json there" in bad.err and "Traceback" not in bad.err
+
+
+def test_under_a_limit_one_process_exceeds_the_planners_choice_trains_within_it(tmp_path) -> None:
+    """The bench MLP at 1024 x 8 (8.4 M parameters): one process needs its parameters, gradients and
+    momentum whole; the limit sits between that and the smallest layout of 4 ranks."""
+    big = [*MLP[:-1], "--hidden", "1024", "--depth", "8", "--steps", "3"]
+    r = run([HVDTRAIN, "plan", "-np", "1", "--auto", "--json", *big])
+    assert r.rc == 0, r.err[-3000:]
+    alone = min(x["memory"] for x in json.loads(r.out[r.out.index("{"):])["ranked"])
+    r = run([HVDTRAIN, "plan", "-np", "4", "--auto", "--json", "--top", "1000", *big])
+    assert r.rc == 0, r.err[-3000:]
+    least = min(x["memory"] for x in json.loads(r.out[r.out.index("{"):])["ranked"])
+    assert least < alone - 40 * 2**20, (least, alone)
+    limit = (least + alone) // 2
+    out = str(tmp_path / "auto")
+    r = mpirun(4, *big, "--layout", "auto", "--max-memory", str(limit), "--out", out)
+    assert r.rc == 0, r.err[-3000:]
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    assert plan["chosen"]["memory"] <= limit
+    figs = ("parameters", "gradients", "optimizer", "activations_peak")
+    held = max(sum(m[f] for f in figs) for m in json.load(open(os.path.join(out, "memory.json"))))
+    assert held + plan["rest"] <= limit  # what the run counted, plus the libraries at rest
