@@ -33,10 +33,12 @@ class LinkError(InputError):
 
 @dataclass(frozen=True)
 class Link:
-    """A link's one-way time for ``n`` bytes: ``latency + n / bandwidth``."""
+    """A link's one-way time for ``n`` bytes: ``latency + n / bandwidth``; ``wake``: what a message to a
+    rank that waits while others compute costs on top (it is woken only when a core comes free)."""
 
     latency: float
     bandwidth: float
+    wake: float = 0.0
 
     def time(self, n: float) -> float:
         return self.latency + n / self.bandwidth if n > 0 else 0.0
@@ -167,7 +169,7 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
 
 def links(got: dict[str, float]) -> tuple[Link, Link]:
     """The point-to-point link and the all-reduce's ring step, from :func:`probe`'s figures."""
-    p2p = Link(max(got["latency"], got.get("busy_latency", 0.0)), got["bandwidth"])
+    p2p = Link(got["latency"], got["bandwidth"], max(0.0, got.get("busy_latency", 0.0) - got["latency"]))
     return p2p, Link(got.get("ar_latency", p2p.latency), got.get("ar_bandwidth", p2p.bandwidth))
 
 
