@@ -69,9 +69,9 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     threads = max(1, cores // max(1, ranks_per_host))
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    attention = None
     results, seen, refused = [], 0, 0
-    try:
+    try:  # the model's own build refuses more stages than it has layers, and its recompute check
+        # `selective` without attention: such choices count as refused
         for c in choices(np_, per_pass, layers=np_ * 2, tensor_ok=tensor_parallel,
                          attention=True, max_microbatches=max(8, cfg.pipeline.microbatches)):
             seen += 1
@@ -89,7 +89,6 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
                 m = models[key]
                 if m is None:
                     continue
-                attention = m.built.attention if attention is None else attention
                 Recompute.parse(c.recompute).check(n, m.built.attention, f"hvdtrain {name}", False)
                 placement = p.placement_for(layout, c.schedule) or Placement.identity(n)
                 plans = sched.build(c.schedule, m.model.graph, c.microbatches, placement,
