@@ -19,38 +19,68 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
     """``--layout auto`` in a run: rank 0 weighs every layout of the world (the others wait), every rank
     takes its choice; returns the config with it set (``--layout manual`` from then on) and the plan
     (what ``plan.json`` in the run's directory keeps). Collective over ``comm``."""
-    import dataclasses
-
+    from ..errors import InputError
     from ..training.device import local_size
-    from ..training.memory import peak_rss
-    from .links import links, probe
-    from .render import parse_bytes
-    from .search import cores_here, search
+    from .links import probe
 
     got: dict[str, Any] = {}
     local_ranks = local_size()
     figures = probe(comm) if comm.Get_size() > 1 else {"latency": 1e-6, "bandwidth": 1e10}
     if comm.Get_rank() == 0:
-        p = cfg.parallel
-        limit = parse_bytes(p.max_memory) if p.max_memory is not None else None
-        base = cfg.resolved(layout_choice="manual")
-        say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
-        assert figures is not None
-        link, allreduce = links(figures)  # measured between this job's own ranks
-        got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
-                     link=link, cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
-                     rest=peak_rss(), say=say, allreduce=allreduce)
-        best = got["ranked"][0]
-        got = {**{k: v for k, v in got.items() if k != "ranked"},
-               "chosen": {**{k: v for k, v in best.items() if k != "choice"},
-                          "settings": dataclasses.asdict(best["choice"])},
-               "next": [{k: v for k, v in r.items() if k not in ("choice", "positions")}
-                        for r in got["ranked"][1:5]]}
-        say(f"--layout auto chose {' '.join(got['chosen']['options'])}: predicted "
-            f"{got['chosen']['step_s']:.4f} s/step, {got['chosen']['memory'] / 2**20:.0f} MB per rank")
+        try:
+            got = _plan_here(name, cfg, comm, default_widths, widths, build, tensor_parallel, local_ranks,
+                             figures, say)
+        except Exception as e:  # every rank raises it (one line), none waits for a plan that never comes
+            got = {"error": str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"}
+    _idle_until_all_arrive(comm)  # the other ranks sleep while rank 0 measures: it needs the cores
     got = comm.bcast(got, root=0)
+    if "error" in got:
+        from .search import PlanError
+
+        raise PlanError(got["error"])
     s = got["chosen"]["settings"]
     cfg = cfg.resolved(layout_choice="manual", tensor=s["tensor"], stages=s["stages"], bundle_shape=None,
                        stages_per_rank=s["stages_per_rank"], placement="auto", schedule=s["schedule"],
                        microbatches=s["microbatches"], zero=s["zero"], recompute=s["recompute"])
     return cfg, got
+
+
+def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
+               tensor_parallel: bool, local_ranks: int, figures: Any, say: Callable[[str], None]
+               ) -> dict[str, Any]:
+    """Rank 0's part of :func:`choose_layout`: the search, and what plan.json keeps of it."""
+    import dataclasses
+
+    from ..training.memory import peak_rss
+    from .links import links
+    from .render import parse_bytes
+    from .search import cores_here, search
+
+    p = cfg.parallel
+    limit = parse_bytes(p.max_memory) if p.max_memory is not None else None
+    base = cfg.resolved(layout_choice="manual")
+    say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
+    assert figures is not None
+    link, allreduce = links(figures)  # measured between this job's own ranks
+    got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
+                 link=link, cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
+                 rest=peak_rss(), say=say, allreduce=allreduce)
+    best = got["ranked"][0]
+    got = {**{k: v for k, v in got.items() if k != "ranked"},
+           "chosen": {**{k: v for k, v in best.items() if k != "choice"},
+                      "settings": dataclasses.asdict(best["choice"])},
+           "next": [{k: v for k, v in r.items() if k not in ("choice", "positions")}
+                    for r in got["ranked"][1:5]]}
+    say(f"--layout auto chose {' '.join(got['chosen']['options'])}: predicted "
+        f"{got['chosen']['step_s']:.4f} s/step, {got['chosen']['memory'] / 2**20:.0f} MB per rank")
+    return got
+
+
+def _idle_until_all_arrive(comm: Any) -> None:
+    """A barrier that sleeps instead of spinning (a spinning rank would take a core from rank 0's
+    measurements on a host with fewer cores than ranks)."""
+    import time
+
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
