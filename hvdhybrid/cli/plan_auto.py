@@ -22,7 +22,8 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
     """
     from ..planner.links import LinkError, measure
     from ..planner.render import parse_bytes
-    from ..planner.search import cores_here, search
+    from ..planner.search import search
+    from ..training.device import usable_cores
     from ..training.memory import peak_rss
     from .plan_memory import run_as_planner
 
@@ -44,7 +45,7 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
     def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
                 tensor_parallel: bool) -> None:
         got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
-                          cores=cores_here(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
+                          cores=usable_cores(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
                           say=say, allreduce=allreduce))
 
     run_as_planner(command, cli, planner)

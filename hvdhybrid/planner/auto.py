@@ -51,10 +51,11 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     """Rank 0's part of :func:`choose_layout`: the search, and what plan.json keeps of it."""
     import dataclasses
 
+    from ..training.device import usable_cores
     from ..training.memory import peak_rss
     from .links import links
     from .render import parse_bytes
-    from .search import cores_here, search
+    from .search import search
 
     p = cfg.parallel
     limit = parse_bytes(p.max_memory) if p.max_memory is not None else None
@@ -63,7 +64,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     assert figures is not None
     link, allreduce = links(figures)  # measured between this job's own ranks
     got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
-                 link=link, cores=cores_here(), ranks_per_host=local_ranks, max_memory=limit,
+                 link=link, cores=usable_cores(), ranks_per_host=local_ranks, max_memory=limit,
                  rest=peak_rss(), say=say, allreduce=allreduce)
     best = got["ranked"][0]
     got = {**{k: v for k, v in got.items() if k != "ranked"},

@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..parallel import randomness, recompute
-from ..training.memory_probe import StandInComm, _leaf, _one, _outputs
+from ..parallel import randomness
+from ..training.memory_probe import StandInComm, run_stage, stage_inputs
 
 __all__ = ["CountingComm", "StageTime", "optimizer_time", "time_stage"]
 
@@ -71,24 +71,14 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
     """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``; ``comm``:
     the stand-in tensor communicator the stage was built with (its counts are read and reset)."""
     g = model.graph
-    for s in range(g.num_stages):
-        if s not in modules:
-            modules[s] = model.build(s)
-        modules[s].train(True)
     x, y = batch
-    randomness.set_step(seed, 1)
-    randomness.set_rows(list(range(rows)))
-    memo: dict[int, tuple[Any, ...]] = {}
-    args = ([x] if stage in g.batch_stages else []) + [
-        _leaf(_one(_outputs(model, modules, up, x, memo))) for up in g.upstream(stage)]
-    module = modules[stage]
+    module, args = stage_inputs(model, modules, stage, x, seed, rows)
     fwd, bwd, sent, calls, nbytes = [], [], 0, 0, 0
     for rep in range(reps + 1):
         if comm is not None:
             comm.calls = comm.bytes = 0
         t0 = time.perf_counter()
-        with recompute.selective(mode == "selective"):
-            out = recompute.full(module, *args) if mode == "full" else module(*args)
+        out = run_stage(module, args, mode)
         if stage == g.sink:
             loss = model.loss_fn(out, y)
             t1 = time.perf_counter()

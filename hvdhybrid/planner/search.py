@@ -11,7 +11,6 @@ number of layouts weighed.
 from __future__ import annotations
 
 import dataclasses
-import os
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
@@ -171,6 +170,3 @@ def _build(build: Callable[[int, Any], Any], n: int, layout: Any,
 def _mb(n: float) -> str:
     return f"{n / 2**20:.0f} MB"
 
-
-def cores_here() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["DeviceError", "local_rank", "local_size", "pick_device", "rank_threads"]
+__all__ = ["DeviceError", "local_rank", "local_size", "pick_device", "rank_threads", "usable_cores"]
 
 
 class DeviceError(InputError):
@@ -35,10 +35,13 @@ def rank_threads(helpers: int = 0) -> int:
     each), never more than the cores this process may run on. mpirun binds each rank to one core at
     np <= 2: two threads on that core spun against each other at every OpenMP barrier, and one rank's
     steps took 1.8x as long as with one thread (0.139 against 0.078 s on the bench MLP)."""
-    cores = os.cpu_count() or 1
-    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     n = local_size()
-    return max(1, min(mine, (cores - n * helpers) // n))
+    return max(1, min(usable_cores(), ((os.cpu_count() or 1) - n * helpers) // n))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: one, where mpirun bound the rank to a core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -21,7 +21,7 @@ from ..parallel.recompute import Recompute
 from ..pipeline.saved import SavedBytes
 from .memory_plan import OptimizerFacts, StageFacts
 
-__all__ = ["StandInComm", "measure_stage", "optimizer_facts"]
+__all__ = ["StandInComm", "measure_stage", "optimizer_facts", "run_stage", "stage_inputs"]
 
 
 class StandInComm:
@@ -85,6 +85,31 @@ def _leaf(t: Any) -> Any:
     return t
 
 
+def stage_inputs(model: Any, modules: dict[int, torch.nn.Module], stage: int, x: Any, seed: int,
+                 rows: int) -> tuple[torch.nn.Module, list[Any]]:
+    """``stage``'s module (every stage built as needed, all in training mode) and its inputs for data
+    ``x`` of ``rows`` rows: the data where it takes the batch, each upstream stage's output as a leaf
+    that takes a gradient. Keyed randomness is set to step 1 of ``seed`` and those rows (the caller
+    sets the rows back to None when done)."""
+    g = model.graph
+    for s in range(g.num_stages):
+        if s not in modules:
+            modules[s] = model.build(s)
+        modules[s].train(True)
+    randomness.set_step(seed, 1)
+    randomness.set_rows(list(range(rows)))
+    memo: dict[int, tuple[Any, ...]] = {}
+    args = ([x] if stage in g.batch_stages else []) + [
+        _leaf(_one(_outputs(model, modules, up, x, memo))) for up in g.upstream(stage)]
+    return modules[stage], args
+
+
+def run_stage(module: torch.nn.Module, args: list[Any], mode: str) -> Any:
+    """A training forward of ``module`` under recompute ``mode``, as the executor runs it."""
+    with recompute.selective(mode == "selective"):
+        return recompute.full(module, *args) if mode == "full" else module(*args)
+
+
 def measure_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
                   mode: str, seed: int = 0, rows: Optional[int] = None) -> StageFacts:
     """``stage``'s facts: its parameters, and the bytes its training forward of ``batch`` (one
@@ -92,26 +117,16 @@ def measure_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, b
     (``none``, ``full``, ``selective``). ``modules`` holds the stages built so far (upstream ones are
     built as needed for the input). ``rows``: how many rows ``batch`` holds (default: the length of
     its input, or of its first input)."""
-    g = model.graph
-    for s in range(g.num_stages):
-        if s not in modules:
-            modules[s] = model.build(s)
-        modules[s].train(True)
     x, y = batch
     if rows is None:
         rows = len(x) if not isinstance(x, (tuple, list)) else len(x[0])
-    randomness.set_step(seed, 1)
-    randomness.set_rows(list(range(rows)))
-    memo: dict[int, tuple[Any, ...]] = {}
-    args = ([x] if stage in g.batch_stages else []) + [
-        _leaf(_one(_outputs(model, modules, up, x, memo))) for up in g.upstream(stage)]
-    module = modules[stage]
+    module, args = stage_inputs(model, modules, stage, x, seed, rows)
     counter = SavedBytes()
     counter.exclude(p for m in modules.values() for p in m.parameters())
-    with counter.hooks(), recompute.selective(mode == "selective"):
-        out = recompute.full(module, *args) if mode == "full" else module(*args)
+    with counter.hooks():
+        out = run_stage(module, args, mode)
     loss: Optional[torch.Tensor] = None
-    if stage == g.sink:
+    if stage == model.graph.sink:
         with counter.hooks():
             loss = model.loss_fn(out, y)
     params = {id(p): p for p in module.parameters()}
