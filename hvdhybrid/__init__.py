@@ -3,7 +3,8 @@
 The public API (imported on first use, so ``import hvdhybrid`` stays light)::
 
     init, finish, world_size        join the launch: layout and process groups (api.py), with
-                                    data/tensor/pipeline rank and size accessors
+                                    data/tensor/pipeline rank and size accessors; init(layout="auto",
+                                    command=[...]) lets the planner choose the layout
     parallelize_gpt2, merge_gpt2    a stock HF GPT-2 in tensor x pipeline x data; merged checkpoints
     Layout, Placement, StageGraph   rank arithmetic, stage placement, the stage graph
     StagedModel, sequential_model, split_sequential, Tie

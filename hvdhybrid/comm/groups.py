@@ -89,6 +89,7 @@ class ProcessGroups:
     data_set: Optional[Any]
     all_sets: tuple[Any, ...] = ()
     tied: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    plan: Optional[dict[str, Any]] = None
 
     @classmethod
     def create(cls, layout: Layout, world: Any, use_horovod: bool = True) -> ProcessGroups:

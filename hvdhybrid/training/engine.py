@@ -63,6 +63,13 @@ class Engine:
         self.device = device if device is not None else torch.device("cpu")
         self.per_pass = check_batch(cfg, layout)
         self.graph: StageGraph = model.graph
+        if placement is None:  # the config's --stages-per-rank and --placement, as a run takes them
+            placement = cfg.parallel.placement_for(layout, cfg.pipeline.schedule)
+            if placement is not None and len(placement.positions) != model.graph.num_stages:
+                raise PlacementError(
+                    f"the model has {model.graph.num_stages} stages but stages_per_rank "
+                    f"{cfg.parallel.stages_per_rank} x {layout.num_stages} stage groups asks for "
+                    f"{len(placement.positions)}; cut the model into that many stages")
         if placement is None:
             if model.graph.num_stages != layout.num_stages:
                 raise PlacementError(

@@ -54,3 +54,31 @@ def test_the_oslo_style_gpt2_example_trains_saves_and_merges(tmp_path) -> None:
 
     model = GPT2LMHeadModel.from_pretrained(os.path.join(out, "merged"))
     assert model.transformer.wte.weight.shape == (256, 64)
+
+
+def test_init_layout_auto_trains_the_planners_choice_as_one_process() -> None:
+    """docs/examples/gpt2_auto.py: hh.init(layout="auto") plans on the launch's ranks, a stock GPT-2
+    trains in the chosen layout, and ends with one process's parameters (fp16 on the wire: 1e-6)."""
+    example = os.path.join(ROOT, "docs", "examples", "gpt2_auto.py")
+    one = run([sys.executable, example], extra_env={"PYTHONPATH": ROOT})
+    assert one.rc == 0, one.err[-3000:]
+    r = run(["mpirun", "-np", "4", "--oversubscribe", "-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH",
+             sys.executable, "-m", "mpi4py", example], extra_env={"PYTHONPATH": ROOT})
+    assert r.rc == 0, r.err[-3000:]
+    assert "--layout auto chose" in r.err and re.search(r"chose tensor \d+ x pipeline \d+ x data \d+", r.out)
+    c1 = float(re.search(r"checksum ([\d.]+)", one.out).group(1))  # type: ignore[union-attr]
+    c4 = float(re.search(r"checksum ([\d.]+)", r.out).group(1))  # type: ignore[union-attr]
+    assert abs(c1 - c4) <= 1e-6 * c1, (c1, c4)
+
+
+def test_init_layout_auto_needs_a_model_command() -> None:
+    code = ("import hvdhybrid as hh\nfrom hvdhybrid.config import ConfigError\n"
+            "for kw in ({'layout': 'auto'}, {'layout': 'best'},"
+            " {'layout': 'auto', 'command': ['mlp'], 'stages': 2}, {'max_memory': '1GB'}):\n"
+            "    try:\n        hh.init(**kw)\n    except ConfigError as e:\n        print('refused:', e)\n")
+    r = run([sys.executable, "-c", code], extra_env={"PYTHONPATH": ROOT})
+    assert r.rc == 0, r.err[-3000:]
+    lines = [x for x in r.out.splitlines() if x.startswith("refused:")]
+    assert len(lines) == 4, r.out
+    assert "command=" in lines[0] and "'manual'" in lines[1] and "no widths, stages or tensor" in lines[2]
+    assert "layout='auto'" in lines[3]

@@ -251,16 +251,17 @@ def gpt2_model(config: Any, seed: int, sizes: Sequence[int], tensor: Any, source
                        checkpoint_extra={"hf_config": config.to_dict(), **(checkpoint_extra or {})})
 
 
-def parallelize(model: Any, groups: Any) -> StagedModel:
+def parallelize(model: Any, groups: Any, stages_per_rank: int = 1) -> StagedModel:
     """A stock ``GPT2LMHeadModel``, converted in place for the launch's groups: its blocks cut
-    evenly into the layout's pipeline stages, every stage split over the tensor ranks.
+    evenly into the layout's pipeline stages (``stages_per_rank`` per stage group: train it with
+    ``TrainConfig(stages_per_rank=...)``), every stage split over the tensor ranks.
 
     Train it with :class:`~hvdhybrid.training.trainer.Trainer`; its checkpoints merge with
     :func:`hvdhybrid.models.gpt2.merge.merge_checkpoint`.
     """
     check_tensor(model.config, groups.tensor_size)
     units = len(unit_names(model.config.n_layer))
-    k = groups.pipeline_size
+    k = groups.pipeline_size * stages_per_rank
     if k > units:
         raise ConfigError(f"{k} pipeline stages for {units} units (embeddings, blocks, head)")
     sizes = [units // k + (1 if s < units % k else 0) for s in range(k)]
