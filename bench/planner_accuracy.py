@@ -5,6 +5,11 @@ memory.json, and the planner's pick against the fastest run measured.
 
     .venv/bin/python bench/planner_accuracy.py -np 4 --sample 8 -- mlp --hidden 1024 --depth 8 \
         --batch-size 256
+    .venv/bin/python bench/planner_accuracy.py -np 4 --hosts 2 --rate 1gbit ...   # 2 emulated hosts
+
+With ``--hosts N`` the ranks run on N emulated hosts (network namespaces joined by a ``--rate`` link,
+each host on its own core of this machine), the planner measures their links through the hostfile and
+weighs both ``--map-by`` values, and each layout trains with the one it was planned for.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,11 +51,21 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (va * vb) if va and vb else float("nan")
 
 
-def measure(np_: int, command: list[str], options: list[str], steps: int) -> dict:
+def _run(cmd: list[str], hosts: Any, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` here, or on the emulated hosts' launch node."""
+    if hosts is None:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
+    return hosts.run(cmd, timeout=timeout, env={**hosts.env(), "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                     cwd=ROOT)
+
+
+def measure(np_: int, command: list[str], options: list[str], steps: int, hosts: Any = None,
+            map_by: str = "") -> dict:
     out = os.path.join(tempfile.mkdtemp(prefix="bench-plan-"), "run")
-    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS", PY,
-           "-m", "hvdhybrid", *command, *options, "--steps", str(steps), "--no-progress", "--out", out]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900)
+    where = ["--hostfile", hosts.hostfile(), "--map-by", map_by or "slot"] if hosts is not None else []
+    cmd = ["mpirun", "-np", str(np_), "--oversubscribe", *where, "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
+           PY, "-m", "hvdhybrid", *command, *options, "--steps", str(steps), "--no-progress", "--out", out]
+    res = _run(cmd, hosts, 900)
     if res.returncode:
         shutil.rmtree(os.path.dirname(out), ignore_errors=True)
         return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
@@ -68,12 +84,29 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=8, help="layouts trained (0: every one)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--hosts", type=int, default=1,
+                    help="emulated hosts (network namespaces, needs root), each on its own core")
+    ap.add_argument("--rate", default="1gbit", help="their link's rate (with --hosts)")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     command = [c for c in a.command if c != "--"]
-    res = subprocess.run([PY, "-m", "hvdhybrid", "plan", "-np", str(a.np), "--auto", "--json", "--top",
-                          "100000", *command], capture_output=True, text=True, cwd=ROOT, env=_env(),
-                         timeout=1800)
+    if a.hosts > 1:
+        sys.path.insert(0, ROOT)
+        from hvdhybrid.testing.netemu import EmulatedHosts
+
+        cores = os.cpu_count() or 1
+        with EmulatedHosts(a.hosts, slots=a.np // a.hosts, rate=a.rate,
+                           cpus=[str(i % cores) for i in range(a.hosts)]) as hosts:
+            _accuracy(a, command, hosts)
+    else:
+        _accuracy(a, command, None)
+
+
+def _accuracy(a: argparse.Namespace, command: list[str], hosts: Any) -> None:
+    where = ["--hostfile", hosts.hostfile()] if hosts is not None else []
+    res = _run([PY, "-m", "hvdhybrid", "plan", "-np", str(a.np), "--auto", "--json", "--top", "100000",
+                *where,
+                *command], hosts, 1800)
     if res.returncode:
         sys.exit(res.stderr)
     got = json.loads(res.stdout[res.stdout.index("{"):])
@@ -88,7 +121,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for i in picks:
         r = ranked[i]
-        m = measure(a.np, command, r["options"], a.steps)
+        m = measure(a.np, command, r["options"], a.steps, hosts, r.get("map_by", ""))
         rows.append({"rank": i + 1, "describe": r["describe"], "options": r["options"],
                      "predicted_s": r["step_s"], "predicted_memory": r["memory"], **m})
         if "error" in m:

@@ -20,7 +20,8 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
         ConfigError (PlanError, LinkError): the command, the limit or the hostfile is wrong, nothing
             fits, or a cost cannot be measured here (one line, with what would fit).
     """
-    from ..planner.links import LinkError, measure
+    from ..layout.hostfile import MAP_BY, place_ranks
+    from ..planner.links import LinkError, links, measure, remote_link
     from ..planner.render import parse_bytes
     from ..planner.search import search
     from ..training.device import usable_cores
@@ -28,25 +29,27 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
     from .plan_memory import run_as_planner
 
     limit = parse_bytes(max_memory) if max_memory is not None else None
+    placed: Optional[dict[str, list[str]]] = None
     if hostfile is not None:
         hosts = read_hostfile(hostfile)
         if len(hosts) < 1:
             raise LinkError(f"--hostfile {hostfile}: no usable host in it; give one host per line "
                             "(name slots=N)")
-        slots = max(h.slots for h in hosts)
-        per_host = min(np_, slots)
+        per_host = min(np_, max(h.slots for h in hosts))
+        if len(hosts) > 1:  # ranks dealt onto the hosts each way the launcher can (hvdtrain launch --map-by)
+            placed = {m: place_ranks(hosts, np_, m) for m in MAP_BY}
     else:
         per_host = np_
     say(f"measuring the links of {np_} ranks")
-    link, allreduce = measure(hostfile if hostfile is not None and len(read_hostfile(hostfile)) > 1 else None,
-                              np_=np_)
+    figures = measure(hostfile if placed is not None else None, np_=np_)
+    link, allreduce = links(figures)
     got: dict[str, Any] = {}
 
     def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
                 tensor_parallel: bool) -> None:
         got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
                           cores=usable_cores(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
-                          say=say, allreduce=allreduce))
+                          say=say, allreduce=allreduce, remote=remote_link(figures), hosts=placed))
 
     run_as_planner(command, cli, planner)
     return got

@@ -53,7 +53,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
 
     from ..training.device import usable_cores
     from ..training.memory import peak_rss
-    from .links import links
+    from .links import links, remote_link
     from .render import parse_bytes
     from .search import search
 
@@ -62,10 +62,12 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     base = cfg.resolved(layout_choice="manual")
     say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
     assert figures is not None
-    link, allreduce = links(figures)  # measured between this job's own ranks
+    link, allreduce = links(figures)  # measured between this job's own ranks, on the hosts they are on
+    names = list(figures.get("hosts", []))
     got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
                  link=link, cores=usable_cores(), ranks_per_host=local_ranks, max_memory=limit,
-                 rest=peak_rss(), say=say, allreduce=allreduce)
+                 rest=peak_rss(), say=say, allreduce=allreduce, remote=remote_link(figures),
+                 hosts={"": names} if len(set(names)) > 1 else None)
     best = got["ranked"][0]
     got = {**{k: v for k, v in got.items() if k != "ranked"},
            "chosen": {**{k: v for k, v in best.items() if k != "choice"},

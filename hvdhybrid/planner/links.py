@@ -1,10 +1,12 @@
 """Point-to-point latency and bandwidth between two ranks, measured with mpirun (what the planner's
 transfer and collective times stand on).
 
-``python -m hvdhybrid.planner.links`` under ``mpirun -np N``: rank 0 and 1 ping-pong 8 bytes and 4 MB
-(mpi4py buffers, a warm-up then the median of 9 round trips), and all N ranks all-reduce 64 bytes
-and 16 MB; rank 0 prints ``{"latency": s, "bandwidth": bytes/s, "ar_latency", "ar_bandwidth"}`` (the
-all-reduce fitted to a ring's per-step link). :func:`measure` runs it with the ranks placed as a run
+``python -m hvdhybrid.planner.links`` under ``mpirun -np N``: rank 0 and its first neighbour on the
+same host ping-pong 8 bytes and 4 MB (mpi4py buffers, a warm-up then the median of 9 round trips), so
+do rank 0 and the first rank on another host if there is one, and all N ranks all-reduce 64 bytes
+and 16 MB; rank 0 prints ``{"latency": s, "bandwidth": bytes/s, "remote_latency", "remote_bandwidth",
+"ar_latency", "ar_bandwidth", "hosts": [host of each rank]}`` (the all-reduce fitted to a ring's
+per-step link). :func:`measure` runs it with the ranks placed as a run
 places them (with a hostfile, across its hosts) and keeps the answer in ``~/.cache/hvdhybrid/links``.
 """
 
@@ -20,7 +22,7 @@ from typing import Any, Optional
 
 from ..errors import InputError
 
-__all__ = ["Link", "LinkError", "links", "measure", "probe"]
+__all__ = ["Link", "LinkError", "links", "measure", "probe", "remote_link"]
 
 SIZES = (8, 4 << 20)
 BUSY_S = 0.3
@@ -54,44 +56,35 @@ class Link:
         return (ranks - 1) * self.time(n / ranks) if ranks > 1 and n > 0 else 0.0
 
 
-def probe(comm: Any) -> Optional[dict[str, float]]:
-    """Collective over ``comm`` (at least 2 ranks): ranks 0 and 1 ping-pong, all ranks all-reduce; the
-    figures on rank 0 (None elsewhere), as :func:`links` takes them."""
+def probe(comm: Any) -> Optional[dict[str, Any]]:
+    """Collective over ``comm`` (at least 2 ranks): rank 0 ping-pongs with a rank on its host and one on
+    another, all ranks all-reduce; the figures on rank 0 (None elsewhere), as :func:`links` takes them."""
     import time
 
     import numpy as np
     from mpi4py import MPI
 
     r = comm.Get_rank()
-    out = {}
-    for n in SIZES:
-        buf = np.zeros(n, dtype=np.uint8)
-        times = []
-        for rep in range(10):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            if r == 0:
-                comm.Send(buf, dest=1)
-                comm.Recv(buf, source=1)
-            elif r == 1:
-                comm.Recv(buf, source=0)
-                comm.Send(buf, dest=0)
-            if rep:
-                times.append((time.perf_counter() - t0) / 2)
-        out[n] = sorted(times)[len(times) // 2]
+    names = comm.allgather(MPI.Get_processor_name())
+    # ranks 0 and 1 (a run's neighbours; inside a host unless each host has one slot), and rank 0 with
+    # the first rank on another host
+    near = next((k for k in range(1, len(names)) if names[k] == names[0]), None)
+    far = next((k for k in range(1, len(names)) if names[k] != names[0]), None)
+    out = _ping_pong(comm, near if near is not None else 1)
+    remote = _ping_pong(comm, far) if far is not None and near is not None else {}
     size = comm.Get_size()
-    busy = 0.0
+    busy, peer = 0.0, near if near is not None else 1
     if size > 2:  # the latency while the other ranks compute, as they do in a run (on a host with fewer
         comm.Barrier()  # cores than ranks, a waiting rank is woken only when a core comes free)
         t0, trips, flag = time.perf_counter(), 0, np.zeros(1, dtype=np.uint8)
         if r == 0:  # rank 0 decides when to stop: 0 is a ping, 1 the end
             while time.perf_counter() - t0 < BUSY_S:
-                comm.Send(flag, dest=1)
-                comm.Recv(flag, source=1)
+                comm.Send(flag, dest=peer)
+                comm.Recv(flag, source=peer)
                 trips += 1
             busy = (time.perf_counter() - t0) / max(1, 2 * trips)
-            comm.Send(np.ones(1, dtype=np.uint8), dest=1)
-        elif r == 1:
+            comm.Send(np.ones(1, dtype=np.uint8), dest=peer)
+        elif r == peer:
             while True:
                 comm.Recv(flag, source=0)
                 if flag[0]:
@@ -115,7 +108,10 @@ def probe(comm: Any) -> Optional[dict[str, float]]:
     if r == 0:
         small, big = out[SIZES[0]], out[SIZES[1]]
         got = {"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9),
-               "busy_latency": busy}
+               "busy_latency": busy, "hosts": names}
+        if remote:
+            small, big = remote[SIZES[0]], remote[SIZES[1]]
+            got.update(remote_latency=small, remote_bandwidth=(SIZES[1] - SIZES[0]) / max(big - small, 1e-9))
         if size > 1:  # fitted to a ring: 2 (r-1) steps of n / r bytes
             steps = 2 * (size - 1)
             span = max(ar[AR_SIZES[1]] - ar[AR_SIZES[0]], 1e-9)
@@ -123,6 +119,31 @@ def probe(comm: Any) -> Optional[dict[str, float]]:
                        ar_bandwidth=steps * (AR_SIZES[1] - AR_SIZES[0]) / size / span)
         return got
     return None
+
+
+def _ping_pong(comm: Any, peer: int) -> dict[int, float]:
+    """Collective: rank 0 and ``peer`` ping-pong each of :data:`SIZES` (one-way seconds on rank 0)."""
+    import time
+
+    import numpy as np
+
+    r, out = comm.Get_rank(), {}
+    for n in SIZES:
+        buf = np.zeros(n, dtype=np.uint8)
+        times = []
+        for rep in range(10):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            if r == 0:
+                comm.Send(buf, dest=peer)
+                comm.Recv(buf, source=peer)
+            elif r == peer:
+                comm.Recv(buf, source=0)
+                comm.Send(buf, dest=0)
+            if rep:
+                times.append((time.perf_counter() - t0) / 2)
+        out[n] = sorted(times)[len(times) // 2]
+    return out
 
 
 def _main() -> None:
@@ -134,9 +155,10 @@ def _main() -> None:
 
 
 def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout: float = 120.0,
-            np_: int = 2) -> tuple[Link, Link]:
-    """The point-to-point link inside this host (``hostfile`` None) or between the hostfile's first two
-    hosts, and the all-reduce of ``np_`` ranks placed as a run places them, as a ring's per-step link.
+            np_: int = 2) -> dict[str, Any]:
+    """:func:`probe`'s figures for ``np_`` ranks placed as a run places them (``hostfile`` None: on this
+    host): the point-to-point link inside a host and (with a hostfile of several hosts) between two,
+    the all-reduce of all of them as a ring's per-step link (:func:`links`, :func:`remote_link`).
 
     Raises:
         LinkError: mpirun failed or printed no answer (one line, with its last words).
@@ -146,7 +168,7 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
     np_ = max(2, np_)
     path = os.path.join(cache, f"{os.uname().nodename}-{key}-np{np_}.json")
     if os.path.exists(path):
-        return links(json.load(open(path)))
+        return dict(json.load(open(path)))
     cmd = ["mpirun", "-np", str(np_), "--oversubscribe"]
     if hostfile is not None:
         cmd += ["--hostfile", hostfile]
@@ -164,13 +186,21 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
     with open(path + ".tmp", "w") as f:
         json.dump(got, f)
     os.replace(path + ".tmp", path)
-    return links(got)
+    return dict(got)
 
 
-def links(got: dict[str, float]) -> tuple[Link, Link]:
-    """The point-to-point link and the all-reduce's ring step, from :func:`probe`'s figures."""
+def links(got: dict[str, Any]) -> tuple[Link, Link]:
+    """The point-to-point link (inside a host) and the all-reduce's ring step, from :func:`probe`'s
+    figures."""
     p2p = Link(got["latency"], got["bandwidth"], max(0.0, got.get("busy_latency", 0.0) - got["latency"]))
     return p2p, Link(got.get("ar_latency", p2p.latency), got.get("ar_bandwidth", p2p.bandwidth))
+
+
+def remote_link(got: dict[str, Any]) -> Optional[Link]:
+    """The point-to-point link between two hosts (None: the ranks measured were on one host)."""
+    if "remote_latency" not in got:
+        return None
+    return Link(got["remote_latency"], got["remote_bandwidth"])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
   bundles of one stage run at half speed, while a pipeline's ranks that wait for each other do not.
 - A dependency that crosses stage groups costs the point-to-point time of the largest message a stage
   sends (the simulator takes one transfer time).
+- Across hosts (a hostfile, or a run's ranks on several hosts): a hop, a tensor group or a data group
+  whose ranks are on different hosts runs on the link between hosts, the others on the link inside one.
 - After the schedule: the gradients' average across bundles as a ring all-reduce (fp16 halves the
   bytes; ``--zero 2`` a reduce-scatter, and ``--zero 1/2`` an all-gather of the parameters), then the
   optimizer step over the rank's parameters (its share under ``--zero``).
@@ -17,10 +19,12 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..layout.placement import Placement
+from ..layout.topology import Layout
 from ..parallel.graph import StageGraph
 from ..pipeline.actions import Action, Plan
 from ..pipeline.simulator import simulate
@@ -48,19 +52,35 @@ class Prediction:
 def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Plan,
               times: dict[int, StageTime], link: Link, elements: Sequence[int], opt_per_element: float,
               per_host: int = 1, cores: int = 1, fp16: bool = True,
-              allreduce: Optional[Link] = None) -> Prediction:
+              allreduce: Optional[Link] = None, remote: Optional[Link] = None,
+              hosts: Sequence[str] = (), layout: Optional[Layout] = None) -> Prediction:
     """The predicted step of ``choice``: ``plan`` (position -> actions) over ``graph`` placed by
     ``placement``; ``times``: model stage -> its measured :class:`StageTime` at the choice's rows (one
     thread per rank where ranks outnumber cores); ``elements``: parameter elements per position;
     ``per_host`` ranks share a host's ``cores``; ``allreduce``: the link the average across bundles
-    sees (default ``link``)."""
+    sees (default ``link``). Across hosts: ``hosts`` names each rank's host in ``layout`` (then
+    ``per_host`` is counted from it), and a group whose ranks are on more than one host talks over
+    ``remote`` (``link``: inside a host)."""
     split = {(a.stage, m) for acts in plan.values() for a in acts if a.kind == "W" for m in a.mbs}
+    hop_link, tensor_link, ar = link, link, allreduce or link
+    if hosts and layout is not None:
+        per_host = max(Counter(hosts).values())
+        if remote is not None:
+            def crosses(ranks: Sequence[int]) -> bool:
+                return len({hosts[r] for r in ranks}) > 1
+
+            if any(crosses([layout.rank_of(0, s, 0), layout.rank_of(0, s + 1, 0)])
+                   for s in range(layout.num_stages - 1)):
+                hop_link = remote
+            if crosses(layout.tensor_members(0, 0, 0)):
+                tensor_link = remote
+            ar = remote if crosses(layout.data_members(0, 0)) else link
 
     def tensor(st: StageTime) -> float:
         if choice.tensor <= 1 or not st.tensor_calls:
             return 0.0
         per = st.tensor_bytes / st.tensor_calls
-        return st.tensor_calls * link.allreduce(per, choice.tensor) / 2  # half in F, half in B
+        return st.tensor_calls * tensor_link.allreduce(per, choice.tensor) / 2  # half in F, half in B
 
     def cost(a: Action) -> float:
         st = times[a.stage]
@@ -75,7 +95,7 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
 
     # a stage's message wakes a rank that waited while others computed; a tensor group's ranks meet in
     # their collective together (no wake)
-    hop = link.time(max((t.out_bytes for t in times.values()), default=0)) + link.wake
+    hop = hop_link.time(max((t.out_bytes for t in times.values()), default=0)) + link.wake
     sim = simulate(graph, placement, plan, choice.microbatches, costs=cost, comm=hop)
     # The host's cores are shared by its busy ranks only (a waiting rank yields its core): the schedule
     # takes its critical path, or the host's work spread over its cores, whichever is longer.
@@ -84,7 +104,6 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores)
     most = max(elements, default=0)
     b = choice.bundles
-    ar = allreduce or link
     wire = (2 if fp16 else 4) * most
     if b <= 1:
         reduce = 0.0

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from ..config import ConfigError
+from ..layout.traffic import describe_links
 
 __all__ = ["parse_bytes", "render"]
 
@@ -42,14 +43,20 @@ def render(got: dict[str, Any], top: int = 5) -> str:
     lines = [f"hvdtrain plan --auto: {got['layouts']} layouts of {got['np']} ranks weighed for hvdtrain "
              f"{got['model']} ({got['too_big']} over --max-memory); costs measured here: "
              f"{got['cores']} core(s), {got['ranks_per_host']} rank(s) per host, link "
-             f"{link['latency'] * 1e6:.1f} us + {link['bandwidth'] / 1e9:.2f} GB/s",
+             f"{link['latency'] * 1e6:.1f} us + {link['bandwidth'] / 1e9:.2f} GB/s"
+             + (f", between hosts {got['remote']['latency'] * 1e6:.1f} us + "
+                f"{got['remote']['bandwidth'] / 1e9:.3f} GB/s" if got.get("remote") else ""),
              f"{'#':>3} {'s/step':>8} {'MB/rank':>8}  layout"]
     for i, r in enumerate(ranked[:top]):
         lines.append(f"{i + 1:>3} {r['step_s']:>8.4f} {_mb(r['memory']):>8}  {r['describe']}")
     best = ranked[0]
-    lines.append(f"chosen: {' '.join(best['options'])}")
+    launch = f" (launch with --map-by {best['map_by']})" if best.get("map_by") else ""
+    lines.append(f"chosen: {' '.join(best['options'])}{launch}")
     lines.append(f"  predicted {best['step_s']:.4f} s/step ({_parts(best)}), at most "
                  f"{_mb(best['memory'])} MB per rank")
+    if best.get("links"):  # activations and gradients; a tensor group's collectives are not counted
+        shown = describe_links({(a, b): v for a, b, v in best["links"]})
+        lines.append(f"  bytes per step: {'; '.join(shown)}")
     if len(ranked) > 1:
         nxt = ranked[1]
         lines.append(f"  next best {nxt['step_s']:.4f} s/step ({nxt['describe']}): {_parts(nxt)}")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from ..config import Config, ConfigError, check_batch
 from ..errors import USER_ERRORS
 from ..layout.placement import Placement
+from ..layout.traffic import ModelSizes, link_bytes
 from .links import Link
 from .probe import CountingComm, StageTime, optimizer_time, time_stage
 from .space import choices
@@ -39,10 +40,13 @@ class _Model:
 def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
            widths: Optional[tuple[int, ...]], build: Callable[[int, Any], Any], tensor_parallel: bool,
            link: Link, cores: int, ranks_per_host: int, max_memory: Optional[int] = None, rest: int = 0,
-           say: Callable[[str], None] = lambda s: None, allreduce: Optional[Link] = None) -> dict[str, Any]:
+           say: Callable[[str], None] = lambda s: None, allreduce: Optional[Link] = None,
+           remote: Optional[Link] = None, hosts: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """The ranked layouts for ``np_`` ranks of model command ``name`` (what :func:`session.run_model`
     handed the planner). ``rest``: bytes a rank holds beyond what the accounting counts (the
     interpreter and libraries), added to each prediction; ``max_memory``: the per-rank limit.
+    ``hosts``: ``--map-by`` value -> the host of each rank (``{"": [...]}``: as launched; None: one
+    host); ``remote``: the link between hosts.
 
     Raises:
         PlanError: a model with its own stage widths (GROVER's task branches), nothing fits the limit,
@@ -119,14 +123,22 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
             t = {s: times[(n, c.tensor, s, rows, mode.mode_of(s))] for s in range(n)}
             elements = [sum(f[s].params for s in placement.stages_on(pos))
                         for pos in range(layout.num_stages)]
-            pred = step_time(c, m.model.graph, placement, plans, t, link, elements, per_element,
-                             ranks_per_host, cores, cfg.comm.fp16_compression, allreduce)
-            split = c.schedule in ("zb1", "zbv", "vhalf")
-            results.append({"choice": c, "options": c.options(), "describe": c.describe(),
-                            **pred.as_dict(), "memory": memory, "positions": figs,
-                            "costs": {"stages": {str(s): dataclasses.asdict(t[s]) for s in t},
-                                      "split_w": split, "link": dataclasses.asdict(link)},
-                            "fits": max_memory is None or memory <= max_memory})
+            out = max((t[s].out_bytes for s in t), default=0) * c.microbatches * c.bundles
+            sizes = ModelSizes(tuple(4.0 * e for e in elements),  # looped stages cross more boundaries
+                               out * max(1, n - 1) / max(1, layout.num_stages - 1), cfg.comm.fp16_compression)
+            for map_by, placed in (hosts or {"": []}).items():
+                cm = dataclasses.replace(c, map_by=map_by)
+                pred = step_time(cm, m.model.graph, placement, plans, t, link, elements, per_element,
+                                 ranks_per_host, cores, cfg.comm.fp16_compression, allreduce, remote=remote,
+                                 hosts=placed, layout=layout)
+                results.append({"choice": cm, "options": cm.options(), "describe": cm.describe(),
+                                "map_by": map_by, **pred.as_dict(), "memory": memory, "positions": figs,
+                                "links": [[a, b, v] for (a, b), v in
+                                          link_bytes(layout, placed or ["this host"] * np_, sizes).items()],
+                                "costs": {"stages": {str(s): dataclasses.asdict(t[s]) for s in t},
+                                          "split_w": c.schedule in ("zb1", "zbv", "vhalf"),
+                                          "link": dataclasses.asdict(link)},
+                                "fits": max_memory is None or memory <= max_memory})
     finally:
         torch.set_num_threads(old_threads)
     if not results:
@@ -143,6 +155,7 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
                         f"--max-memory to it or use more ranks")
     return {"model": name, "np": np_, "layouts": len(results), "fit": len(fits), "ranked": fits,
             "too_big": len(results) - len(fits), "link": dataclasses.asdict(link), "cores": cores,
+            "remote": dataclasses.asdict(remote) if remote is not None else None,
             "ranks_per_host": ranks_per_host, "rest": rest}
 
 

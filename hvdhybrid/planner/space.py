@@ -2,7 +2,8 @@
 
 A :class:`Choice` is what ``--layout auto`` sets: tensor size, stage groups,
 model stages per group (placement ``auto``: looped, or a V for zbv/vhalf),
-schedule, microbatches, ``--zero`` and ``--recompute``. Bundles are what is
+schedule, microbatches, ``--zero`` and ``--recompute``; across hosts, also how
+ranks are dealt onto them (``--map-by``, which the launcher takes). Bundles are what is
 left of the world. :func:`choices` lists every one that the world divides,
 that the rows of one pass split evenly over (bundles x microbatches), and
 whose stage count the model has layers for; the search proves each with the
@@ -33,6 +34,7 @@ class Choice:
     microbatches: int
     zero: int
     recompute: str
+    map_by: str = ""  # ranks onto hosts (mpirun's --map-by, hvdtrain launch's); "": one host, or as launched
 
     def options(self) -> list[str]:
         out = ["--tensor", str(self.tensor), "--stages", str(self.stages), "--schedule", self.schedule,
@@ -46,7 +48,7 @@ class Choice:
         spr = f" ({self.stages_per_rank} per rank)" if self.stages_per_rank > 1 else ""
         return (f"tensor {self.tensor} x {self.stages} stage(s){spr} x {self.bundles} bundle(s), "
                 f"{self.schedule}, {self.microbatches} microbatch(es), zero {self.zero}, "
-                f"recompute {self.recompute}")
+                f"recompute {self.recompute}" + (f", --map-by {self.map_by}" if self.map_by else ""))
 
 
 def divisors(n: int) -> list[int]:

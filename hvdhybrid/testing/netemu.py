@@ -15,7 +15,7 @@ that takes ssh's arguments (``[options] HOST CMD...``) and runs ``CMD`` inside
 the namespace of ``HOST``; :meth:`EmulatedHosts.env` points Open MPI at it and
 puts it on ``PATH`` as ``ssh``. Links can be limited with ``tc tbf`` in both
 directions (tbf, 128 KiB burst). Latency cannot be emulated (no netem), and all hosts share the
-machine's cores.
+machine's cores unless ``cpus`` gives each its own (``taskset``).
 
 Example::
 
@@ -70,7 +70,7 @@ if [ $# -eq 0 ]; then
   echo "netemu: no command for $host (interactive logins are not supported); pass a command" >&2
   exit 255
 fi
-exec ip netns exec "$ns" unshare --uts --mount sh -c \
+exec ${{cpus:+taskset -c $cpus}} ip netns exec "$ns" unshare --uts --mount sh -c \
   'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec sh -c "$*"' "$name" {hosts_file} "$@"
 """
 
@@ -141,7 +141,11 @@ def _pick_subnet(tag: str) -> str:
 class EmulatedHosts:
     """``n`` emulated hosts ``h0..h{n-1}`` with ``slots`` slots each and links limited to ``rate``."""
 
-    def __init__(self, n: int, slots: int = 2, rate: Optional[str] = "1gbit", tag: Optional[str] = None):
+    def __init__(self, n: int, slots: int = 2, rate: Optional[str] = "1gbit", tag: Optional[str] = None,
+                 cpus: Optional[list[str]] = None):
+        """``cpus``: the cores each host's processes may run on (``taskset -c`` lists, host ``i`` gets
+        ``cpus[i % len(cpus)]``; the launcher host 0's), so hosts do not share cores; None: all share
+        the machine's."""
         if not 1 <= n <= 200:
             raise EmulationError(f"n={n} emulated hosts is out of range; use 1 to 200")
         if slots < 1:
@@ -150,6 +154,10 @@ class EmulatedHosts:
         if why:
             raise EmulationError(why)
         self.n, self.slots, self.rate = n, slots, rate
+        self.cpus: dict[str, str] = {}
+        if cpus:
+            self.cpus = {f"h{k}": cpus[k % len(cpus)] for k in range(n)}
+            self.cpus["launcher"] = cpus[0]
         self.tag = _new_tag(tag)
         self.subnet = _pick_subnet(self.tag)
         self.hosts: list[str] = [f"h{i}" for i in range(n)]
@@ -217,7 +225,8 @@ class EmulatedHosts:
         bindir = os.path.join(self.tmpdir, "bin")
         os.mkdir(bindir)
         self.agent = os.path.join(bindir, "netemu-agent")
-        cases = "\n".join(f"  {h}|{self._addr[h]}) ns={self._ns[h]} name={h} ;;" for h in names)
+        cases = "\n".join(f"  {h}|{self._addr[h]}) ns={self._ns[h]} name={h} cpus={self.cpus.get(h, '')} ;;"
+                          for h in names)
         with open(self.agent, "w") as f:
             f.write(_AGENT.format(tag=self.tag, cases=cases, known=" ".join(names),
                                   hosts_file=shlex.quote(self._hosts_file)))
@@ -262,6 +271,8 @@ class EmulatedHosts:
             "OMPI_ALLOW_RUN_AS_ROOT": "1",
             "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
         })
+        if self.cpus:  # Open MPI's own binding (to a socket past 2 ranks) would undo each host's cores
+            e["OMPI_MCA_hwloc_base_binding_policy"] = "none"
         path = [os.path.dirname(self.agent), os.path.dirname(sys.executable), e.get("PATH", "")]
         e["PATH"] = os.pathsep.join(p for p in path if p)
         return e
@@ -269,7 +280,8 @@ class EmulatedHosts:
     def argv_on(self, host: str, cmd: list[str]) -> list[str]:
         """The argv that runs ``cmd`` on ``host`` (or ``launcher``), with its hostname and hosts file."""
         self._check_host(host)
-        return ["ip", "netns", "exec", self._ns[host], "unshare", "--uts", "--mount",
+        pin = ["taskset", "-c", self.cpus[host]] if host in self.cpus else []
+        return [*pin, "ip", "netns", "exec", self._ns[host], "unshare", "--uts", "--mount",
                 "sh", "-c", _SETUP, host, self._hosts_file, *cmd]
 
     def popen(self, cmd: list[str], env: Optional[dict[str, str]] = None, cwd: Optional[str] = None,

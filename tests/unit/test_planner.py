@@ -10,7 +10,7 @@ from hvdhybrid.parallel.graph import StageGraph
 from hvdhybrid.pipeline import schedules
 from hvdhybrid.pipeline.simulator import simulate
 from hvdhybrid.planner.links import Link
-from hvdhybrid.planner.predict import step_time
+from hvdhybrid.planner.predict import Prediction, step_time
 from hvdhybrid.planner.probe import StageTime
 from hvdhybrid.planner.render import parse_bytes, render
 from hvdhybrid.planner.space import Choice, choices
@@ -113,3 +113,36 @@ def test_render_names_the_choice_and_why() -> None:
     assert "chosen: --tensor 1 --stages 2 --schedule zb1 --microbatches 4 --zero 1" in text
     assert "plain data parallel would take 0.2000 s/step (2.00x)" in text
     assert "10 layouts of 4 ranks" in text and "(2 over --max-memory)" in text
+
+
+def test_across_hosts_a_group_on_two_hosts_talks_over_the_remote_link() -> None:
+    """2 stages x 2 bundles on 2 hosts of 2 ranks: --map-by slot keeps a bundle's stages on one host (the
+    gradients' average crosses), --map-by node puts its stages on two (the hops cross)."""
+    from hvdhybrid.layout.hostfile import Host, place_ranks
+    from hvdhybrid.layout.topology import Layout
+
+    g, pl = StageGraph.chain(2), Placement.identity(2)
+    plan = schedules.build("1f1b", g, 2, pl)
+    local, remote = Link(1e-6, 1e10), Link(1e-4, 1e8)
+    layout = Layout.pipeline(4, 2)
+    hosts = [Host("a", 2), Host("b", 2)]
+    c = Choice(1, 2, 2, 1, "1f1b", 2, 0, "none")
+    times = _times(1e-3, 2e-3, out=10**6)
+
+    def at(map_by: str) -> Prediction:
+        return step_time(c, g, pl, plan, times, local, [10**6, 10**6], 0.0, cores=2, remote=remote,
+                         hosts=place_ranks(hosts, 4, map_by), layout=layout)
+    slot, node = at("slot"), at("node")
+    assert place_ranks(hosts, 4, "slot") == ["a", "a", "b", "b"]
+    assert slot.reduce == pytest.approx(remote.allreduce(2 * 10**6, 2))
+    assert node.reduce == pytest.approx(local.allreduce(2 * 10**6, 2))
+    assert node.pipeline > slot.pipeline  # each microbatch's activation crosses at 100 MB/s
+    one_host = step_time(c, g, pl, plan, times, local, [10**6, 10**6], 0.0, per_host=4, cores=2)
+    assert one_host.reduce == pytest.approx(local.allreduce(2 * 10**6, 2))
+    # the host's cores: 2 ranks per host of 2 cores, against 4 ranks on one host of 2
+    assert slot.pipeline <= one_host.pipeline + 1e-12
+
+
+def test_the_search_space_marks_map_by_in_the_description() -> None:
+    c = Choice(1, 2, 2, 1, "1f1b", 2, 0, "none", map_by="node")
+    assert c.describe().endswith(", --map-by node") and "--map-by" not in c.options()
