@@ -21,7 +21,7 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
             fits, or a cost cannot be measured here (one line, with what would fit).
     """
     from ..layout.hostfile import MAP_BY, place_ranks
-    from ..planner.links import LinkError, links, measure, remote_link
+    from ..planner.links import LinkError, crowding, links, measure, remote_link
     from ..planner.render import parse_bytes
     from ..planner.search import search
     from ..training.device import usable_cores
@@ -49,7 +49,8 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
                 tensor_parallel: bool) -> None:
         got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
                           cores=usable_cores(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
-                          say=say, allreduce=allreduce, remote=remote_link(figures), hosts=placed))
+                          say=say, allreduce=allreduce, remote=remote_link(figures), hosts=placed,
+                          crowd=crowding(figures)))
 
     run_as_planner(command, cli, planner)
     return got

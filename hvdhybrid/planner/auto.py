@@ -21,7 +21,7 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
     (what ``plan.json`` in the run's directory keeps). Collective over ``comm``."""
     from ..errors import InputError
     from ..training.device import local_size
-    from .links import probe
+    from .links import probe, sleep_barrier
 
     got: dict[str, Any] = {}
     local_ranks = local_size()
@@ -32,7 +32,7 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
                              figures, say)
         except Exception as e:  # every rank raises it (one line), none waits for a plan that never comes
             got = {"error": str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"}
-    _idle_until_all_arrive(comm)  # the other ranks sleep while rank 0 measures: it needs the cores
+    sleep_barrier(comm)  # the other ranks sleep while rank 0 measures: it needs the cores
     got = comm.bcast(got, root=0)
     if "error" in got:
         from .search import PlanError
@@ -53,7 +53,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
 
     from ..training.device import usable_cores
     from ..training.memory import peak_rss
-    from .links import links, remote_link
+    from .links import crowding, links, remote_link
     from .render import parse_bytes
     from .search import search
 
@@ -67,7 +67,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
                  link=link, cores=usable_cores(), ranks_per_host=local_ranks, max_memory=limit,
                  rest=peak_rss(), say=say, allreduce=allreduce, remote=remote_link(figures),
-                 hosts={"": names} if len(set(names)) > 1 else None)
+                 hosts={"": names} if len(set(names)) > 1 else None, crowd=crowding(figures))
     best = got["ranked"][0]
     got = {**{k: v for k, v in got.items() if k != "ranked"},
            "chosen": {**{k: v for k, v in best.items() if k != "choice"},
@@ -77,13 +77,3 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     say(f"--layout auto chose {' '.join(got['chosen']['options'])}: predicted "
         f"{got['chosen']['step_s']:.4f} s/step, {got['chosen']['memory'] / 2**20:.0f} MB per rank")
     return got
-
-
-def _idle_until_all_arrive(comm: Any) -> None:
-    """A barrier that sleeps instead of spinning (a spinning rank would take a core from rank 0's
-    measurements on a host with fewer cores than ranks)."""
-    import time
-
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.01)

@@ -22,11 +22,12 @@ from typing import Any, Optional
 
 from ..errors import InputError
 
-__all__ = ["Link", "LinkError", "links", "measure", "probe", "remote_link"]
+__all__ = ["Link", "LinkError", "crowding", "links", "measure", "probe", "remote_link", "sleep_barrier"]
 
 SIZES = (8, 4 << 20)
 BUSY_S = 0.3
 AR_SIZES = (64, 16 << 20)
+REPS = 25  # forward and backward passes per timing of the crowd (about 0.1 s alone)
 
 
 class LinkError(InputError):
@@ -94,6 +95,7 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
             x = np.ones(1 << 16)
             while time.perf_counter() - t0 < BUSY_S * 1.2:
                 x = x * 1.0000001
+    crowd = _crowd(comm, names)
     ar = {}
     for n in AR_SIZES:  # all ranks: MPI's all-reduce, as the average across bundles runs it
         buf = np.zeros(n // 4, dtype=np.float32)
@@ -108,7 +110,7 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
     if r == 0:
         small, big = out[SIZES[0]], out[SIZES[1]]
         got = {"latency": small, "bandwidth": (SIZES[1] - SIZES[0]) / max(big - small, 1e-9),
-               "busy_latency": busy, "hosts": names}
+               "busy_latency": busy, "hosts": names, **crowd}
         if remote:
             small, big = remote[SIZES[0]], remote[SIZES[1]]
             got.update(remote_latency=small, remote_bandwidth=(SIZES[1] - SIZES[0]) / max(big - small, 1e-9))
@@ -119,6 +121,70 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
                        ar_bandwidth=steps * (AR_SIZES[1] - AR_SIZES[0]) / size / span)
         return got
     return None
+
+
+def _crowd(comm: Any, names: list[str]) -> dict[str, float]:
+    """Collective: how much slower a stage-sized forward and backward runs on rank 0 when every rank of
+    its host computes at once than alone (the others asleep), with the host's cores (the union of its
+    ranks' affinities). Ranks sharing cores evenly would make it (ranks / cores); caches and memory
+    bandwidth shared by more working sets than fit make it more."""
+    import statistics
+    import time
+
+    import torch
+
+    from ..training.device import rank_threads
+
+    torch.set_num_threads(rank_threads())
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.nn.Linear(1024, 1024) for _ in range(4)]  # 16 MB of weights, as a stage holds
+    x = torch.randn(16, 1024, generator=g)
+
+    def work() -> float:
+        t0 = time.perf_counter()
+        for _ in range(REPS):
+            y = x
+            for lay in layers:
+                y = torch.relu(lay(y))
+            y.sum().backward()
+        return time.perf_counter() - t0
+
+    r = comm.Get_rank()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    mine = [c for k, c in enumerate(comm.allgather(sorted(cores))) if names[k] == names[0]]
+    work()
+    alone, together = [], []
+    for _ in range(5):
+        comm.Barrier()
+        if r == 0:
+            alone.append(work())
+        sleep_barrier(comm)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        work()
+        sleep_barrier(comm)  # until the last rank is done: the host's throughput, not rank 0's luck
+        together.append(time.perf_counter() - t0)
+    if r != 0:
+        return {}
+    return {"crowd_ratio": statistics.median(together) / max(statistics.median(alone), 1e-9),
+            "host_ranks": float(len(mine)),
+            "host_cores": float(len(set().union(*map(set, mine))))}
+
+
+def sleep_barrier(comm: Any) -> None:
+    """A barrier that sleeps instead of spinning (the ranks that wait must leave rank 0 its core)."""
+    import time
+
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.005)
+
+
+def crowding(got: dict[str, Any]) -> float:
+    """What a host whose ranks all compute at once costs beyond sharing its cores evenly (at least 1):
+    :func:`probe`'s measured slowdown over ranks / cores on rank 0's host."""
+    ranks, cores = float(got.get("host_ranks", 1.0)), float(got.get("host_cores", 1.0))
+    return max(1.0, float(got.get("crowd_ratio", 1.0)) / max(1.0, ranks / max(1.0, cores)))
 
 
 def _ping_pong(comm: Any, peer: int) -> dict[int, float]:

@@ -8,6 +8,8 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
 - A host's cores are shared by its busy ranks (waiting ranks yield): the schedule takes the longer of
   its simulated critical path and the host's work divided by its cores. With 4 ranks on 2 cores, 4
   bundles of one stage run at half speed, while a pipeline's ranks that wait for each other do not.
+  More ranks than cores all computing cost more than their share (their working sets outgrow the
+  caches): the host's work is scaled by the slowdown measured with every rank of a host busy.
 - A dependency that crosses stage groups costs the point-to-point time of the largest message a stage
   sends (the simulator takes one transfer time).
 - Across hosts (a hostfile, or a run's ranks on several hosts): a hop, a tensor group or a data group
@@ -53,14 +55,15 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
               times: dict[int, StageTime], link: Link, elements: Sequence[int], opt_per_element: float,
               per_host: int = 1, cores: int = 1, fp16: bool = True,
               allreduce: Optional[Link] = None, remote: Optional[Link] = None,
-              hosts: Sequence[str] = (), layout: Optional[Layout] = None) -> Prediction:
+              hosts: Sequence[str] = (), layout: Optional[Layout] = None, crowd: float = 1.0) -> Prediction:
     """The predicted step of ``choice``: ``plan`` (position -> actions) over ``graph`` placed by
     ``placement``; ``times``: model stage -> its measured :class:`StageTime` at the choice's rows (one
     thread per rank where ranks outnumber cores); ``elements``: parameter elements per position;
     ``per_host`` ranks share a host's ``cores``; ``allreduce``: the link the average across bundles
     sees (default ``link``). Across hosts: ``hosts`` names each rank's host in ``layout`` (then
     ``per_host`` is counted from it), and a group whose ranks are on more than one host talks over
-    ``remote`` (``link``: inside a host)."""
+    ``remote`` (``link``: inside a host). ``crowd``: how much more than its share of the cores a host
+    whose ranks outnumber its cores costs when they all compute (caches, memory bandwidth)."""
     split = {(a.stage, m) for acts in plan.values() for a in acts if a.kind == "W" for m in a.mbs}
     hop_link, tensor_link, ar = link, link, allreduce or link
     if hosts and layout is not None:
@@ -101,7 +104,8 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     # takes its critical path, or the host's work spread over its cores, whichever is longer.
     work = sum(cost(a) for acts in plan.values() for a in acts)  # one rank of each stage group
     ranks = choice.tensor * choice.stages * choice.bundles
-    makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores)
+    crowded = crowd if per_host > cores else 1.0
+    makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores * crowded)
     most = max(elements, default=0)
     b = choice.bundles
     wire = (2 if fp16 else 4) * most
@@ -112,5 +116,5 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     else:
         reduce = ar.allreduce(wire, b) + (ar.allgather(4 * most, b) if choice.zero == 1 else 0.0)
     share = most / b if choice.zero and b > 1 else most
-    opt = share * opt_per_element * max(1.0, per_host / cores)  # every rank steps at once
+    opt = share * opt_per_element * max(1.0, per_host / cores) * crowded  # every rank steps at once
     return Prediction(makespan + reduce + opt, makespan, reduce, opt)

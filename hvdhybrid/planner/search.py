@@ -41,12 +41,14 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
            widths: Optional[tuple[int, ...]], build: Callable[[int, Any], Any], tensor_parallel: bool,
            link: Link, cores: int, ranks_per_host: int, max_memory: Optional[int] = None, rest: int = 0,
            say: Callable[[str], None] = lambda s: None, allreduce: Optional[Link] = None,
-           remote: Optional[Link] = None, hosts: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
+           remote: Optional[Link] = None, hosts: Optional[dict[str, list[str]]] = None,
+           crowd: float = 1.0) -> dict[str, Any]:
     """The ranked layouts for ``np_`` ranks of model command ``name`` (what :func:`session.run_model`
     handed the planner). ``rest``: bytes a rank holds beyond what the accounting counts (the
     interpreter and libraries), added to each prediction; ``max_memory``: the per-rank limit.
     ``hosts``: ``--map-by`` value -> the host of each rank (``{"": [...]}``: as launched; None: one
-    host); ``remote``: the link between hosts.
+    host); ``remote``: the link between hosts; ``crowd``: a busy host's slowdown beyond sharing its
+    cores (:func:`.links.crowding`).
 
     Raises:
         PlanError: a model with its own stage widths (GROVER's task branches), nothing fits the limit,
@@ -130,7 +132,7 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
                 cm = dataclasses.replace(c, map_by=map_by)
                 pred = step_time(cm, m.model.graph, placement, plans, t, link, elements, per_element,
                                  ranks_per_host, cores, cfg.comm.fp16_compression, allreduce, remote=remote,
-                                 hosts=placed, layout=layout)
+                                 hosts=placed, layout=layout, crowd=crowd)
                 results.append({"choice": cm, "options": cm.options(), "describe": cm.describe(),
                                 "map_by": map_by, **pred.as_dict(), "memory": memory, "positions": figs,
                                 "links": [[a, b, v] for (a, b), v in
@@ -156,7 +158,7 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     return {"model": name, "np": np_, "layouts": len(results), "fit": len(fits), "ranked": fits,
             "too_big": len(results) - len(fits), "link": dataclasses.asdict(link), "cores": cores,
             "remote": dataclasses.asdict(remote) if remote is not None else None,
-            "ranks_per_host": ranks_per_host, "rest": rest}
+            "ranks_per_host": ranks_per_host, "rest": rest, "crowd": crowd}
 
 
 def _build(build: Callable[[int, Any], Any], n: int, layout: Any,

@@ -146,3 +146,21 @@ def test_across_hosts_a_group_on_two_hosts_talks_over_the_remote_link() -> None:
 def test_the_search_space_marks_map_by_in_the_description() -> None:
     c = Choice(1, 2, 2, 1, "1f1b", 2, 0, "none", map_by="node")
     assert c.describe().endswith(", --map-by node") and "--map-by" not in c.options()
+
+
+def test_a_crowded_host_costs_its_measured_slowdown_beyond_sharing_its_cores() -> None:
+    from hvdhybrid.planner.links import crowding
+
+    assert crowding({"crowd_ratio": 2.4, "host_ranks": 4.0, "host_cores": 2.0}) == pytest.approx(1.2)
+    assert crowding({"crowd_ratio": 0.9, "host_ranks": 2.0, "host_cores": 2.0}) == 1.0  # never below 1
+    assert crowding({}) == 1.0
+    dp = Choice(1, 1, 4, 1, "1f1b", 1, 0, "none")
+    g1, p1 = StageGraph.chain(1), Placement.identity(1)
+    flat = schedules.build("1f1b", g1, 1, p1)
+    link = Link(0.0, 1e9)
+
+    def at(per_host: int, crowd: float) -> float:
+        return step_time(dp, g1, p1, flat, {0: StageTime(1.0, 2.0, 0)}, link, [0], 0.0, per_host=per_host,
+                         cores=2, crowd=crowd).pipeline
+    assert at(4, 1.2) == pytest.approx(6.0 * 1.2)
+    assert at(2, 1.2) == pytest.approx(3.0)  # as many ranks as cores: nothing shared
