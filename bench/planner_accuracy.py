@@ -154,7 +154,10 @@ def _accuracy(a: argparse.Namespace, command: list[str], hosts: Any) -> None:
               f"({fastest['describe']}): {chosen['step_s'] / fastest['step_s']:.2f}x (goal within 1.05x)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"command": command, "np": a.np, "rows": rows, "spearman": rho, "memory_error": mem_err,
+            json.dump({"command": command, "np": a.np, "hosts": a.hosts,
+                       "rate": a.rate if a.hosts > 1 else None, "rows": rows, "spearman": rho,
+                       "memory_error": mem_err,
+                       "pick_vs_fastest": chosen["step_s"] / fastest["step_s"] if chosen else None,
                        "plan": {k: v for k, v in got.items() if k != "ranked"}}, f, indent=1)
 
 

@@ -582,20 +582,28 @@ def grover_stream() -> list[dict]:
 
 
 def planner() -> list[dict]:
-    """The planner against measured runs on this host's 4 ranks: the bench MLP and GPT-2 mini
-    (bench/planner_accuracy.py; the rows in docs/results/planner/)."""
+    """The planner against measured runs on 4 ranks, on this host and on 2 emulated hosts x 2 ranks at
+    1 Gbit/s (each host on its own core): the bench MLP, GPT-2 tiny and mini (bench/planner_accuracy.py;
+    the tables and rows in docs/results/planner/)."""
+    mlp = ["mlp", "--hidden", "1024", "--depth", "8", "--batch-size", "256"]
+    tiny = ["gpt2", "--size", "tiny", "--seq-len", "64", "--batch-size", "32", "--limit", "512",
+            "--sample-tokens", "0"]
+    mini = ["gpt2", "--size", "mini", "--seq-len", "128", "--batch-size", "8", "--limit", "256",
+            "--sample-tokens", "0"]
     res = []
-    for name, sample, steps, cmd in (
-            ("mlp", 16, 10, ["mlp", "--hidden", "1024", "--depth", "8", "--batch-size", "256"]),
-            ("gpt2-mini", 12, 8, ["gpt2", "--size", "mini", "--seq-len", "128", "--batch-size", "8",
-                                  "--limit", "256", "--sample-tokens", "0"])):
-        out = os.path.join(ROOT, "docs", "results", "planner", f"{name}-np4.json")
-        subprocess.run([PY, os.path.join(HERE, "planner_accuracy.py"), "-np", "4", "--sample", str(sample),
-                        "--steps", str(steps), "--json", out, "--", *cmd, "--no-fp16-compression"],
-                       cwd=ROOT, env=_env(), timeout=3600, check=True)
-        got = json.load(open(out))
-        res.append({"name": f"planner-{name}", "spearman": got["spearman"],
-                    "memory_error": got["memory_error"]})
+    for name, hosts, sample, steps, cmd in (("mlp", 1, 16, 10, mlp), ("gpt2-tiny", 1, 16, 10, tiny),
+                                            ("gpt2-mini", 1, 12, 8, mini), ("mlp", 2, 16, 10, mlp),
+                                            ("gpt2-tiny", 2, 16, 10, tiny)):
+        base = os.path.join(ROOT, "docs", "results", "planner",
+                            f"{name}-np4" + ("-2hosts" if hosts > 1 else ""))
+        with open(base + ".md", "w") as table:
+            subprocess.run([PY, os.path.join(HERE, "planner_accuracy.py"), "-np", "4", "--hosts", str(hosts),
+                            "--sample", str(sample), "--steps", str(steps), "--json", base + ".json", "--",
+                            *cmd, "--no-fp16-compression"], cwd=ROOT, env=_env(), timeout=3600, check=True,
+                           stdout=table)
+        got = json.load(open(base + ".json"))
+        res.append({"name": f"planner-{name}-{hosts}host", "spearman": got["spearman"],
+                    "memory_error": got["memory_error"], "pick_vs_fastest": got.get("pick_vs_fastest")})
     return res
 
 

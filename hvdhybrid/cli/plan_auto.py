@@ -21,7 +21,7 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
             fits, or a cost cannot be measured here (one line, with what would fit).
     """
     from ..layout.hostfile import MAP_BY, place_ranks
-    from ..planner.links import LinkError, crowding, links, measure, remote_link
+    from ..planner.links import crowding, links, measure, remote_link
     from ..planner.render import parse_bytes
     from ..planner.search import search
     from ..training.device import usable_cores
@@ -31,10 +31,7 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
     limit = parse_bytes(max_memory) if max_memory is not None else None
     placed: Optional[dict[str, list[str]]] = None
     if hostfile is not None:
-        hosts = read_hostfile(hostfile)
-        if len(hosts) < 1:
-            raise LinkError(f"--hostfile {hostfile}: no usable host in it; give one host per line "
-                            "(name slots=N)")
+        hosts = read_hostfile(hostfile)  # refuses a file without a host (one line, what to write)
         per_host = min(np_, max(h.slots for h in hosts))
         if len(hosts) > 1:  # ranks dealt onto the hosts each way the launcher can (hvdtrain launch --map-by)
             placed = {m: place_ranks(hosts, np_, m) for m in MAP_BY}

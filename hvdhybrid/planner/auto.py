@@ -21,11 +21,16 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
     (what ``plan.json`` in the run's directory keeps). Collective over ``comm``."""
     from ..errors import InputError
     from ..training.device import local_size
+    from ..training.memory import peak_rss
     from .links import probe, sleep_barrier
 
     got: dict[str, Any] = {}
     local_ranks = local_size()
-    figures = probe(comm) if comm.Get_size() > 1 else {"latency": 1e-6, "bandwidth": 1e10}
+    rest = peak_rss()  # the libraries at rest, before the probe's own tensors raise the high-water mark
+    figures: dict[str, Any] = {"latency": 1e-6, "bandwidth": 1e10}
+    if comm.Get_size() > 1:
+        figures = probe(comm) or {}
+    figures["rest"] = rest
     if comm.Get_rank() == 0:
         try:
             got = _plan_here(name, cfg, comm, default_widths, widths, build, tensor_parallel, local_ranks,
@@ -52,7 +57,6 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     import dataclasses
 
     from ..training.device import usable_cores
-    from ..training.memory import peak_rss
     from .links import crowding, links, remote_link
     from .render import parse_bytes
     from .search import search
@@ -66,7 +70,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     names = list(figures.get("hosts", []))
     got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
                  link=link, cores=usable_cores(), ranks_per_host=local_ranks, max_memory=limit,
-                 rest=peak_rss(), say=say, allreduce=allreduce, remote=remote_link(figures),
+                 rest=figures["rest"], say=say, allreduce=allreduce, remote=remote_link(figures),
                  hosts={"": names} if len(set(names)) > 1 else None, crowd=crowding(figures))
     best = got["ranked"][0]
     got = {**{k: v for k, v in got.items() if k != "ranked"},

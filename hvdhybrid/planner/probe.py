@@ -6,7 +6,8 @@ gets a stand-in communicator of the layout's tensor size, which counts the
 bytes each collective would carry and leaves the values as they are: times do
 not depend on them), runs a training forward and backward of one microbatch
 of its rows under the layout's recomputation mode with the threads a rank will
-have, a warm-up then the median of ``reps``. Collective and point-to-point
+have, a warm-up then the median of ``reps``; each backward adds into the gradients the one before left,
+as every microbatch of a step but its first does. Collective and point-to-point
 times come from :mod:`.links`, not from here.
 """
 
@@ -95,8 +96,8 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
             bwd.append(t2 - t1)
         if comm is not None:
             calls, nbytes = comm.calls, comm.bytes
-        module.zero_grad(set_to_none=True)
-        del out
+        del out  # the gradients stay: each backward adds into them, as a step's microbatches do
+    module.zero_grad(set_to_none=True)
     randomness.set_rows(None)
     return StageTime(statistics.median(fwd), statistics.median(bwd), 0 if stage == g.sink else sent,
                      calls, nbytes)
