@@ -4,7 +4,8 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
 - ``F`` of a stage costs its measured forward, ``B`` its backward (half of it where the schedule
   splits ``W`` off; ``W`` the other half per microbatch it covers, plus one more forward under
   ``--recompute full``, whose B and W each recompute the layer), plus the stage's tensor
-  all-reduces on the link.
+  all-reduces on the link (and, on a host with more ranks than cores, a wake-up each: one rank of the
+  group is often not running when the other reaches the collective).
 - A host's cores are shared by its busy ranks (waiting ranks yield): the schedule takes the longer of
   its simulated critical path and the host's work divided by its cores. With 4 ranks on 2 cores, 4
   bundles of one stage run at half speed, while a pipeline's ranks that wait for each other do not.
@@ -79,11 +80,15 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
                 tensor_link = remote
             ar = remote if crosses(layout.data_members(0, 0)) else link
 
+    # on a host with more ranks than cores, a collective waits for the group's rank that is not running
+    # (a core comes free): each call costs the wake-up latency too
+    meet = link.wake if per_host > cores else 0.0
+
     def tensor(st: StageTime) -> float:
         if choice.tensor <= 1 or not st.tensor_calls:
             return 0.0
         per = st.tensor_bytes / st.tensor_calls
-        return st.tensor_calls * tensor_link.allreduce(per, choice.tensor) / 2  # half in F, half in B
+        return st.tensor_calls * (tensor_link.allreduce(per, choice.tensor) + meet) / 2  # F and B half each
 
     def cost(a: Action) -> float:
         st = times[a.stage]
@@ -96,8 +101,7 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
             return (st.backward / 2 + (st.forward if choice.recompute == "full" else 0.0)) * a.n
         return 0.0
 
-    # a stage's message wakes a rank that waited while others computed; a tensor group's ranks meet in
-    # their collective together (no wake)
+    # a stage's message wakes a rank that waited while others computed
     hop = hop_link.time(max((t.out_bytes for t in times.values()), default=0)) + link.wake
     sim = simulate(graph, placement, plan, choice.microbatches, costs=cost, comm=hop)
     # The host's cores are shared by its busy ranks only (a waiting rank yields its core): the schedule

@@ -164,3 +164,17 @@ def test_a_crowded_host_costs_its_measured_slowdown_beyond_sharing_its_cores() -
                          cores=2, crowd=crowd).pipeline
     assert at(4, 1.2) == pytest.approx(6.0 * 1.2)
     assert at(2, 1.2) == pytest.approx(3.0)  # as many ranks as cores: nothing shared
+
+
+def test_on_a_crowded_host_each_tensor_collective_waits_for_a_wake_up() -> None:
+    g, pl = StageGraph.chain(2), Placement.identity(2)
+    plan = schedules.build("1f1b", g, 2, pl)
+    t2 = Choice(2, 2, 1, 1, "1f1b", 2, 0, "none")
+    talky = {s: StageTime(1.0, 2.0, 0, tensor_calls=10, tensor_bytes=0) for s in (0, 1)}
+    link = Link(0.0, 1e9, wake=0.01)
+    roomy = step_time(t2, g, pl, plan, talky, link, [1, 1], 0.0, per_host=4, cores=4)
+    crowded = step_time(t2, g, pl, plan, talky, link, [1, 1], 0.0, per_host=4, cores=2)
+    # 2 stages x 2 microbatches x (F + B), each with 5 of its 10 calls, on the critical path of 1f1b
+    assert roomy.pipeline == pytest.approx(simulate(g, pl, plan, 2, costs=lambda a: {"F": 1.0, "B": 2.0}[a.kind],
+                                                    comm=0.01).makespan)
+    assert crowded.pipeline > roomy.pipeline + 0.05
