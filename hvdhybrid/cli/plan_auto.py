@@ -21,7 +21,7 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
             fits, or a cost cannot be measured here (one line, with what would fit).
     """
     from ..layout.hostfile import MAP_BY, place_ranks
-    from ..planner.links import crowding, links, measure, remote_link
+    from ..planner.links import measure, network
     from ..planner.render import parse_bytes
     from ..planner.search import search
     from ..training.device import usable_cores
@@ -39,15 +39,13 @@ def plan_auto(command: list[str], np_: int, cli: Any, max_memory: Optional[str] 
         per_host = np_
     say(f"measuring the links of {np_} ranks")
     figures = measure(hostfile if placed is not None else None, np_=np_)
-    link, allreduce = links(figures)
+    net = network(figures, usable_cores(), per_host, placed)
     got: dict[str, Any] = {}
 
     def planner(name: str, cfg: Any, default_widths: tuple[int, ...], widths: Any, build: Any,
                 tensor_parallel: bool) -> None:
-        got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, link=link,
-                          cores=usable_cores(), ranks_per_host=per_host, max_memory=limit, rest=peak_rss(),
-                          say=say, allreduce=allreduce, remote=remote_link(figures), hosts=placed,
-                          crowd=crowding(figures)))
+        got.update(search(name, cfg, np_, default_widths, widths, build, tensor_parallel, net,
+                          max_memory=limit, rest=peak_rss(), say=say))
 
     run_as_planner(command, cli, planner)
     return got

@@ -57,7 +57,7 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     import dataclasses
 
     from ..training.device import usable_cores
-    from .links import crowding, links, remote_link
+    from .links import network
     from .render import parse_bytes
     from .search import search
 
@@ -66,12 +66,10 @@ def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], 
     base = cfg.resolved(layout_choice="manual")
     say(f"--layout auto: weighing every layout of {comm.Get_size()} ranks on costs measured here")
     assert figures is not None
-    link, allreduce = links(figures)  # measured between this job's own ranks, on the hosts they are on
-    names = list(figures.get("hosts", []))
-    got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel,
-                 link=link, cores=usable_cores(), ranks_per_host=local_ranks, max_memory=limit,
-                 rest=figures["rest"], say=say, allreduce=allreduce, remote=remote_link(figures),
-                 hosts={"": names} if len(set(names)) > 1 else None, crowd=crowding(figures))
+    names = list(figures.get("hosts", []))  # measured between this job's own ranks, on their hosts
+    net = network(figures, usable_cores(), local_ranks, {"": names} if len(set(names)) > 1 else None)
+    got = search(name, base, comm.Get_size(), default_widths, widths, build, tensor_parallel, net,
+                 max_memory=limit, rest=figures["rest"], say=say)
     best = got["ranked"][0]
     got = {**{k: v for k, v in got.items() if k != "ranked"},
            "chosen": {**{k: v for k, v in best.items() if k != "choice"},

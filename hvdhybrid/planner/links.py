@@ -22,7 +22,8 @@ from typing import Any, Optional
 
 from ..errors import InputError
 
-__all__ = ["Link", "LinkError", "crowding", "links", "measure", "probe", "remote_link", "sleep_barrier"]
+__all__ = ["Link", "LinkError", "Network", "crowding", "links", "measure", "network", "probe", "remote_link",
+           "sleep_barrier"]
 
 SIZES = (8, 4 << 20)
 BUSY_S = 0.3
@@ -253,6 +254,30 @@ def measure(hostfile: Optional[str] = None, cache: Optional[str] = None, timeout
         json.dump(got, f)
     os.replace(path + ".tmp", path)
     return dict(got)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The machines a plan is for: the link inside a host, the all-reduce's ring step, the link between
+    hosts (None: one host), each host's cores and ranks, where the ranks go (``--map-by`` value -> the
+    host of each rank; ``{"": [...]}``: as launched; None: one host), and what a crowded host costs
+    beyond an even share of its cores."""
+
+    link: Link
+    allreduce: Link
+    remote: Optional[Link] = None
+    cores: int = 1
+    ranks_per_host: int = 1
+    hosts: Optional[dict[str, list[str]]] = None
+    crowd: float = 1.0
+
+
+def network(got: dict[str, Any], cores: int, ranks_per_host: int,
+            hosts: Optional[dict[str, list[str]]] = None) -> Network:
+    """The :class:`Network` of :func:`probe`'s figures, for hosts of ``cores`` cores and
+    ``ranks_per_host`` ranks."""
+    link, allreduce = links(got)
+    return Network(link, allreduce, remote_link(got), cores, ranks_per_host, hosts, crowding(got))
 
 
 def links(got: dict[str, Any]) -> tuple[Link, Link]:

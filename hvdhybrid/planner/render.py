@@ -8,7 +8,7 @@ from typing import Any
 from ..config import ConfigError
 from ..layout.traffic import describe_links
 
-__all__ = ["parse_bytes", "render"]
+__all__ = ["mb", "parse_bytes", "render"]
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -27,7 +27,8 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _mb(n: float) -> str:
+def mb(n: float) -> str:
+    """Bytes as whole MiB (as the runs log them)."""
     return f"{n / 2**20:.0f}"
 
 
@@ -48,12 +49,12 @@ def render(got: dict[str, Any], top: int = 5) -> str:
                 f"{got['remote']['bandwidth'] / 1e9:.3f} GB/s" if got.get("remote") else ""),
              f"{'#':>3} {'s/step':>8} {'MB/rank':>8}  layout"]
     for i, r in enumerate(ranked[:top]):
-        lines.append(f"{i + 1:>3} {r['step_s']:>8.4f} {_mb(r['memory']):>8}  {r['describe']}")
+        lines.append(f"{i + 1:>3} {r['step_s']:>8.4f} {mb(r['memory']):>8}  {r['describe']}")
     best = ranked[0]
     launch = f" (launch with --map-by {best['map_by']})" if best.get("map_by") else ""
     lines.append(f"chosen: {' '.join(best['options'])}{launch}")
     lines.append(f"  predicted {best['step_s']:.4f} s/step ({_parts(best)}), at most "
-                 f"{_mb(best['memory'])} MB per rank")
+                 f"{mb(best['memory'])} MB per rank")
     if best.get("links"):  # activations and gradients; a tensor group's collectives are not counted
         shown = describe_links({(a, b): v for a, b, v in best["links"]})
         lines.append(f"  bytes per step: {'; '.join(shown)}")
@@ -65,5 +66,5 @@ def render(got: dict[str, Any], top: int = 5) -> str:
     if plain and plain[0] is not best:
         p = min(plain, key=lambda r: r["step_s"])
         lines.append(f"  plain data parallel would take {p['step_s']:.4f} s/step "
-                     f"({p['step_s'] / best['step_s']:.2f}x), {_mb(p['memory'])} MB per rank")
+                     f"({p['step_s'] / best['step_s']:.2f}x), {mb(p['memory'])} MB per rank")
     return "\n".join(lines)

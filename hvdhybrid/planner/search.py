@@ -18,9 +18,10 @@ from ..config import Config, ConfigError, check_batch
 from ..errors import USER_ERRORS
 from ..layout.placement import Placement
 from ..layout.traffic import ModelSizes, link_bytes
-from .links import Link
+from .links import Network
 from .probe import CountingComm, StageTime, optimizer_time, time_stage
-from .space import choices
+from .render import mb
+from .space import Choice, choices
 
 __all__ = ["PlanError", "search"]
 
@@ -37,18 +38,26 @@ class _Model:
     modules: dict[int, Any]
 
 
+@dataclasses.dataclass
+class _Layout:
+    """A choice made concrete: its config, layout, model stages and the plan of every position."""
+
+    cfg: Config
+    layout: Any
+    n: int
+    model: _Model
+    placement: Placement
+    plans: Any
+
+
 def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
            widths: Optional[tuple[int, ...]], build: Callable[[int, Any], Any], tensor_parallel: bool,
-           link: Link, cores: int, ranks_per_host: int, max_memory: Optional[int] = None, rest: int = 0,
-           say: Callable[[str], None] = lambda s: None, allreduce: Optional[Link] = None,
-           remote: Optional[Link] = None, hosts: Optional[dict[str, list[str]]] = None,
-           crowd: float = 1.0) -> dict[str, Any]:
+           net: Network, max_memory: Optional[int] = None, rest: int = 0,
+           say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """The ranked layouts for ``np_`` ranks of model command ``name`` (what :func:`session.run_model`
-    handed the planner). ``rest``: bytes a rank holds beyond what the accounting counts (the
-    interpreter and libraries), added to each prediction; ``max_memory``: the per-rank limit.
-    ``hosts``: ``--map-by`` value -> the host of each rank (``{"": [...]}``: as launched; None: one
-    host); ``remote``: the link between hosts; ``crowd``: a busy host's slowdown beyond sharing its
-    cores (:func:`.links.crowding`).
+    handed the planner) on the machines of ``net``. ``rest``: bytes a rank holds beyond what the
+    accounting counts (the interpreter and libraries), added to each prediction; ``max_memory``: the
+    per-rank limit.
 
     Raises:
         PlanError: a model with its own stage widths (GROVER's task branches), nothing fits the limit,
@@ -56,109 +65,141 @@ def search(name: str, cfg: Config, np_: int, default_widths: tuple[int, ...],
     """
     import torch
 
-    from ..parallel.recompute import Recompute
-    from ..pipeline import schedules as sched
-    from ..training.memory_plan import position_figures, tie_sizes
-    from ..training.memory_probe import measure_stage, optimizer_facts
-    from .predict import step_time
-
     if widths is not None:
         raise PlanError(f"hvdtrain plan --auto chooses layouts of one chain of stages; hvdtrain {name} "
                         "sets its own stage widths: give its layout by hand")
-    per_pass = cfg.optim.per_pass
-    models: dict[tuple[int, int], Optional[_Model]] = {}
-    facts: dict[tuple[int, int, int, int, str], Any] = {}
-    times: dict[tuple[int, int, int, int, str], StageTime] = {}
-    opt_facts: Any = None
-    per_element = 0.0
-    threads = max(1, cores // max(1, ranks_per_host))
+    costs = _Costs(name, cfg, build, say)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, net.cores // max(1, net.ranks_per_host)))
     results, seen, refused = [], 0, 0
-    try:  # the model's own build refuses more stages than it has layers, and its recompute check
-        # `selective` without attention: such choices count as refused
-        for c in choices(np_, per_pass, layers=np_ * 2, tensor_ok=tensor_parallel,
-                         attention=True, max_microbatches=max(8, cfg.pipeline.microbatches)):
+    try:
+        for c in choices(np_, cfg.optim.per_pass, layers=np_ * 2, tensor_ok=tensor_parallel, attention=True,
+                         max_microbatches=max(8, cfg.pipeline.microbatches)):
             seen += 1
-            try:
-                cc = cfg.resolved(tensor=c.tensor, stages=c.stages, bundle_shape=None,
-                                  stages_per_rank=c.stages_per_rank, placement="auto", schedule=c.schedule,
-                                  microbatches=c.microbatches, zero=c.zero, recompute=c.recompute)
-                p = cc.parallel
-                layout = p.layout(np_, default_widths)
-                check_batch(cc, layout)
-                n = p.model_stages(layout)
-                key = (n, c.tensor)
-                if key not in models:
-                    models[key] = _build(build, n, layout, say)
-                m = models[key]
-                if m is None:
-                    continue
-                Recompute.parse(c.recompute).check(n, m.built.attention, f"hvdtrain {name}", False)
-                placement = p.placement_for(layout, c.schedule) or Placement.identity(n)
-                plans = sched.build(c.schedule, m.model.graph, c.microbatches, placement,
-                                    batch_w=cc.pipeline.weights_per_w())
-            except USER_ERRORS:
+            lay = costs.concrete(c, np_, default_widths)
+            if lay is None:
                 refused += 1
                 continue
-            rows = per_pass // (c.bundles * c.microbatches)
-            batch = m.built.train_set.batch(list(range(rows)))
-            mode = Recompute.parse(c.recompute)
-            for s in range(n):
-                k = (n, c.tensor, s, rows, mode.mode_of(s))
-                if k not in facts:
-                    try:
-                        facts[k] = measure_stage(m.model, m.modules, s, batch, k[4], cfg.run.seed, rows=rows)
-                        times[k] = time_stage(m.model, m.modules, s, batch, k[4], rows, m.comm,
-                                              seed=cfg.run.seed)
-                    except Exception as e:  # a stage that cannot run here: say which, and why
-                        raise PlanError(f"hvdtrain plan --auto could not measure stage {s} of {n} of "
-                                        f"hvdtrain {name} at {rows} rows ({type(e).__name__}: {e})") from None
-            if opt_facts is None:
-                opt_facts = optimizer_facts(m.built.optimizer_fn)
-                per_element = optimizer_time(m.built.optimizer_fn)
-            f = {s: facts[(n, c.tensor, s, rows, mode.mode_of(s))] for s in range(n)}
-            figs = position_figures(layout, placement, plans, f, tie_sizes(m.model, m.modules), opt_facts,
-                                    c.zero)
-            memory = max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations_peak"]
-                         for r in figs) + rest
-            t = {s: times[(n, c.tensor, s, rows, mode.mode_of(s))] for s in range(n)}
-            elements = [sum(f[s].params for s in placement.stages_on(pos))
-                        for pos in range(layout.num_stages)]
-            out = max((t[s].out_bytes for s in t), default=0) * c.microbatches * c.bundles
-            sizes = ModelSizes(tuple(4.0 * e for e in elements),  # looped stages cross more boundaries
-                               out * max(1, n - 1) / max(1, layout.num_stages - 1), cfg.comm.fp16_compression)
-            for map_by, placed in (hosts or {"": []}).items():
-                cm = dataclasses.replace(c, map_by=map_by)
-                pred = step_time(cm, m.model.graph, placement, plans, t, link, elements, per_element,
-                                 ranks_per_host, cores, cfg.comm.fp16_compression, allreduce, remote=remote,
-                                 hosts=placed, layout=layout, crowd=crowd)
-                results.append({"choice": cm, "options": cm.options(), "describe": cm.describe(),
-                                "map_by": map_by, **pred.as_dict(), "memory": memory, "positions": figs,
-                                "links": [[a, b, v] for (a, b), v in
-                                          link_bytes(layout, placed or ["this host"] * np_, sizes).items()],
-                                "costs": {"stages": {str(s): dataclasses.asdict(t[s]) for s in t},
-                                          "split_w": c.schedule in ("zb1", "zbv", "vhalf"),
-                                          "link": dataclasses.asdict(link)},
-                                "fits": max_memory is None or memory <= max_memory})
+            results += _weigh(c, lay, costs, net, np_, rest, max_memory)
     finally:
         torch.set_num_threads(old_threads)
     if not results:
         raise PlanError(f"hvdtrain plan --auto: none of the {seen} layouts of {np_} ranks fits hvdtrain "
-                        f"{name} "
-                        f"({refused} refused by the batch, the stages or the schedule); try another -np or "
-                        "--batch-size")
+                        f"{name} ({refused} refused by the batch, the stages or the schedule); try another "
+                        "-np or --batch-size")
     results.sort(key=lambda r: r["step_s"])
     fits = [r for r in results if r["fits"]]
     if not fits:
         least = min(results, key=lambda r: r["memory"])
-        raise PlanError(f"no layout of {np_} ranks fits --max-memory {_mb(max_memory or 0)} per rank; the "
-                        f"least memory is {_mb(least['memory'])} ({least['describe']}): raise "
+        raise PlanError(f"no layout of {np_} ranks fits --max-memory {mb(max_memory or 0)} MB per rank; the "
+                        f"least memory is {mb(least['memory'])} MB ({least['describe']}): raise "
                         f"--max-memory to it or use more ranks")
     return {"model": name, "np": np_, "layouts": len(results), "fit": len(fits), "ranked": fits,
-            "too_big": len(results) - len(fits), "link": dataclasses.asdict(link), "cores": cores,
-            "remote": dataclasses.asdict(remote) if remote is not None else None,
-            "ranks_per_host": ranks_per_host, "rest": rest, "crowd": crowd}
+            "too_big": len(results) - len(fits), "link": dataclasses.asdict(net.link), "cores": net.cores,
+            "remote": dataclasses.asdict(net.remote) if net.remote is not None else None,
+            "ranks_per_host": net.ranks_per_host, "rest": rest, "crowd": net.crowd}
+
+
+class _Costs:
+    """What the search measures, once each: the model per (model stages, tensor size), each stage's
+    memory facts and times per (rows, recomputation mode), the optimizer's."""
+
+    def __init__(self, name: str, cfg: Config, build: Callable[[int, Any], Any],
+                 say: Callable[[str], None]) -> None:
+        self.name, self.cfg, self.build, self.say = name, cfg, build, say
+        self.models: dict[tuple[int, int], Optional[_Model]] = {}
+        self.stages: dict[tuple[int, int, int, int, str], tuple[Any, StageTime]] = {}
+        self.optimizer: Optional[tuple[Any, float]] = None
+
+    def concrete(self, c: Choice, np_: int, default_widths: tuple[int, ...]) -> Optional[_Layout]:
+        """``c`` as the run would take it, or None where the batch, the model's stages, its recompute
+        check (``selective`` without attention) or the schedule refuse it."""
+        from ..parallel.recompute import Recompute
+        from ..pipeline import schedules as sched
+
+        try:
+            cc = self.cfg.resolved(tensor=c.tensor, stages=c.stages, bundle_shape=None,
+                                   stages_per_rank=c.stages_per_rank, placement="auto", schedule=c.schedule,
+                                   microbatches=c.microbatches, zero=c.zero, recompute=c.recompute)
+            p = cc.parallel
+            layout = p.layout(np_, default_widths)
+            check_batch(cc, layout)
+            n = p.model_stages(layout)
+            if (n, c.tensor) not in self.models:
+                self.models[(n, c.tensor)] = _build(self.build, n, layout, self.say)
+            m = self.models[(n, c.tensor)]
+            if m is None:
+                return None
+            Recompute.parse(c.recompute).check(n, m.built.attention, f"hvdtrain {self.name}", False)
+            placement = p.placement_for(layout, c.schedule) or Placement.identity(n)
+            plans = sched.build(c.schedule, m.model.graph, c.microbatches, placement,
+                                batch_w=cc.pipeline.weights_per_w())
+        except USER_ERRORS:
+            return None
+        return _Layout(cc, layout, n, m, placement, plans)
+
+    def stage(self, lay: _Layout, s: int, rows: int, mode: str) -> tuple[Any, StageTime]:
+        """Stage ``s``'s memory facts and times at ``rows`` rows per microbatch under ``mode``."""
+        from ..training.memory_probe import measure_stage
+
+        key = (lay.n, lay.layout.tensor, s, rows, mode)
+        if key not in self.stages:
+            m, seed = lay.model, self.cfg.run.seed
+            batch = m.built.train_set.batch(list(range(rows)))
+            try:
+                self.stages[key] = (measure_stage(m.model, m.modules, s, batch, mode, seed, rows=rows),
+                                    time_stage(m.model, m.modules, s, batch, mode, rows, m.comm, seed=seed))
+            except Exception as e:  # a stage that cannot run here: say which, and why
+                raise PlanError(f"hvdtrain plan --auto could not measure stage {s} of {lay.n} of hvdtrain "
+                                f"{self.name} at {rows} rows ({type(e).__name__}: {e})") from None
+        return self.stages[key]
+
+    def optimizer_costs(self, m: _Model) -> tuple[Any, float]:
+        """The optimizer's state per element and its step's seconds per element."""
+        from ..training.memory_probe import optimizer_facts
+
+        if self.optimizer is None:
+            self.optimizer = (optimizer_facts(m.built.optimizer_fn), optimizer_time(m.built.optimizer_fn))
+        return self.optimizer
+
+
+def _weigh(c: Choice, lay: _Layout, costs: _Costs, net: Network, np_: int, rest: int,
+           max_memory: Optional[int]) -> list[dict[str, Any]]:
+    """``c``'s memory per rank and predicted step, once per way its ranks may be put on the hosts."""
+    from ..parallel.recompute import Recompute
+    from ..training.memory_plan import position_figures, tie_sizes
+    from .predict import step_time
+
+    layout, placement, m, n = lay.layout, lay.placement, lay.model, lay.n
+    rows = lay.cfg.optim.per_pass // (c.bundles * c.microbatches)
+    mode = Recompute.parse(c.recompute)
+    got = {s: costs.stage(lay, s, rows, mode.mode_of(s)) for s in range(n)}
+    f = {s: got[s][0] for s in got}
+    t = {s: got[s][1] for s in got}
+    opt_facts, per_element = costs.optimizer_costs(m)
+    figs = position_figures(layout, placement, lay.plans, f, tie_sizes(m.model, m.modules), opt_facts, c.zero)
+    memory = rest + max(r["parameters"] + r["gradients"] + r["optimizer"] + r["activations_peak"]
+                        for r in figs)
+    elements = [sum(f[s].params for s in placement.stages_on(pos)) for pos in range(layout.num_stages)]
+    out = max((t[s].out_bytes for s in t), default=0) * c.microbatches * c.bundles
+    fp16 = lay.cfg.comm.fp16_compression
+    sizes = ModelSizes(tuple(4.0 * e for e in elements),  # looped stages cross more boundaries
+                       out * max(1, n - 1) / max(1, layout.num_stages - 1), fp16)
+    rows_out = []
+    for map_by, placed in (net.hosts or {"": []}).items():
+        cm = dataclasses.replace(c, map_by=map_by)
+        pred = step_time(cm, m.model.graph, placement, lay.plans, t, net.link, elements, per_element,
+                         net.ranks_per_host, net.cores, fp16, net.allreduce, remote=net.remote, hosts=placed,
+                         layout=layout, crowd=net.crowd)
+        rows_out.append({"choice": cm, "options": cm.options(), "describe": cm.describe(), "map_by": map_by,
+                         **pred.as_dict(), "memory": memory, "positions": figs,
+                         "links": [[a, b, v] for (a, b), v in
+                                   link_bytes(layout, placed or ["this host"] * np_, sizes).items()],
+                         "costs": {"stages": {str(s): dataclasses.asdict(t[s]) for s in t},
+                                   "split_w": c.schedule in ("zb1", "zbv", "vhalf"),
+                                   "link": dataclasses.asdict(net.link)},
+                         "fits": max_memory is None or memory <= max_memory})
+    return rows_out
 
 
 def _build(build: Callable[[int, Any], Any], n: int, layout: Any,
@@ -180,8 +221,3 @@ def _build(build: Callable[[int, Any], Any], n: int, layout: Any,
     say(f"measuring {n} stage(s) at tensor {layout.tensor}")
     torch.manual_seed(0)
     return _Model(built, model, comm, {})
-
-
-def _mb(n: float) -> str:
-    return f"{n / 2**20:.0f} MB"
-

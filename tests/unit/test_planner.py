@@ -175,6 +175,7 @@ def test_on_a_crowded_host_each_tensor_collective_waits_for_a_wake_up() -> None:
     roomy = step_time(t2, g, pl, plan, talky, link, [1, 1], 0.0, per_host=4, cores=4)
     crowded = step_time(t2, g, pl, plan, talky, link, [1, 1], 0.0, per_host=4, cores=2)
     # 2 stages x 2 microbatches x (F + B), each with 5 of its 10 calls, on the critical path of 1f1b
-    assert roomy.pipeline == pytest.approx(simulate(g, pl, plan, 2, costs=lambda a: {"F": 1.0, "B": 2.0}[a.kind],
+    unit = {"F": 1.0, "B": 2.0}
+    assert roomy.pipeline == pytest.approx(simulate(g, pl, plan, 2, costs=lambda a: unit[a.kind],
                                                     comm=0.01).makespan)
     assert crowded.pipeline > roomy.pipeline + 0.05
