@@ -106,19 +106,26 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     sim = simulate(graph, placement, plan, choice.microbatches, costs=cost, comm=hop)
     # The host's cores are shared by its busy ranks only (a waiting rank yields its core): the schedule
     # takes its critical path, or the host's work spread over its cores, whichever is longer.
-    work = sum(cost(a) for acts in plan.values() for a in acts)  # one rank of each stage group
-    ranks = choice.tensor * choice.stages * choice.bundles
+    widths = list(layout.widths) if layout is not None else [1] * len(plan)
+    work = sum(cost(a) * widths[pos] for pos, acts in plan.items() for a in acts)  # every rank of a bundle
+    ranks = choice.tensor * sum(widths) * choice.bundles
     crowded = crowd if per_host > cores else 1.0
     makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores * crowded)
-    most = max(elements, default=0)
     b = choice.bundles
-    wire = (2 if fp16 else 4) * most
-    if b <= 1:
-        reduce = 0.0
-    elif choice.zero == 2:
-        reduce = ar.allgather(wire, b) + ar.allgather(4 * most, b)
-    else:
-        reduce = ar.allreduce(wire, b) + (ar.allgather(4 * most, b) if choice.zero == 1 else 0.0)
+    reduce = max((_average(elements[p], b * widths[p], choice.zero, fp16, ar) for p in range(len(elements))),
+                 default=0.0)  # a stage group's rows replicas average with its bundles
+    most = max(elements, default=0)
     share = most / b if choice.zero and b > 1 else most
     opt = share * opt_per_element * max(1.0, per_host / cores) * crowded  # every rank steps at once
     return Prediction(makespan + reduce + opt, makespan, reduce, opt)
+
+
+def _average(elements: int, ranks: int, zero: int, fp16: bool, ar: Link) -> float:
+    """The average of a position's gradients over ``ranks`` (a ring; fp16 halves the bytes; ``--zero
+    2`` a reduce-scatter, and ``--zero 1/2`` an all-gather of the parameters)."""
+    if ranks <= 1:
+        return 0.0
+    wire = (2 if fp16 else 4) * elements
+    if zero == 2:
+        return ar.allgather(wire, ranks) + ar.allgather(4 * elements, ranks)
+    return ar.allreduce(wire, ranks) + (ar.allgather(4 * elements, ranks) if zero == 1 else 0.0)

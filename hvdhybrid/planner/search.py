@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from ..config import Config, ConfigError, check_batch
 from ..errors import USER_ERRORS
 from ..layout.placement import Placement
+from ..layout.rows import replica_rows
 from ..layout.traffic import ModelSizes, link_bytes
 from .links import Network
 from .probe import CountingComm, StageTime, optimizer_time, time_stage
@@ -118,7 +119,8 @@ class _Costs:
         from ..pipeline import schedules as sched
 
         try:
-            cc = self.cfg.resolved(tensor=c.tensor, stages=c.stages, bundle_shape=None,
+            shape = ",".join(map(str, c.widths)) if c.widths else None
+            cc = self.cfg.resolved(tensor=c.tensor, stages=None if shape else c.stages, bundle_shape=shape,
                                    stages_per_rank=c.stages_per_rank, placement="auto", schedule=c.schedule,
                                    microbatches=c.microbatches, zero=c.zero, recompute=c.recompute)
             p = cc.parallel
@@ -171,9 +173,13 @@ def _weigh(c: Choice, lay: _Layout, costs: _Costs, net: Network, np_: int, rest:
     from .predict import step_time
 
     layout, placement, m, n = lay.layout, lay.placement, lay.model, lay.n
-    rows = lay.cfg.optim.per_pass // (c.bundles * c.microbatches)
     mode = Recompute.parse(c.recompute)
-    got = {s: costs.stage(lay, s, rows, mode.mode_of(s)) for s in range(n)}
+
+    def rows(s: int) -> int:  # the rows of one microbatch on the first replica of the stage's group
+        lo, hi = replica_rows(lay.cfg.optim.per_pass, c.bundles, 0, c.microbatches, 0,
+                              layout.widths[placement.position_of(s)], 0)
+        return hi - lo
+    got = {s: costs.stage(lay, s, rows(s), mode.mode_of(s)) for s in range(n)}
     f = {s: got[s][0] for s in got}
     t = {s: got[s][1] for s in got}
     opt_facts, per_element = costs.optimizer_costs(m)

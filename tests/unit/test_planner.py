@@ -20,7 +20,7 @@ def test_choices_cover_the_world_and_split_the_rows() -> None:
     got = list(choices(4, 8, layers=8, tensor_ok=True, attention=False))
     assert got and len(set(got)) == len(got)
     for c in got:
-        assert c.tensor * c.stages * c.bundles == 4
+        assert c.tensor * (sum(c.widths) if c.widths else c.stages) * c.bundles == 4
         assert 8 % (c.bundles * c.microbatches) == 0
         assert c.zero == 0 or c.bundles > 1
         assert c.recompute in ("none", "full")
@@ -179,3 +179,24 @@ def test_on_a_crowded_host_each_tensor_collective_waits_for_a_wake_up() -> None:
     assert roomy.pipeline == pytest.approx(simulate(g, pl, plan, 2, costs=lambda a: unit[a.kind],
                                                     comm=0.01).makespan)
     assert crowded.pipeline > roomy.pipeline + 0.05
+
+
+def test_stage_groups_of_several_ranks_are_weighed_too() -> None:
+    from hvdhybrid.layout.topology import Layout
+    from hvdhybrid.planner.space import shapes
+
+    assert sorted(shapes(3)) == [(1, 2), (2, 1)] and not list(shapes(2)) and (2, 2) in shapes(4)
+    got = [c for c in choices(4, 12, layers=8, tensor_ok=False, attention=False) if c.widths]
+    assert got and all(sum(c.widths) * c.bundles * c.tensor == 4 for c in got)
+    assert all((12 // (c.bundles * c.microbatches)) % w == 0 for c in got for w in c.widths)
+    c = next(c for c in got if c.widths == (2, 2))
+    assert c.options()[2:4] == ["--bundle-shape", "2,2"] and "of widths 2+2" in c.describe()
+    # 2 front ranks split each microbatch's rows: the front's work counts twice on the host, and its
+    # gradients are averaged over its 2 ranks
+    g, pl = StageGraph.chain(2), Placement.identity(2)
+    plan = schedules.build("1f1b", g, 2, pl)
+    link = Link(1e-3, 1e9)
+    shaped = step_time(Choice(1, 2, 1, 1, "1f1b", 2, 0, "none", widths=(2, 1)), g, pl, plan, _times(1.0, 2.0),
+                       link, [1000, 10], 0.0, per_host=3, cores=1, layout=Layout(3, (2, 1)))
+    assert shaped.reduce == pytest.approx(link.allreduce(2 * 1000, 2))
+    assert shaped.pipeline == pytest.approx(3 * 2 * 3.0)  # 3 ranks x 2 microbatches x (F + B), one core
