@@ -44,7 +44,9 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
 
         raise PlanError(got["error"])
     s = got["chosen"]["settings"]
-    cfg = cfg.resolved(layout_choice="manual", tensor=s["tensor"], stages=s["stages"], bundle_shape=None,
+    shape = ",".join(map(str, s["widths"])) if s.get("widths") else None
+    cfg = cfg.resolved(layout_choice="manual", tensor=s["tensor"], stages=None if shape else s["stages"],
+                       bundle_shape=shape,
                        stages_per_rank=s["stages_per_rank"], placement="auto", schedule=s["schedule"],
                        microbatches=s["microbatches"], zero=s["zero"], recompute=s["recompute"])
     return cfg, got
