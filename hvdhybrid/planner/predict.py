@@ -4,8 +4,9 @@ average across bundles and the optimizer step (pure arithmetic; no MPI, no torch
 - ``F`` of a stage costs its measured forward, ``B`` its backward (half of it where the schedule
   splits ``W`` off; ``W`` the other half per microbatch it covers, plus one more forward under
   ``--recompute full``, whose B and W each recompute the layer), plus the stage's tensor
-  all-reduces on the link (and, on a host with more ranks than cores, a wake-up each: one rank of the
-  group is often not running when the other reaches the collective).
+  all-reduces on the link (and, on a host with more ranks than cores and other ranks than the group's,
+  a wait each for the group's rank that was put off its core: as long as it computes between two
+  collectives, up to a wake-up).
 - A host's cores are shared by its busy ranks (waiting ranks yield): the schedule takes the longer of
   its simulated critical path and the host's work divided by its cores. With 4 ranks on 2 cores, 4
   bundles of one stage run at half speed, while a pipeline's ranks that wait for each other do not.
@@ -80,22 +81,24 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
                 tensor_link = remote
             ar = remote if crosses(layout.data_members(0, 0)) else link
 
-    # on a host with more ranks than cores, a collective waits for the group's rank that is not running
-    # (a core comes free): each call costs the wake-up latency too
-    meet = link.wake if per_host > cores else 0.0
+    # On a host with more ranks than cores and ranks outside the tensor group, a collective often waits
+    # for a rank of its group that another rank's work put off its core: about as long as that rank
+    # computes between collectives, up to a wake-up.
+    crowded_group = per_host > cores and per_host > choice.tensor
 
-    def tensor(st: StageTime) -> float:
+    def tensor(st: StageTime, seconds: float) -> float:
         if choice.tensor <= 1 or not st.tensor_calls:
             return 0.0
-        per = st.tensor_bytes / st.tensor_calls
-        return st.tensor_calls * (tensor_link.allreduce(per, choice.tensor) + meet) / 2  # F and B half each
+        half = st.tensor_calls / 2  # F and B half each
+        meet = min(link.wake, seconds / half) if crowded_group else 0.0
+        return half * (tensor_link.allreduce(st.tensor_bytes / st.tensor_calls, choice.tensor) + meet)
 
     def cost(a: Action) -> float:
         st = times[a.stage]
         if a.kind == "F":
-            return st.forward + tensor(st)
+            return st.forward + tensor(st, st.forward)
         if a.kind == "B":
-            whole = st.backward + tensor(st)
+            whole = st.backward + tensor(st, st.backward)
             return whole / 2 if (a.stage, a.mb) in split else whole
         if a.kind == "W":  # under full recomputation B and W each run the layer's forward again
             return (st.backward / 2 + (st.forward if choice.recompute == "full" else 0.0)) * a.n
