@@ -6,10 +6,11 @@ Two kinds of traffic leave a rank in a step (pure arithmetic, no MPI):
   ``s+1`` of the same bundle, and its gradient comes back (same bytes), one
   message per (source replica, destination replica) pair that shares rows
   and per tensor rank (each tensor rank sends its own copy of the whole rows);
-- *gradients*: each data group (the ranks holding the same piece of the
-  model across bundles) averages its piece with a ring all-reduce: each
-  member sends ``2 (n-1)/n`` times the piece to the next member of the ring,
-  half of that with fp16 compression.
+- *gradients*: the row replicas of a stage group average their piece first
+  (fp32), then each data group (the ranks holding the same piece of the
+  model across bundles) averages it with a ring all-reduce: each member
+  sends ``2 (n-1)/n`` times the piece to the next member of the ring, half
+  of that with fp16 compression.
 
 Where both ends of a message are on one host it stays in shared memory;
 :func:`link_bytes` says which host pairs carry what.
@@ -72,6 +73,12 @@ def link_bytes(layout: Layout, hosts: list[str], sizes: ModelSizes) -> dict[tupl
     scale = 0.5 if sizes.fp16_gradients else 1.0
     for s in range(layout.num_stages):
         piece = sizes.stage_param_bytes[s] / layout.tensor  # a tensor rank's shard
+        for bundle in range(layout.num_bundles):  # a stage group's row replicas average first, in fp32
+            for t in range(layout.tensor):
+                ring = layout.row_members(bundle, s, t)
+                for i, r in enumerate(ring):
+                    if len(ring) > 1:
+                        add(r, ring[(i + 1) % len(ring)], piece * 2 * (len(ring) - 1) / len(ring))
         for q in range(layout.widths[s]):
             for t in range(layout.tensor):
                 ring = layout.data_members(s, q, t)

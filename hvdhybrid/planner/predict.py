@@ -68,6 +68,7 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     whose ranks outnumber its cores costs when they all compute (caches, memory bandwidth)."""
     split = {(a.stage, m) for acts in plan.values() for a in acts if a.kind == "W" for m in a.mbs}
     hop_link, tensor_link, ar = link, link, allreduce or link
+    rows_link = link  # a stage group's row replicas average first (MPI, fp32), then across bundles
     if hosts and layout is not None:
         per_host = max(Counter(hosts).values())
         if remote is not None:
@@ -80,6 +81,8 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
             if crosses(layout.tensor_members(0, 0, 0)):
                 tensor_link = remote
             ar = remote if crosses(layout.data_members(0, 0)) else link
+            if any(crosses(layout.row_members(0, p, 0)) for p in range(layout.num_stages)):
+                rows_link = remote
 
     # On a host with more ranks than cores and ranks outside the tensor group, a collective often waits
     # for a rank of its group that another rank's work put off its core: about as long as that rank
@@ -115,8 +118,8 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     crowded = crowd if per_host > cores else 1.0
     makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores * crowded)
     b = choice.bundles
-    reduce = max((_average(elements[p], b * widths[p], choice.zero, fp16, ar) for p in range(len(elements))),
-                 default=0.0)  # a stage group's rows replicas average with its bundles
+    reduce = max((rows_link.allreduce(4 * e, w) + _average(e, b, choice.zero, fp16, ar)
+                  for e, w in zip(elements, widths)), default=0.0)
     most = max(elements, default=0)
     share = most / b if choice.zero and b > 1 else most
     opt = share * opt_per_element * max(1.0, per_host / cores) * crowded  # every rank steps at once
