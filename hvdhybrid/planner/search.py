@@ -114,7 +114,8 @@ class _Costs:
 
     def concrete(self, c: Choice, np_: int, default_widths: tuple[int, ...]) -> Optional[_Layout]:
         """``c`` as the run would take it, or None where the batch, the model's stages, its recompute
-        check (``selective`` without attention) or the schedule refuse it."""
+        check (``selective`` without attention), its ties (stage groups of one width) or the schedule
+        refuse it."""
         from ..parallel.recompute import Recompute
         from ..pipeline import schedules as sched
 
@@ -134,6 +135,8 @@ class _Costs:
                 return None
             Recompute.parse(c.recompute).check(n, m.built.attention, f"hvdtrain {self.name}", False)
             placement = p.placement_for(layout, c.schedule) or Placement.identity(n)
+            if any(len({layout.widths[q] for q in placement.groups_of(t.stages)}) > 1 for t in m.model.ties):
+                return None  # the run refuses a tie between stage groups of different widths
             plans = sched.build(c.schedule, m.model.graph, c.microbatches, placement,
                                 batch_w=cc.pipeline.weights_per_w())
         except USER_ERRORS:

@@ -91,3 +91,14 @@ def test_under_a_limit_one_process_exceeds_the_planners_choice_trains_within_it(
     figs = ("parameters", "gradients", "optimizer", "activations_peak")
     held = max(sum(m[f] for f in figs) for m in json.load(open(os.path.join(out, "memory.json"))))
     assert held + plan["rest"] <= limit  # what the run counted, plus the libraries at rest
+
+
+def test_plan_auto_weighs_stage_widths_but_not_a_tie_across_unequal_ones() -> None:
+    """GPT-2 ties its embedding to its head (first and last stage group): a run refuses stage groups of
+    different widths there, so the planner does not offer them; other widths it does."""
+    r = run([HVDTRAIN, "plan", "-np", "4", "--auto", "--json", "--top", "5000", *GPT2[:-1]])
+    assert r.rc == 0, r.err[-3000:]
+    ranked = json.loads(r.out[r.out.index("{"):])["ranked"]
+    opts = [x["options"] for x in ranked]
+    widths = [o[o.index("--bundle-shape") + 1] for o in opts if "--bundle-shape" in o]
+    assert widths and all(w.split(",")[0] == w.split(",")[-1] for w in widths), sorted(set(widths))
