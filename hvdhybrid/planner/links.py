@@ -75,27 +75,8 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
     out = _ping_pong(comm, near if near is not None else 1)
     remote = _ping_pong(comm, far) if far is not None and near is not None else {}
     size = comm.Get_size()
-    busy, peer = 0.0, near if near is not None else 1
-    if size > 2:  # the latency while the other ranks compute, as they do in a run (on a host with fewer
-        comm.Barrier()  # cores than ranks, a waiting rank is woken only when a core comes free)
-        t0, trips, flag = time.perf_counter(), 0, np.zeros(1, dtype=np.uint8)
-        if r == 0:  # rank 0 decides when to stop: 0 is a ping, 1 the end
-            while time.perf_counter() - t0 < BUSY_S:
-                comm.Send(flag, dest=peer)
-                comm.Recv(flag, source=peer)
-                trips += 1
-            busy = (time.perf_counter() - t0) / max(1, 2 * trips)
-            comm.Send(np.ones(1, dtype=np.uint8), dest=peer)
-        elif r == peer:
-            while True:
-                comm.Recv(flag, source=0)
-                if flag[0]:
-                    break
-                comm.Send(flag, dest=0)
-        else:
-            x = np.ones(1 << 16)
-            while time.perf_counter() - t0 < BUSY_S * 1.2:
-                x = x * 1.0000001
+    busy = _busy(comm, near if near is not None else 1) if size > 2 else 0.0
+    remote_busy = _busy(comm, far) if size > 2 and remote and far is not None else 0.0
     crowd = _crowd(comm, names)
     ar = {}
     for n in AR_SIZES:  # all ranks: MPI's all-reduce, as the average across bundles runs it
@@ -114,7 +95,8 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
                "busy_latency": busy, "hosts": names, **crowd}
         if remote:
             small, big = remote[SIZES[0]], remote[SIZES[1]]
-            got.update(remote_latency=small, remote_bandwidth=(SIZES[1] - SIZES[0]) / max(big - small, 1e-9))
+            got.update(remote_latency=small, remote_bandwidth=(SIZES[1] - SIZES[0]) / max(big - small, 1e-9),
+                       remote_busy_latency=remote_busy)
         if size > 1:  # fitted to a ring: 2 (r-1) steps of n / r bytes
             steps = 2 * (size - 1)
             span = max(ar[AR_SIZES[1]] - ar[AR_SIZES[0]], 1e-9)
@@ -122,6 +104,37 @@ def probe(comm: Any) -> Optional[dict[str, Any]]:
                        ar_bandwidth=steps * (AR_SIZES[1] - AR_SIZES[0]) / size / span)
         return got
     return None
+
+
+def _busy(comm: Any, peer: int) -> float:
+    """Collective: the one-way latency between rank 0 and ``peer`` while every other rank computes, as
+    they do in a run (on a host with fewer cores than ranks, a waiting rank is woken only when a core
+    comes free); on rank 0 (0 elsewhere)."""
+    import time
+
+    import numpy as np
+
+    r, busy = comm.Get_rank(), 0.0
+    comm.Barrier()
+    t0, trips, flag = time.perf_counter(), 0, np.zeros(1, dtype=np.uint8)
+    if r == 0:  # rank 0 decides when to stop: 0 is a ping, 1 the end
+        while time.perf_counter() - t0 < BUSY_S:
+            comm.Send(flag, dest=peer)
+            comm.Recv(flag, source=peer)
+            trips += 1
+        busy = (time.perf_counter() - t0) / max(1, 2 * trips)
+        comm.Send(np.ones(1, dtype=np.uint8), dest=peer)
+    elif r == peer:
+        while True:
+            comm.Recv(flag, source=0)
+            if flag[0]:
+                break
+            comm.Send(flag, dest=0)
+    else:
+        x = np.ones(1 << 16)
+        while time.perf_counter() - t0 < BUSY_S * 1.2:
+            x = x * 1.0000001
+    return busy
 
 
 def _crowd(comm: Any, names: list[str]) -> dict[str, float]:
@@ -291,7 +304,8 @@ def remote_link(got: dict[str, Any]) -> Optional[Link]:
     """The point-to-point link between two hosts (None: the ranks measured were on one host)."""
     if "remote_latency" not in got:
         return None
-    return Link(got["remote_latency"], got["remote_bandwidth"])
+    wake = max(0.0, got.get("remote_busy_latency", 0.0) - got["remote_latency"])
+    return Link(got["remote_latency"], got["remote_bandwidth"], wake)
 
 
 if __name__ == "__main__":

@@ -107,8 +107,8 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
             return (st.backward / 2 + (st.forward if choice.recompute == "full" else 0.0)) * a.n
         return 0.0
 
-    # a stage's message wakes a rank that waited while others computed
-    hop = hop_link.time(max((t.out_bytes for t in times.values()), default=0)) + link.wake
+    # a stage's message wakes a rank that waited while others computed (on its host, or across hosts)
+    hop = hop_link.time(max((t.out_bytes for t in times.values()), default=0)) + max(link.wake, hop_link.wake)
     sim = simulate(graph, placement, plan, choice.microbatches, costs=cost, comm=hop)
     # The host's cores are shared by its busy ranks only (a waiting rank yields its core): the schedule
     # takes its critical path, or the host's work spread over its cores, whichever is longer.

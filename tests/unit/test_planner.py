@@ -209,3 +209,16 @@ def test_stage_groups_of_several_ranks_are_weighed_too() -> None:
                        link, [1000, 10], 0.0, per_host=3, cores=1, layout=Layout(3, (2, 1)))
     assert shaped.reduce == pytest.approx(link.allreduce(4 * 1000, 2))  # row replicas average in fp32
     assert shaped.pipeline == pytest.approx(3 * 2 * 3.0)  # 3 ranks x 2 microbatches x (F + B), one core
+
+
+def test_the_link_between_hosts_keeps_its_own_wake_up() -> None:
+    from hvdhybrid.planner.links import links, network, remote_link
+
+    got = {"latency": 1e-5, "bandwidth": 1e10, "busy_latency": 2e-3, "remote_latency": 2e-5,
+           "remote_bandwidth": 1.2e8, "remote_busy_latency": 5e-3}
+    far = remote_link(got)
+    assert far is not None and far.wake == pytest.approx(5e-3 - 2e-5)
+    assert links(got)[0].wake == pytest.approx(2e-3 - 1e-5)
+    assert remote_link({"latency": 1e-5, "bandwidth": 1e10}) is None
+    net = network(got, cores=1, ranks_per_host=2, hosts={"node": ["a", "b", "a", "b"]})
+    assert net.remote == far and net.crowd == 1.0
