@@ -118,8 +118,11 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
     crowded = crowd if per_host > cores else 1.0
     makespan = max(sim.makespan, work * choice.tensor * choice.bundles * per_host / ranks / cores * crowded)
     b = choice.bundles
-    reduce = max((rows_link.allreduce(4 * e, w) + _average(e, b, choice.zero, fp16, ar)
-                  for e, w in zip(elements, widths)), default=0.0)
+    each = [rows_link.allreduce(4 * e, w) + _average(e, b, choice.zero, fp16, ar)
+            for e, w in zip(elements, widths)]
+    # the stage groups average at once: inside a host each on its own, across hosts all through its link
+    shared = remote is not None and (ar is remote or rows_link is remote)
+    reduce = sum(each) if shared else max(each, default=0.0)
     most = max(elements, default=0)
     share = most / b if choice.zero and b > 1 else most
     opt = share * opt_per_element * max(1.0, per_host / cores) * crowded  # every rank steps at once
