@@ -79,6 +79,7 @@ def _init_auto(w: Any, command: list[str], max_memory: Optional[str]) -> Process
     from .cli.main import cli
     from .cli.plan_memory import run_as_planner
     from .planner.auto import choose_layout
+    from .planner.space import Choice
 
     got: dict[str, Any] = {}
 
@@ -90,10 +91,11 @@ def _init_auto(w: Any, command: list[str], max_memory: Optional[str]) -> Process
         got.update(layout=chosen.parallel.layout(w.Get_size(), default_widths, widths), plan=plan)
 
     run_as_planner(command, cli, planner)
-    s = got["plan"]["chosen"]["settings"]
-    knobs = {k: s[k] for k in ("schedule", "microbatches", "zero", "recompute", "stages_per_rank")}
+    chosen = Choice(**got["plan"]["chosen"]["settings"]).knobs()
+    knobs = {k: chosen[k] for k in ("schedule", "microbatches", "zero", "recompute", "stages_per_rank",
+                                    "placement")}  # the Trainer's; the layout is the groups'
     groups = ProcessGroups.create(got["layout"], w)
-    return dataclasses.replace(groups, plan={**got["plan"], "knobs": {**knobs, "placement": "auto"}})
+    return dataclasses.replace(groups, plan={**got["plan"], "knobs": knobs})
 
 
 def finish(groups: ProcessGroups) -> None:

@@ -70,23 +70,20 @@ def link_bytes(layout: Layout, hosts: list[str], sizes: ModelSizes) -> dict[tupl
                     src = layout.rank_of(bundle, s, p.src_replica, t)
                     dst = layout.rank_of(bundle, s + 1, p.dst_replica, t)
                     add(src, dst, 2 * per_bundle * share)  # forward activations + backward gradients
+    def ring(members: list[int], nbytes: float) -> None:  # each sends 2 (n-1)/n of it to the next
+        n = len(members)
+        for i, r in enumerate(members if n > 1 else []):
+            add(r, members[(i + 1) % n], nbytes * 2 * (n - 1) / n)
+
     scale = 0.5 if sizes.fp16_gradients else 1.0
     for s in range(layout.num_stages):
         piece = sizes.stage_param_bytes[s] / layout.tensor  # a tensor rank's shard
         for bundle in range(layout.num_bundles):  # a stage group's row replicas average first, in fp32
             for t in range(layout.tensor):
-                ring = layout.row_members(bundle, s, t)
-                for i, r in enumerate(ring):
-                    if len(ring) > 1:
-                        add(r, ring[(i + 1) % len(ring)], piece * 2 * (len(ring) - 1) / len(ring))
+                ring(layout.row_members(bundle, s, t), piece)
         for q in range(layout.widths[s]):
             for t in range(layout.tensor):
-                ring = layout.data_members(s, q, t)
-                n = len(ring)
-                if n < 2:
-                    continue
-                for i, r in enumerate(ring):
-                    add(r, ring[(i + 1) % n], scale * piece * 2 * (n - 1) / n)
+                ring(layout.data_members(s, q, t), scale * piece)
     return out
 
 

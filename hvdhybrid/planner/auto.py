@@ -43,13 +43,9 @@ def choose_layout(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...
         from .search import PlanError
 
         raise PlanError(got["error"])
-    s = got["chosen"]["settings"]
-    shape = ",".join(map(str, s["widths"])) if s.get("widths") else None
-    cfg = cfg.resolved(layout_choice="manual", tensor=s["tensor"], stages=None if shape else s["stages"],
-                       bundle_shape=shape,
-                       stages_per_rank=s["stages_per_rank"], placement="auto", schedule=s["schedule"],
-                       microbatches=s["microbatches"], zero=s["zero"], recompute=s["recompute"])
-    return cfg, got
+    from .space import Choice
+
+    return cfg.resolved(layout_choice="manual", **Choice(**got["chosen"]["settings"]).knobs()), got
 
 
 def _plan_here(name: str, cfg: Any, comm: Any, default_widths: tuple[int, ...], widths: Any, build: Any,

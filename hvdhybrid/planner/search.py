@@ -120,10 +120,7 @@ class _Costs:
         from ..pipeline import schedules as sched
 
         try:
-            shape = ",".join(map(str, c.widths)) if c.widths else None
-            cc = self.cfg.resolved(tensor=c.tensor, stages=None if shape else c.stages, bundle_shape=shape,
-                                   stages_per_rank=c.stages_per_rank, placement="auto", schedule=c.schedule,
-                                   microbatches=c.microbatches, zero=c.zero, recompute=c.recompute)
+            cc = self.cfg.resolved(**c.knobs())
             p = cc.parallel
             layout = p.layout(np_, default_widths)
             check_batch(cc, layout)

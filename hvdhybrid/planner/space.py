@@ -14,7 +14,7 @@ the schedule simulator and times it (:mod:`.search`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["Choice", "choices", "divisors", "shapes"]
 
@@ -38,14 +38,21 @@ class Choice:
     map_by: str = ""  # ranks onto hosts (mpirun's --map-by, hvdtrain launch's); "": one host, or as launched
     widths: tuple[int, ...] = ()  # ranks per stage group (--bundle-shape); (): one each
 
+    def knobs(self) -> dict[str, Any]:
+        """The config knobs that set this layout (``Config.resolved(**knobs)``; ``map_by`` is the
+        launcher's)."""
+        shape = ",".join(map(str, self.widths)) if self.widths else None
+        return {"tensor": self.tensor, "stages": None if shape else self.stages, "bundle_shape": shape,
+                "schedule": self.schedule, "microbatches": self.microbatches, "zero": self.zero,
+                "recompute": self.recompute, "stages_per_rank": self.stages_per_rank, "placement": "auto"}
+
     def options(self) -> list[str]:
-        shape = (["--bundle-shape", ",".join(map(str, self.widths))] if self.widths
-                 else ["--stages", str(self.stages)])
-        out = ["--tensor", str(self.tensor), *shape, "--schedule", self.schedule,
-               "--microbatches", str(self.microbatches), "--zero", str(self.zero),
-               "--recompute", self.recompute]
-        if self.stages_per_rank > 1:
-            out += ["--stages-per-rank", str(self.stages_per_rank)]
+        """:meth:`knobs` as command-line options (the defaults, one stage per rank and placement auto,
+        left out)."""
+        out = []
+        for k, v in self.knobs().items():
+            if v is not None and k != "placement" and (k, v) != ("stages_per_rank", 1):
+                out += [f"--{k.replace('_', '-')}", str(v)]
         return out
 
     def describe(self) -> str:
@@ -76,11 +83,11 @@ def shapes(k: int) -> Iterator[tuple[int, ...]]:
 
 
 def choices(world: int, rows: int, layers: int, tensor_ok: bool, attention: bool, max_microbatches: int = 8,
-            max_tensor: int = 0, widths: bool = True) -> Iterator[Choice]:
+            max_tensor: int = 0) -> Iterator[Choice]:
     """Every choice for ``world`` ranks and ``rows`` rows per pass of a model of ``layers`` layers (at
     most that many model stages); ``tensor_ok``: it splits its tensors (at most ``max_tensor`` ranks, 0:
-    any); ``attention``: ``--recompute selective`` applies; ``widths``: stage groups of several ranks
-    too (each row of a microbatch on one of them; one model stage per group)."""
+    any); ``attention``: ``--recompute selective`` applies. Stage groups of several ranks too (each row
+    of a microbatch on one of them; one model stage per group)."""
     modes = ("none", "full", "selective") if attention else ("none", "full")
     for t in divisors(world) if tensor_ok else [1]:
         if max_tensor and t > max_tensor:
@@ -91,20 +98,24 @@ def choices(world: int, rows: int, layers: int, tensor_ok: bool, attention: bool
                 if s * spr > layers:
                     continue
                 for sched in (FLAT if spr == 1 else VIRTUAL) if s > 1 else ("1f1b",):
-                    for m in divisors(rows // b) if rows % b == 0 else []:
-                        if m > max_microbatches:
-                            continue
-                        for z in (0, 1, 2) if b > 1 else (0,):
-                            for rc in modes:
-                                yield Choice(t, s, b, spr, sched, m, z, rc)
+                    for m, z, rc in _knobs(rows, b, (1,), max_microbatches, modes):
+                        yield Choice(t, s, b, spr, sched, m, z, rc)
         for b in divisors(world // t):  # stage groups of several ranks (rows split among them)
-            for w in shapes(world // (t * b)) if widths else []:
+            for w in shapes(world // (t * b)):
                 if len(w) > layers:
                     continue
                 for sched in FLAT:
-                    for m in divisors(rows // b) if rows % b == 0 else []:
-                        if m > max_microbatches or any((rows // (b * m)) % x for x in w):
-                            continue
-                        for z in (0, 1, 2) if b > 1 else (0,):
-                            for rc in modes:
-                                yield Choice(t, len(w), b, 1, sched, m, z, rc, widths=w)
+                    for m, z, rc in _knobs(rows, b, w, max_microbatches, modes):
+                        yield Choice(t, len(w), b, 1, sched, m, z, rc, widths=w)
+
+
+def _knobs(rows: int, bundles: int, widths: tuple[int, ...], max_microbatches: int,
+           modes: tuple[str, ...]) -> Iterator[tuple[int, int, str]]:
+    """(microbatches, --zero, --recompute) for ``bundles`` whose microbatches split evenly over each
+    stage group's ``widths`` ranks."""
+    for m in divisors(rows // bundles) if rows % bundles == 0 else []:
+        if m > max_microbatches or any((rows // (bundles * m)) % x for x in widths):
+            continue
+        for z in (0, 1, 2) if bundles > 1 else (0,):
+            for rc in modes:
+                yield m, z, rc
