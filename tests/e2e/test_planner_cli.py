@@ -9,6 +9,8 @@ import os
 import pytest
 from conftest import HVDTRAIN, max_diff, mpirun, params, run
 
+from hvdhybrid.planner.space import Choice
+
 MLP = ["mlp", "--batch-size", "32", "--no-progress", "--seed", "5", "--no-fp16-compression", "--steps", "4",
        "--save-params"]
 GPT2 = ["gpt2", "--size", "tiny", "--seq-len", "32", "--limit", "400", "--batch-size", "8", "--no-progress",
@@ -56,9 +58,10 @@ def test_layout_auto_trains_the_planners_pick_as_one_process(tmp_path, model: li
     assert "--layout auto chose --tensor" in r.err
     plan = json.load(open(os.path.join(out, "plan.json")))
     cfg = json.load(open(os.path.join(out, "config.json")))
-    s = plan["chosen"]["settings"]
-    assert (cfg["parallel"]["tensor"], cfg["parallel"]["stages"], cfg["pipeline"]["schedule"],
-            cfg["optim"]["zero"]) == (s["tensor"], s["stages"], s["schedule"], s["zero"])
+    knobs = Choice(**plan["chosen"]["settings"]).knobs()  # the chosen layout, flat or of stage widths
+    flat = {k: v for name, section in cfg.items() if isinstance(section, dict) and name != "layout"
+            for k, v in section.items()}  # the knobs as given ("layout" is what they resolved to)
+    assert {k: flat[k] for k in knobs} == knobs, (knobs, cfg)
     assert max_diff(params(out), params(one)) <= 1e-5
     # the prediction against the run: the step, and each action kind from the trace
     r = run([HVDTRAIN, "plan", "-np", "1", "--check", out, "--trace", trace, "--json"])
