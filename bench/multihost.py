@@ -12,7 +12,8 @@
    the bytes per step that ``hvdhybrid.layout.traffic`` says cross the link.
 3. ``--reduce after`` against ``--reduce overlap`` (the gradient average across bundles during the last
    backward) on the gradient-heavy model, batch 256, stages on a host, for 1F1B with 1 and 2
-   microbatches and ZB-V (2 stages per rank), in interleaved rounds (``--only-overlap``: only these).
+   microbatches and ZB-V (2 stages per rank), in interleaved rounds (``--only-overlap``: only these;
+   ``--batch`` sets their batch, ``--own-cores`` gives each emulated host a core of its own).
 4. ``hvdtrain launch --elastic``: the recovery time after every process of h1 is killed, cut into
    detection, relaunch, checkpoint load and the first step (``--only-recovery``: only this).
 
@@ -102,13 +103,13 @@ OVERLAP = [("1f1b", ("--microbatches", "1")), ("1f1b", ("--microbatches", "2")),
            ("zbv", ("--microbatches", "2", "--stages-per-rank", "2"))]
 
 
-def overlap(hosts: EmulatedHosts, steps: int, rounds: int = 2) -> list[dict]:
+def overlap(hosts: EmulatedHosts, steps: int, rounds: int = 2, batch: int = 256) -> list[dict]:
     """The reduce after the schedule against the one overlapped with the backward, interleaved rounds."""
     out = []
     for r in range(rounds):
         for sched, flags in OVERLAP:
             for mode in ("after", "overlap"):
-                row = job(hosts, "overlap", 1024, 8, 256, "slot", True, steps,
+                row = job(hosts, "overlap", 1024, 8, batch, "slot", True, steps,
                           (*flags, "--schedule", sched, "--reduce", mode))
                 out.append(dict(row, name=f"overlap-{sched}-{mode}", reduce=mode, schedule=sched, round=r))
     return out
@@ -164,7 +165,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--only-overlap", action="store_true", help="Only the --reduce after/overlap rows.")
     ap.add_argument("--only-recovery", action="store_true", help="Only the elastic recovery time.")
+    ap.add_argument("--batch", type=int, default=256, help="The --reduce after/overlap rows' batch.")
+    ap.add_argument("--own-cores", action="store_true",
+                    help="Each emulated host on its own core(s) (taskset), not all on all of the machine's.")
     a = ap.parse_args()
+    cores = os.cpu_count() or 1
+    cpus = [str(i % cores) for i in range(2)] if a.own_cores else None
     why = unavailable()
     if why:
         raise SystemExit(f"cannot emulate hosts here: {why}")
@@ -173,8 +179,8 @@ def main() -> None:
             emit(recovery(hosts))
         return
     if a.only_overlap:
-        with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
-            for r in overlap(hosts, a.steps):
+        with EmulatedHosts(2, slots=2, rate=a.rate, cpus=cpus) as hosts:
+            for r in overlap(hosts, a.steps, batch=a.batch):
                 emit(r)
         return
     with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
