@@ -199,7 +199,34 @@ def backward_weight(jobs: Sequence[WeightJob], params: Sequence[torch.Tensor]) -
         grads = [g for j in jobs for g in j.grads]
         torch.autograd.backward(roots, grads, inputs=list(params))
         return
-    for k, (ps, _) in enumerate(jobs[0].groups):
+    alone = [k for k in range(len(shape)) if all(len(j.groups[k][1]) == 1 for j in jobs)]
+    with _one_recomputation():  # groups of one branch node: each backward runs its own nodes only
+        _groups(jobs, alone)
+    _groups(jobs, [k for k in range(len(shape)) if k not in set(alone)])  # a chain between branch nodes
+    for j in jobs:
+        j.kept.clear()
+        j.groups, j.products = [], []
+
+
+def _one_recomputation() -> Any:
+    """W's backwards (one per group of weights) under one recomputation of each checkpointed region
+    (``--recompute``): each backward is its own graph task, and torch's checkpoint would otherwise
+    recompute a region once per task that reaches it: a GPT-2 block's six groups, six times. Only for
+    groups of one branch node: their backwards run over disjoint nodes, which is what torch's
+    ``GraphExecGroup`` asks; a group whose backward runs the chain between its branch nodes (a tie inside
+    the stage) passes nodes other groups run too, and keeps a task (and a recomputation) of its own."""
+    import contextlib
+
+    from torch.utils import checkpoint
+
+    group = getattr(checkpoint, "GraphExecGroup", None)
+    return group() if group is not None else contextlib.nullcontext()
+
+
+def _groups(jobs: Sequence[WeightJob], which: Sequence[int]) -> None:
+    """Groups ``which`` of ``jobs``' weights: one backward each (one product, batched)."""
+    for k in which:
+        ps = jobs[0].groups[k][0]
         products = [j.products[k] for j in jobs]
         if len(jobs) > 1 and all(p is not None for p in products):
             got = gradients(products, [j.kept[p.node][0] for j, p in zip(jobs, products)])  # type: ignore
@@ -222,6 +249,3 @@ def backward_weight(jobs: Sequence[WeightJob], params: Sequence[torch.Tensor]) -
         finally:
             for h in handles:
                 h.remove()
-    for j in jobs:
-        j.kept.clear()
-        j.groups, j.products = [], []

@@ -17,13 +17,13 @@ __all__ = ["check", "render_check"]
 def _predicted_kinds(chosen: dict[str, Any]) -> dict[str, float]:
     """Mean seconds of one F, B and W of the chosen layout, over its stages (what predict.step_time
     charged, compute only)."""
-    stages = chosen["costs"]["stages"].values()
-    split = chosen["costs"]["split_w"]
-    f = statistics.mean(s["forward"] for s in stages)
-    b = statistics.mean(s["backward"] for s in stages)
-    out = {"F": f, "B": b / 2 if split else b}
+    from .probe import StageTime
+
+    stages = [StageTime(**s) for s in chosen["costs"]["stages"].values()]
+    split = bool(chosen["costs"]["split_w"])
+    out = {"F": statistics.mean(s.forward for s in stages), "B": statistics.mean(s.b(split) for s in stages)}
     if split:
-        out["W"] = b / 2
+        out["W"] = statistics.mean(s.w() for s in stages)
     return out
 
 

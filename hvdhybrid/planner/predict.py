@@ -1,9 +1,8 @@
 """A layout's step time from measured costs: the schedule simulator over per-action times, then the
 average across bundles and the optimizer step (pure arithmetic; no MPI, no torch).
 
-- ``F`` of a stage costs its measured forward, ``B`` its backward (half of it where the schedule
-  splits ``W`` off; ``W`` the other half per microbatch it covers, plus one more forward under
-  ``--recompute full``, whose B and W each recompute the layer), plus the stage's tensor
+- ``F`` of a stage costs its measured forward, ``B`` its backward (where the schedule splits ``W``
+  off, the measured split ``B``; ``W`` the measured ``W`` per microbatch it covers), plus the stage's tensor
   all-reduces on the link (and, on a host with more ranks than cores and other ranks than the group's,
   a wait each for the group's rank that was put off its core: as long as it computes between two
   collectives, up to a wake-up).
@@ -101,10 +100,10 @@ def step_time(choice: Choice, graph: StageGraph, placement: Placement, plan: Pla
         if a.kind == "F":
             return st.forward + tensor(st, st.forward)
         if a.kind == "B":
-            whole = st.backward + tensor(st, st.backward)
-            return whole / 2 if (a.stage, a.mb) in split else whole
-        if a.kind == "W":  # under full recomputation B and W each run the layer's forward again
-            return (st.backward / 2 + (st.forward if choice.recompute == "full" else 0.0)) * a.n
+            b = st.b((a.stage, a.mb) in split)
+            return b + tensor(st, b)  # the input gradients' all-reduces are all B's; W has none
+        if a.kind == "W":
+            return st.w() * a.n
         return 0.0
 
     # a stage's message wakes a rank that waited while others computed (on its host, or across hosts)

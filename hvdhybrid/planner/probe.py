@@ -7,8 +7,10 @@ bytes each collective would carry and leaves the values as they are: times do
 not depend on them), runs a training forward and backward of one microbatch
 of its rows under the layout's recomputation mode with the threads a rank will
 have, a warm-up then the median of ``reps``; each backward adds into the gradients the one before left,
-as every microbatch of a step but its first does. Collective and point-to-point
-times come from :mod:`.links`, not from here.
+as every microbatch of a step but its first does. The backward is timed whole and, as the zero-bubble
+schedules run it, split (``B``, the input gradients, then ``W``, the weights'): ``W`` is not half of
+the backward everywhere (under ``--recompute full`` each of its backwards recomputes the layers it
+reaches). Collective and point-to-point times come from :mod:`.links`, not from here.
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ class StageTime:
     out_bytes: int  # what it sends downstream per microbatch (0 at the sink)
     tensor_calls: int = 0  # all-reduces over the tensor group per microbatch (forward and backward)
     tensor_bytes: int = 0
+    split_b: Optional[float] = None  # the backward run split: B (input gradients), then
+    split_w: Optional[float] = None  # W (the weights'); None: not measured (taken as half each)
+
+    def b(self, split: bool) -> float:
+        """``B``'s seconds, whole or with ``W`` split off."""
+        if not split:
+            return self.backward
+        return self.split_b if self.split_b is not None else self.backward / 2
+
+    def w(self) -> float:
+        """``W``'s seconds for one microbatch."""
+        return self.split_w if self.split_w is not None else self.backward / 2
 
 
 def _bytes(out: Any) -> int:
@@ -68,9 +82,10 @@ def _grad_target(out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
                mode: str, rows: int, comm: Optional[CountingComm] = None, reps: int = 3,
-               seed: int = 0) -> StageTime:
+               seed: int = 0, split: bool = True) -> StageTime:
     """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``; ``comm``:
-    the stand-in tensor communicator the stage was built with (its counts are read and reset)."""
+    the stand-in tensor communicator the stage was built with (its counts are read and reset);
+    ``split``: time the backward split into ``B`` and ``W`` too."""
     g = model.graph
     x, y = batch
     module, args = stage_inputs(model, modules, stage, x, seed, rows)
@@ -97,10 +112,43 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
         if comm is not None:
             calls, nbytes = comm.calls, comm.bytes
         del out  # the gradients stay: each backward adds into them, as a step's microbatches do
+    bs, ws = _split(model, module, stage, args, y, mode, reps) if split else ([], [])
     module.zero_grad(set_to_none=True)
     randomness.set_rows(None)
     return StageTime(statistics.median(fwd), statistics.median(bwd), 0 if stage == g.sink else sent,
-                     calls, nbytes)
+                     calls, nbytes, statistics.median(bs) if bs else None,
+                     statistics.median(ws) if ws else None)
+
+
+def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: Any, mode: str,
+           reps: int) -> tuple[list[float], list[float]]:
+    """The backward as a zero-bubble schedule runs it: ``B`` then ``W`` (:mod:`..pipeline.split_backward`),
+    each timed, after a warm-up."""
+    from ..pipeline.split_backward import backward_input, backward_weight
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+    bs, ws = [], []
+    for rep in range(reps + 1):
+        out = run_stage(module, args, mode)
+        if stage == model.graph.sink:
+            roots: list[torch.Tensor] = [model.loss_fn(out, y)]
+            grads: list[Optional[torch.Tensor]] = [None]
+        else:
+            pairs = _grad_target(out)
+            roots, grads = [o for o, _ in pairs], [gr for _, gr in pairs]
+        if not roots:
+            return [], []
+        t0 = time.perf_counter()
+        job = backward_input(roots, grads, leaves, params)
+        t1 = time.perf_counter()
+        backward_weight([job], params)
+        t2 = time.perf_counter()
+        if rep:
+            bs.append(t1 - t0)
+            ws.append(t2 - t1)
+        del out, job
+    return bs, ws
 
 
 def optimizer_time(optimizer_fn: Any, elements: int = 1 << 23, reps: int = 3) -> float:

@@ -69,7 +69,7 @@ def test_step_time_is_the_simulated_schedule_then_the_average_then_the_optimizer
     assert piped.pipeline == pytest.approx(max(got.pipeline, 2 * bundle_work / 2))  # 2 bundles, 2 cores
 
 
-def test_a_split_w_costs_half_the_backward_and_tensor_collectives_count() -> None:
+def test_a_split_w_costs_what_was_measured_and_tensor_collectives_count() -> None:
     g, pl = StageGraph.chain(2), Placement.identity(2)
     link = Link(1e-3, 1e9)
     c = Choice(1, 2, 1, 1, "zb1", 4, 0, "none")
@@ -77,6 +77,19 @@ def test_a_split_w_costs_half_the_backward_and_tensor_collectives_count() -> Non
     assert zb.pipeline <= step_time(Choice(1, 2, 1, 1, "1f1b", 4, 0, "none"), g, pl,
                                     schedules.build("1f1b", g, 4, pl), _times(1.0, 2.0), link, [1, 1],
                                     0.0).pipeline
+    # measured split costs replace the halves: a W that costs a whole backward (as under --recompute
+    # full, where each of W's backwards recomputes the layers it reaches) makes the step longer
+    zplan = schedules.build("zb1", g, 4, pl)
+    costly = {s: StageTime(1.0, 2.0, 0, split_b=1.0, split_w=2.0) for s in (0, 1)}
+    halves = {s: StageTime(1.0, 2.0, 0, split_b=1.0, split_w=1.0) for s in (0, 1)}
+    assert step_time(c, g, pl, zplan, halves, link, [1, 1], 0.0).pipeline == pytest.approx(zb.pipeline)
+    slow = step_time(c, g, pl, zplan, costly, link, [1, 1], 0.0).pipeline
+    assert slow > zb.pipeline
+    # on one rank nothing waits: the work is 4 x (F + B + W), the measured parts
+    one_g, one_p = StageGraph.chain(1), Placement.identity(1)
+    alone = step_time(Choice(1, 1, 1, 1, "zb1", 4, 0, "none"), one_g, one_p,
+                      schedules.build("zb1", one_g, 4, one_p), {0: costly[0]}, link, [1], 0.0)
+    assert alone.pipeline == pytest.approx(4 * (1.0 + 1.0 + 2.0))
     t2 = Choice(2, 2, 1, 1, "1f1b", 4, 0, "none")
     plan = schedules.build("1f1b", g, 4, pl)
     plain = step_time(t2, g, pl, plan, _times(1.0, 2.0), link, [1, 1], 0.0)

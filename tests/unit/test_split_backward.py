@@ -190,3 +190,40 @@ def test_a_split_backward_frees_the_counted_activations_every_step() -> None:
         del job, y, x
         gc.collect()
         assert counted.live == 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("batched", [1, 3])
+def test_w_under_recomputation_recomputes_each_region_once(tie: bool, batched: int) -> None:
+    """--recompute full with a split backward: B recomputes each checkpointed region once, and W (one
+    backward per group of weights: here a, b and the norm) once more, not once per group; a tie inside
+    the stage (its group's backward runs the chain) keeps a recomputation of its own. The gradients are
+    those of one backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = Chain(tie)
+    runs = {"n": 0}
+
+    def region(x: torch.Tensor) -> torch.Tensor:
+        runs["n"] += 1
+        return model(x)
+
+    xs = [torch.randn(4, 6, requires_grad=True) for _ in range(batched)]
+    gs = [torch.randn(4, 6) for _ in range(batched)]
+    params = list(model.parameters())
+    jobs = []
+    for x, g in zip(xs, gs):
+        out = checkpoint(region, x, use_reentrant=False)
+        jobs.append(backward_input([out], [g], [x], params))
+    assert runs["n"] == 2 * batched  # the forward, and B's recomputation
+    backward_weight(jobs, params)
+    assert runs["n"] == (4 if tie else 3) * batched  # W: once (the tie's group: once more)
+    got = [p.grad.clone() for p in params] + [x.grad.clone() for x in xs]
+    for p in params:
+        p.grad = None
+    plain = [x.detach().clone().requires_grad_(True) for x in xs]
+    for x, g in zip(plain, gs):
+        torch.autograd.backward([model(x)], [g])
+    want = [p.grad for p in params] + [x.grad for x in plain]
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(got, want))
