@@ -82,21 +82,30 @@ def _grad_target(out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
                mode: str, rows: int, comm: Optional[CountingComm] = None, reps: int = 3,
-               seed: int = 0, split: bool = True) -> StageTime:
+               seed: int = 0, split: bool = True, fetch: Optional[Any] = None) -> StageTime:
     """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``; ``comm``:
     the stand-in tensor communicator the stage was built with (its counts are read and reset);
-    ``split``: time the backward split into ``B`` and ``W`` too."""
+    ``split``: time the backward split into ``B`` and ``W`` too; ``fetch``: takes a microbatch's rows
+    from the data set (timed with the forward of the stages that take the batch)."""
+    from ..pipeline.saved import SavedBytes
+
     g = model.graph
     x, y = batch
     module, args = stage_inputs(model, modules, stage, x, seed, rows)
+    counted = SavedBytes()  # the run counts every saved tensor, a Python call each: so does the probe
+    counted.exclude(p for m in modules.values() for p in m.parameters())
     fwd, bwd, sent, calls, nbytes = [], [], 0, 0, 0
     for rep in range(reps + 1):
         if comm is not None:
             comm.calls = comm.bytes = 0
         t0 = time.perf_counter()
-        out = run_stage(module, args, mode)
+        if fetch is not None and (stage in g.batch_stages or stage == g.sink):
+            fetch()  # the microbatch's rows, as the executor takes them for each
+        with counted.hooks():
+            out = run_stage(module, args, mode)
         if stage == g.sink:
-            loss = model.loss_fn(out, y)
+            with counted.hooks():
+                loss = model.loss_fn(out, y)
             t1 = time.perf_counter()
             loss.backward()
         else:
@@ -112,7 +121,7 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
         if comm is not None:
             calls, nbytes = comm.calls, comm.bytes
         del out  # the gradients stay: each backward adds into them, as a step's microbatches do
-    bs, ws = _split(model, module, stage, args, y, mode, reps) if split else ([], [])
+    bs, ws = _split(model, module, stage, args, y, mode, reps, counted) if split else ([], [])
     module.zero_grad(set_to_none=True)
     randomness.set_rows(None)
     return StageTime(statistics.median(fwd), statistics.median(bwd), 0 if stage == g.sink else sent,
@@ -121,7 +130,7 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
 
 
 def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: Any, mode: str,
-           reps: int) -> tuple[list[float], list[float]]:
+           reps: int, counted: Any) -> tuple[list[float], list[float]]:
     """The backward as a zero-bubble schedule runs it: ``B`` then ``W`` (:mod:`..pipeline.split_backward`),
     each timed, after a warm-up."""
     from ..pipeline.split_backward import backward_input, backward_weight
@@ -130,9 +139,11 @@ def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: 
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     bs, ws = [], []
     for rep in range(reps + 1):
-        out = run_stage(module, args, mode)
+        with counted.hooks():
+            out = run_stage(module, args, mode)
         if stage == model.graph.sink:
-            roots: list[torch.Tensor] = [model.loss_fn(out, y)]
+            with counted.hooks():
+                roots: list[torch.Tensor] = [model.loss_fn(out, y)]
             grads: list[Optional[torch.Tensor]] = [None]
         else:
             pairs = _grad_target(out)

@@ -148,9 +148,13 @@ class _Costs:
         if key not in self.stages:
             m, seed = lay.model, self.cfg.run.seed
             batch = m.built.train_set.batch(list(range(rows)))
+
+            def fetch() -> Any:
+                return m.built.train_set.batch(list(range(rows)))
             try:
                 self.stages[key] = (measure_stage(m.model, m.modules, s, batch, mode, seed, rows=rows),
-                                    time_stage(m.model, m.modules, s, batch, mode, rows, m.comm, seed=seed))
+                                    time_stage(m.model, m.modules, s, batch, mode, rows, m.comm, seed=seed,
+                                               fetch=fetch))
             except Exception as e:  # a stage that cannot run here: say which, and why
                 raise PlanError(f"hvdtrain plan --auto could not measure stage {s} of {lay.n} of hvdtrain "
                                 f"{self.name} at {rows} rows ({type(e).__name__}: {e})") from None
