@@ -167,15 +167,16 @@ def main() -> None:
     ap.add_argument("--only-recovery", action="store_true", help="Only the elastic recovery time.")
     ap.add_argument("--batch", type=int, default=256, help="The --reduce after/overlap rows' batch.")
     ap.add_argument("--own-cores", action="store_true",
-                    help="Each emulated host on its own core(s) (taskset), not all on all of the machine's.")
+                    help="Each emulated host on a core of its own (taskset; host i on core i modulo the "
+                    "cores), not all on all of the machine's.")
     a = ap.parse_args()
     cores = os.cpu_count() or 1
-    cpus = [str(i % cores) for i in range(2)] if a.own_cores else None
+    cpus = [str(i) for i in range(cores)] if a.own_cores else None  # host i on core i % cores
     why = unavailable()
     if why:
         raise SystemExit(f"cannot emulate hosts here: {why}")
     if a.only_recovery:
-        with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+        with EmulatedHosts(2, slots=2, rate=a.rate, cpus=cpus) as hosts:
             emit(recovery(hosts))
         return
     if a.only_overlap:
@@ -183,7 +184,7 @@ def main() -> None:
             for r in overlap(hosts, a.steps, batch=a.batch):
                 emit(r)
         return
-    with EmulatedHosts(2, slots=2, rate=a.rate) as hosts:
+    with EmulatedHosts(2, slots=2, rate=a.rate, cpus=cpus) as hosts:
         emit(recovery(hosts))
         for r in overlap(hosts, a.steps):
             emit(r)
@@ -193,7 +194,7 @@ def main() -> None:
         for name, hidden, depth, batch in MODELS:
             for map_by, fp16 in (("slot", True), ("slot", False), ("node", True)):
                 emit(job(hosts, name, hidden, depth, batch, map_by, fp16, a.steps))
-    with EmulatedHosts(4, slots=1, rate=a.rate) as hosts:  # a data group of 4 across 4 hosts
+    with EmulatedHosts(4, slots=1, rate=a.rate, cpus=cpus) as hosts:  # a data group of 4 across 4 hosts
         for openmpi_choice in (False, True):
             for r in allreduce(hosts, a.rate, max(3, a.repeats // 2), openmpi_choice, mb="16"):
                 emit(r)

@@ -98,7 +98,7 @@ def main() -> None:
 
         cores = os.cpu_count() or 1
         with EmulatedHosts(a.hosts, slots=a.np // a.hosts, rate=a.rate,
-                           cpus=[str(i % cores) for i in range(a.hosts)]) as hosts:
+                           cpus=[str(i) for i in range(cores)]) as hosts:  # host i on core i % cores
             _accuracy(a, command, hosts)
     else:
         _accuracy(a, command, None)

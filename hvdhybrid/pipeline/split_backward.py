@@ -199,10 +199,10 @@ def backward_weight(jobs: Sequence[WeightJob], params: Sequence[torch.Tensor]) -
         grads = [g for j in jobs for g in j.grads]
         torch.autograd.backward(roots, grads, inputs=list(params))
         return
-    alone = [k for k in range(len(shape)) if all(len(j.groups[k][1]) == 1 for j in jobs)]
+    alone = {k for k in range(len(shape)) if all(len(j.groups[k][1]) == 1 for j in jobs)}
     with _one_recomputation():  # groups of one branch node: each backward runs its own nodes only
-        _groups(jobs, alone)
-    _groups(jobs, [k for k in range(len(shape)) if k not in set(alone)])  # a chain between branch nodes
+        _groups(jobs, sorted(alone))
+    _groups(jobs, [k for k in range(len(shape)) if k not in alone])  # a chain between branch nodes
     for j in jobs:
         j.kept.clear()
         j.groups, j.products = [], []

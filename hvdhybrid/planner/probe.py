@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -82,11 +82,11 @@ def _grad_target(out: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batch: tuple[Any, Any],
                mode: str, rows: int, comm: Optional[CountingComm] = None, reps: int = 3,
-               seed: int = 0, split: bool = True, fetch: Optional[Any] = None) -> StageTime:
-    """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``; ``comm``:
-    the stand-in tensor communicator the stage was built with (its counts are read and reset);
-    ``split``: time the backward split into ``B`` and ``W`` too; ``fetch``: takes a microbatch's rows
-    from the data set (timed with the forward of the stages that take the batch)."""
+               seed: int = 0, fetch: Optional[Any] = None) -> StageTime:
+    """``stage``'s :class:`StageTime` for ``batch`` (``rows`` rows) under recompute ``mode``, its backward
+    timed whole and split into ``B`` and ``W``; ``comm``: the stand-in tensor communicator the stage was
+    built with (its counts are read and reset); ``fetch``: takes a microbatch's rows from the data set
+    (timed with the forward of the stages that take the batch)."""
     from ..pipeline.saved import SavedBytes
 
     g = model.graph
@@ -94,6 +94,13 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
     module, args = stage_inputs(model, modules, stage, x, seed, rows)
     counted = SavedBytes()  # the run counts every saved tensor, a Python call each: so does the probe
     counted.exclude(p for m in modules.values() for p in m.parameters())
+
+    def forward() -> tuple[Any, Optional[torch.Tensor]]:
+        """The stage's output and, at the sink, its loss, as the executor runs them."""
+        with counted.hooks():
+            out = run_stage(module, args, mode)
+            return out, (model.loss_fn(out, y) if stage == g.sink else None)
+
     fwd, bwd, sent, calls, nbytes = [], [], 0, 0, 0
     for rep in range(reps + 1):
         if comm is not None:
@@ -101,36 +108,36 @@ def time_stage(model: Any, modules: dict[int, torch.nn.Module], stage: int, batc
         t0 = time.perf_counter()
         if fetch is not None and (stage in g.batch_stages or stage == g.sink):
             fetch()  # the microbatch's rows, as the executor takes them for each
-        with counted.hooks():
-            out = run_stage(module, args, mode)
-        if stage == g.sink:
-            with counted.hooks():
-                loss = model.loss_fn(out, y)
-            t1 = time.perf_counter()
-            loss.backward()
-        else:
-            sent = _bytes(out)
-            t1 = time.perf_counter()
-            pairs = _grad_target(out)
-            if pairs:
-                torch.autograd.backward([o for o, _ in pairs], [gr for _, gr in pairs])
+        out, loss = forward()
+        sent = 0 if loss is not None else _bytes(out)
+        t1 = time.perf_counter()
+        roots, grads = _roots(out, loss)
+        if roots:
+            torch.autograd.backward(roots, grads)
         t2 = time.perf_counter()
         if rep:  # the first is a warm-up
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
         if comm is not None:
             calls, nbytes = comm.calls, comm.bytes
-        del out  # the gradients stay: each backward adds into them, as a step's microbatches do
-    bs, ws = _split(model, module, stage, args, y, mode, reps, counted) if split else ([], [])
+        del out, loss  # the gradients stay: each backward adds into them, as a step's microbatches do
+    bs, ws = _split(module, args, forward, reps)
     module.zero_grad(set_to_none=True)
     randomness.set_rows(None)
-    return StageTime(statistics.median(fwd), statistics.median(bwd), 0 if stage == g.sink else sent,
-                     calls, nbytes, statistics.median(bs) if bs else None,
-                     statistics.median(ws) if ws else None)
+    return StageTime(statistics.median(fwd), statistics.median(bwd), sent, calls, nbytes,
+                     statistics.median(bs) if bs else None, statistics.median(ws) if ws else None)
 
 
-def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: Any, mode: str,
-           reps: int, counted: Any) -> tuple[list[float], list[float]]:
+def _roots(out: Any, loss: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """Where a stage's backward starts, and with what gradient: its loss, or each output (ones)."""
+    if loss is not None:
+        return [loss], [None]
+    pairs = _grad_target(out)
+    return [o for o, _ in pairs], [gr for _, gr in pairs]
+
+
+def _split(module: torch.nn.Module, args: list[Any], forward: Callable[[], tuple[Any, Any]],
+           reps: int) -> tuple[list[float], list[float]]:
     """The backward as a zero-bubble schedule runs it: ``B`` then ``W`` (:mod:`..pipeline.split_backward`),
     each timed, after a warm-up."""
     from ..pipeline.split_backward import backward_input, backward_weight
@@ -139,15 +146,8 @@ def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: 
     leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
     bs, ws = [], []
     for rep in range(reps + 1):
-        with counted.hooks():
-            out = run_stage(module, args, mode)
-        if stage == model.graph.sink:
-            with counted.hooks():
-                roots: list[torch.Tensor] = [model.loss_fn(out, y)]
-            grads: list[Optional[torch.Tensor]] = [None]
-        else:
-            pairs = _grad_target(out)
-            roots, grads = [o for o, _ in pairs], [gr for _, gr in pairs]
+        out, loss = forward()
+        roots, grads = _roots(out, loss)
         if not roots:
             return [], []
         t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def _split(model: Any, module: torch.nn.Module, stage: int, args: list[Any], y: 
         if rep:
             bs.append(t1 - t0)
             ws.append(t2 - t1)
-        del out, job
+        del out, loss, job
     return bs, ws
 
 

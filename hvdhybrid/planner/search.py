@@ -147,10 +147,10 @@ class _Costs:
         key = (lay.n, lay.layout.tensor, s, rows, mode)
         if key not in self.stages:
             m, seed = lay.model, self.cfg.run.seed
-            batch = m.built.train_set.batch(list(range(rows)))
-
-            def fetch() -> Any:
+            def fetch() -> Any:  # the rows of one microbatch, as the executor takes them
                 return m.built.train_set.batch(list(range(rows)))
+
+            batch = fetch()
             try:
                 self.stages[key] = (measure_stage(m.model, m.modules, s, batch, mode, seed, rows=rows),
                                     time_stage(m.model, m.modules, s, batch, mode, rows, m.comm, seed=seed,
